@@ -1,0 +1,35 @@
+"""ckpt: a distributed checkpoint store for training clusters.
+
+Writers save tensor shards as safetensors files to any fsspec store under a JSON manifest that
+is the single commit point; restore reads exactly the bytes each reader needs.
+"""
+
+from __future__ import annotations
+
+from ckpt.attempt import Attempt, Report
+from ckpt.errors import *  # noqa: F403  (the whole hierarchy is public)
+from ckpt.errors import __all__ as _errors_all
+from ckpt.manifest import FORMAT_VERSION, Manifest
+from ckpt.options import RestoreOptions, SaveOptions
+from ckpt.restore import latest_step, list_steps, read_manifest, restore
+from ckpt.save import begin, commit, save, write_shards
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Attempt",
+    "Manifest",
+    "Report",
+    "RestoreOptions",
+    "SaveOptions",
+    "begin",
+    "commit",
+    "latest_step",
+    "list_steps",
+    "read_manifest",
+    "restore",
+    "save",
+    "write_shards",
+    *_errors_all,
+]

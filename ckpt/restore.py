@@ -1,0 +1,182 @@
+"""Restore orchestration: find a step, read its manifest, plan, read, assemble.
+
+``restore`` gives back the saved structure with the same container and leaf types. A ``target``
+that mirrors the state selects what to read (keys missing from it are not read) and supplies
+tensors to fill in place.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckpt import commit as commit_mod
+from ckpt import dtypes, executor, regions, tree
+from ckpt import manifest as manifest_mod
+from ckpt.errors import (
+    CheckpointNotFoundError,
+    CkptWarning,
+    ManifestError,
+    ManifestTooLargeError,
+    MissingShardError,
+    ShardSizeMismatchError,
+    TargetMismatchError,
+)
+from ckpt.manifest import Manifest
+from ckpt.options import RestoreOptions
+from ckpt.restore_plan import Request, plan_restore
+from ckpt.storage import Storage
+
+
+def list_steps(root: str, *, storage_options: dict[str, Any] | None = None) -> list[int]:
+    """Steps with a manifest present, ascending (one listing; manifests are not parsed)."""
+    return Storage(root, storage_options).step_dirs()
+
+
+def latest_step(root: str, *, storage_options: dict[str, Any] | None = None) -> int | None:
+    """The newest step whose manifest exists and validates; None if there is none.
+
+    A newer manifest that fails validation is skipped with a CkptWarning (it is not a checkpoint).
+    """
+    storage = Storage(root, storage_options)
+    for step in reversed(storage.step_dirs()):
+        try:
+            _read(storage, step)
+        except ManifestError as err:
+            warnings.warn(f"skipping step {step}: {err}", CkptWarning, stacklevel=2)
+            continue
+        return step
+    return None
+
+
+def read_manifest(root: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """The parsed, validated manifest of ``step`` (default: the latest)."""
+    storage = Storage(root, storage_options)
+    return _read(storage, _resolve(storage, root, step, storage_options))
+
+
+def _resolve(storage: Storage, root: str, step: int | None, storage_options: dict[str, Any] | None) -> int:
+    if step is None:
+        found = latest_step(root, storage_options=storage_options)
+        if found is None:
+            raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
+        return found
+    return step
+
+
+def _read(storage: Storage, step: int) -> Manifest:
+    rel = commit_mod.manifest_path(step)
+    try:
+        size = storage.size(rel)
+    except MissingShardError:
+        raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint for step {step}") from None
+    if size > manifest_mod.MAX_MANIFEST_BYTES:
+        raise ManifestTooLargeError(f"{storage.where(rel)}: {size} bytes is over the cap")
+    return manifest_mod.parse(storage.read(rel), where=storage.where(rel), expected_step=step)
+
+
+def restore(
+    root: str,
+    step: int | None = None,
+    *,
+    target: object = None,
+    options: RestoreOptions | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
+    """Restore checkpoint ``step`` (default: the latest) under ``root``.
+
+    Args:
+        target: None for everything; or a structure mirroring the saved state whose tensor
+            leaves are filled in place, whose ``None`` leaves are read whole, and whose missing
+            keys are not read.
+
+    Returns:
+        The restored structure (the target's tensors are the same objects, now filled).
+    """
+    opts = options or RestoreOptions()
+    storage = Storage(root, storage_options)
+    m = _read(storage, _resolve(storage, root, step, storage_options))
+    return restore_manifest(storage, m, target=target, options=opts)
+
+
+def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: RestoreOptions) -> Any:
+    sel = tree.Selection()
+    tree.walk(m.tree, target, "", sel)
+    # Check every shape and dtype before allocating anything.
+    for key in sel.tensor_keys:
+        if key in sel.destinations:
+            _check_target(key, m, sel.destinations[key])
+    _check_sizes(storage, m, sel.tensor_keys, options.num_threads)
+    bufs: dict[str, torch.Tensor] = {}
+    finals: dict[str, torch.Tensor] = {}
+    for key in sel.tensor_keys:
+        entry = m.tensors[key]
+        want = dtypes.BY_CODE[entry.dtype].torch_dtype
+        dest = sel.destinations.get(key)
+        t = torch.from_numpy(dest) if isinstance(dest, np.ndarray) else dest
+        if t is not None and t.device.type == "cpu" and t.is_contiguous():
+            bufs[key] = t
+        else:
+            bufs[key] = torch.empty(entry.shape, dtype=want)
+        if t is not None:
+            finals[key] = t
+    requests = [Request(k, regions.Box.whole(m.tensors[k].shape)) for k in sel.tensor_keys]
+    plan = plan_restore(
+        m, requests, verify=options.verify, max_gap_bytes=options.max_gap_bytes, read_chunk_bytes=options.read_chunk_bytes
+    )
+    executor.read_plan(
+        storage,
+        plan,
+        [executor.byte_view(bufs[k]) for k in sel.tensor_keys],
+        num_threads=options.num_threads,
+        max_inflight_bytes=options.max_inflight_bytes,
+    )
+    for key, t in finals.items():
+        if bufs[key] is not t:
+            t.copy_(bufs[key])
+
+    def build(kind: str, key: str, leaf: object) -> object:
+        if kind == "object":
+            return tree.decode_value(m.objects[key], f"object {key!r}")
+        if leaf is not None:
+            return leaf
+        return bufs[key].numpy() if kind == "ndarray" else bufs[key]
+
+    return tree.walk(m.tree, target, "", sel, build)
+
+
+def _check_target(key: str, m: Manifest, dest: torch.Tensor | np.ndarray) -> None:
+    entry = m.tensors[key]
+    want = dtypes.BY_CODE[entry.dtype].torch_dtype
+    t = torch.from_numpy(dest) if isinstance(dest, np.ndarray) else dest
+    if t.dtype != want or tuple(t.shape) != entry.shape:
+        raise TargetMismatchError(
+            f"key {key!r}: target is {t.dtype} {list(t.shape)}, the checkpoint holds "
+            f"{want} {list(entry.shape)}"
+        )
+
+
+def _check_sizes(storage: Storage, m: Manifest, keys: list[str], num_threads: int) -> None:
+    """One stat per file to be read: truncated or extended files fail before any read."""
+    users: dict[str, list[str]] = {}
+    for k in keys:
+        for s in m.tensors[k].shards:
+            users.setdefault(s.file, []).append(k)
+
+    def check(path: str) -> None:
+        try:
+            size = storage.size(path)
+        except MissingShardError:
+            raise MissingShardError(
+                f"{storage.where(path)}: missing; it holds keys {users[path][:5]}"
+            ) from None
+        if size != m.files[path].size:
+            raise ShardSizeMismatchError(
+                f"{storage.where(path)}: {size} bytes, the manifest says {m.files[path].size}; "
+                f"truncated or extended (keys {users[path][:5]})"
+            )
+
+    executor.run_all(check, sorted(users), num_threads=num_threads)

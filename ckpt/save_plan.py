@@ -1,0 +1,93 @@
+"""Save planning: which shard files a writer writes and where each tensor's bytes go.
+
+Pure (no I/O): from the writer's shards (key, dtype, global shape, region) to file plans with
+header bytes and absolute byte ranges. The executor then streams tensor memory into them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ckpt import dtypes, manifest, safetensors_format
+from ckpt.errors import PlanError
+from ckpt.ranges import ByteRange
+
+
+@dataclass(frozen=True, slots=True)
+class WriteItem:
+    """One region of one tensor that this writer stores."""
+
+    key: str
+    dtype: str  # safetensors code
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.sizes) * dtypes.BY_CODE[self.dtype].itemsize
+
+    @property
+    def whole(self) -> bool:
+        return self.sizes == self.global_shape
+
+
+@dataclass(frozen=True, slots=True)
+class FilePlan:
+    path: str  # relative to the root
+    header: bytes  # the exact header bytes (length prefix included)
+    size: int
+    items: tuple[tuple[WriteItem, ByteRange], ...]  # in file order, absolute byte ranges
+
+
+@dataclass(frozen=True, slots=True)
+class SavePlan:
+    files: tuple[FilePlan, ...]
+
+
+def data_dir(step: int, attempt: str) -> str:
+    return f"data/{step:012d}-{attempt}"
+
+
+def plan_save(
+    items: Sequence[WriteItem], *, step: int, attempt: str, rank: int, max_file_bytes: int
+) -> SavePlan:
+    """Group ``items`` into files of about ``max_file_bytes`` and lay each out. Pure (no I/O)."""
+    keys = [i.key for i in items]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise PlanError(f"rank {rank}: keys {dup[:5]} are given more than once")
+    order = safetensors_format.layout_order([(i.key, i.dtype) for i in items])
+    groups: list[list[WriteItem]] = [[]]
+    size = 0
+    for idx in order:
+        it = items[idx]
+        if groups[-1] and size + it.nbytes > max_file_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(it)
+        size += it.nbytes
+    files = []
+    for k, group in enumerate(g for g in groups if g or len(groups) == 1):
+        if not group:
+            break  # a writer with nothing to write writes no file
+        path = f"{data_dir(step, attempt)}/{rank:05d}-{k}.safetensors"
+        manifest.check_path(path, where=f"rank {rank}")
+        files.append(_layout(path, group))
+    return SavePlan(tuple(files))
+
+
+def _layout(path: str, group: list[WriteItem]) -> FilePlan:
+    meta = {"format": "pt", "ckpt.format_version": str(manifest.FORMAT_VERSION)}
+    partial = {i.key: {"shape": list(i.global_shape), "offsets": list(i.offsets)} for i in group if not i.whole}
+    if partial:
+        meta["ckpt.shards"] = json.dumps(partial, separators=(",", ":"), sort_keys=True)
+    h = safetensors_format.encode([(i.key, i.dtype, i.sizes) for i in group], meta)
+    by_key = {i.key: i for i in group}
+    placed = tuple(
+        (by_key[e.name], ByteRange(h.data_start + e.begin, h.data_start + e.end)) for e in h.entries
+    )
+    return FilePlan(path, safetensors_format.header_bytes(h), h.file_size, placed)

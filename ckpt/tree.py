@@ -1,0 +1,277 @@
+"""State trees: flatten nested training state into tensors, plain objects and a skeleton.
+
+A state is nested dicts, lists and tuples whose leaves are tensors (``torch.Tensor``,
+``numpy.ndarray``) or plain data. :func:`flatten` splits it into
+
+- ``tensors``: key -> tensor leaf, written to safetensors shards;
+- ``objects``: key -> a tagged JSON value for each maximal subtree holding no tensor;
+- ``tree``: the container skeleton, whose leaves reference the two maps by key,
+
+so that :func:`unflatten` gives back exactly the structure and types that were saved. Keys are
+``/``-joined path segments with ``~`` escaped as ``~0`` and ``/`` as ``~1`` (JSON Pointer style);
+``state["model"]["fc.weight"]`` has key ``model/fc.weight``.
+
+Pure (no I/O).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from ckpt.errors import ManifestSchemaError, MissingKeyError, StateError, TargetMismatchError
+
+Json = Any  # a JSON-able value (dict/list/str/int/float/bool/None)
+_MAX_SAFE_INT = 2**53  # ints at or beyond this are tagged, so any JSON reader keeps them exact
+_NP_KINDS = frozenset("biuf")  # numpy scalar kinds we store: bool, int, uint, float
+
+
+def escape(segment: str) -> str:
+    return segment.replace("~", "~0").replace("/", "~1")
+
+
+def join(prefix: str, segment: object) -> str:
+    s = escape(str(segment))
+    return s if not prefix else f"{prefix}/{s}"
+
+
+@dataclass(frozen=True, slots=True)
+class Flat:
+    tensors: dict[str, torch.Tensor]
+    ndarray_keys: frozenset[str]  # tensors that were numpy arrays
+    objects: dict[str, Json]
+    tree: Json
+
+
+# --- plain values ------------------------------------------------------------------------------
+
+
+def encode_value(value: object, path: str) -> Json:
+    """Encode plain data as tagged JSON; refuse anything else naming ``path``."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, np.generic):
+        if value.dtype.kind not in _NP_KINDS:
+            raise StateError(f"key {path!r}: numpy scalar of dtype {value.dtype} cannot be saved")
+        return {"$np": [value.dtype.str, encode_value(value.item(), path)]}
+    if type(value) is int:
+        return value if -_MAX_SAFE_INT < value < _MAX_SAFE_INT else {"$int": str(value)}
+    if type(value) is float:
+        if math.isfinite(value) and not (value == 0.0 and math.copysign(1.0, value) < 0):
+            return value
+        return {"$f64": struct.pack(">d", value).hex()}
+    if type(value) is bytes:
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if type(value) is list:
+        return [encode_value(v, join(path, i)) for i, v in enumerate(value)]
+    if type(value) is tuple:
+        return {"$tuple": [encode_value(v, join(path, i)) for i, v in enumerate(value)]}
+    if type(value) is dict:
+        return {"$dict": [[_encode_key(k, path), encode_value(v, join(path, k))] for k, v in value.items()]}
+    raise StateError(
+        f"key {path!r}: a {type(value).__module__}.{type(value).__qualname__} cannot be saved; "
+        "ckpt stores tensors, numpy arrays and plain data (None, bool, int, float, str, bytes, "
+        "list, tuple, dict with str or int keys). Convert it (e.g. to its state_dict()) first."
+    )
+
+
+def _encode_key(k: object, path: str) -> Json:
+    if type(k) is str:
+        return k
+    if type(k) is int:
+        return encode_value(k, path)
+    raise StateError(f"key {path!r}: dict key {k!r} of type {type(k).__name__}; only str and int keys can be saved")
+
+
+def decode_value(j: Json, where: str) -> object:
+    """Decode a tagged JSON value; malformed input is a ManifestSchemaError naming ``where``."""
+    if j is None or isinstance(j, bool | str | float):
+        return j
+    if type(j) is int:
+        return j
+    if isinstance(j, list):
+        return [decode_value(v, where) for v in j]
+    if not isinstance(j, dict) or len(j) != 1:
+        raise ManifestSchemaError(f"{where}: malformed tagged value {str(j)[:80]!r}")
+    (tag, body), = j.items()
+    try:
+        if tag == "$int" and isinstance(body, str) and body.lstrip("-").isdigit():
+            return int(body)
+        if tag == "$f64" and isinstance(body, str) and len(body) == 16:
+            return float(struct.unpack(">d", bytes.fromhex(body))[0])
+        if tag == "$bytes" and isinstance(body, str):
+            return base64.b64decode(body, validate=True)
+        if tag == "$tuple" and isinstance(body, list):
+            return tuple(decode_value(v, where) for v in body)
+        if tag == "$np" and isinstance(body, list) and len(body) == 2 and isinstance(body[0], str):
+            dt = np.dtype(body[0])
+            if dt.kind in _NP_KINDS:
+                return dt.type(decode_value(body[1], where))
+        if tag == "$dict" and isinstance(body, list):
+            out: dict[object, object] = {}
+            for pair in body:
+                if not (isinstance(pair, list) and len(pair) == 2):
+                    break
+                k = decode_value(pair[0], where)
+                if type(k) not in (str, int) or k in out:
+                    break
+                out[k] = decode_value(pair[1], where)
+            else:
+                return out
+    except (ValueError, TypeError, OverflowError) as err:
+        raise ManifestSchemaError(f"{where}: malformed {tag} value: {err}") from err
+    raise ManifestSchemaError(f"{where}: malformed tagged value {str(j)[:80]!r}")
+
+
+# --- flatten -----------------------------------------------------------------------------------
+
+
+def _is_tensor_leaf(x: object) -> bool:
+    return isinstance(x, torch.Tensor | np.ndarray)
+
+
+def _holds_tensor(x: object) -> bool:
+    if _is_tensor_leaf(x):
+        return True
+    if isinstance(x, list | tuple) and type(x) in (list, tuple):
+        return any(_holds_tensor(v) for v in x)
+    if isinstance(x, dict) and type(x) is dict:
+        return any(_holds_tensor(v) for v in x.values())
+    return False
+
+
+def flatten(state: object) -> Flat:
+    """Split ``state`` into tensors, objects and skeleton. Refuses unsaveable values by path."""
+    if type(state) not in (dict, list, tuple):
+        raise StateError(f"the state must be a dict, list or tuple, got {type(state).__name__}")
+    tensors: dict[str, torch.Tensor] = {}
+    ndarrays: set[str] = set()
+    objects: dict[str, Json] = {}
+    seen_keys: set[str] = set()
+
+    def visit(x: object, path: str) -> Json:
+        if path in seen_keys:
+            raise StateError(f"key {path!r} occurs twice (e.g. both 1 and '1' in one dict)")
+        seen_keys.add(path)
+        if isinstance(x, np.ndarray):
+            tensors[path] = _ndarray_to_tensor(x, path)
+            ndarrays.add(path)
+            return {"ndarray": path}
+        if isinstance(x, torch.Tensor):
+            tensors[path] = _check_tensor(x, path)
+            return {"tensor": path}
+        if not _holds_tensor(x):
+            objects[path] = encode_value(x, path)
+            return {"object": path}
+        return container(x, path)
+
+    def container(x: object, path: str) -> Json:
+        if isinstance(x, dict):
+            return {"dict": [[_encode_key(k, path), visit(v, join(path, k))] for k, v in x.items()]}
+        kind = "list" if type(x) is list else "tuple"
+        return {kind: [visit(v, join(path, i)) for i, v in enumerate(cast("list[object]", x))]}
+
+    tree = container(state, "")
+    return Flat(tensors, frozenset(ndarrays), objects, tree)
+
+
+def _check_tensor(t: torch.Tensor, path: str) -> torch.Tensor:
+    if t.layout != torch.strided:
+        raise StateError(f"key {path!r}: {t.layout} tensors cannot be saved; call .to_dense() first")
+    if t.is_quantized or t.device.type == "meta":
+        raise StateError(f"key {path!r}: quantized and meta tensors cannot be saved")
+    return t.detach()
+
+
+def _ndarray_to_tensor(a: np.ndarray, path: str) -> torch.Tensor:
+    if a.dtype.kind not in "biufc" or a.dtype.byteorder == ">":
+        raise StateError(f"key {path!r}: numpy arrays of dtype {a.dtype} cannot be saved")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+# --- select and unflatten ----------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """What a restore target asks for: tensor keys (with in-place destinations) and objects."""
+
+    tensor_keys: list[str] = field(default_factory=list)
+    destinations: dict[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
+
+
+def _children(node: Json, where: str) -> list[tuple[object, Json]]:
+    kind, body = next(iter(node.items()))
+    if kind == "dict":
+        return [(decode_value(k, where), child) for k, child in body]
+    return list(enumerate(body))
+
+
+def walk(
+    node: Json,
+    target: object,
+    path: str,
+    sel: Selection,
+    build: Callable[[str, str, object], object] | None = None,
+) -> object:
+    """Match ``target`` against the skeleton ``node``.
+
+    With ``build`` None, fills ``sel`` with the tensor keys the target asks for. With ``build``
+    set, returns the restored structure; ``build(kind, key, target_leaf)`` gives each leaf.
+    """
+    kind = next(iter(node))
+    if kind in ("tensor", "ndarray", "object"):
+        key = node[kind]
+        if kind == "object":
+            if build is None:
+                return None
+            value = build("object", key, None)
+            return _select_plain(value, target, key) if type(target) in (dict, list, tuple) else value
+        if target is not None and not _is_tensor_leaf(target):
+            raise TargetMismatchError(f"key {key!r}: saved a tensor, target holds {type(target).__name__}")
+        if build is None:
+            sel.tensor_keys.append(key)
+            if target is not None:
+                sel.destinations[key] = target  # type: ignore[assignment]
+            return None
+        return build(kind, key, target)
+    children = _children(node, path)
+    if target is None:
+        out = [(k, walk(child, None, join(path, k), sel, build)) for k, child in children]
+    else:
+        want = {"dict": dict, "list": list, "tuple": tuple}[kind]
+        if type(target) is not want and not (kind in ("list", "tuple") and type(target) in (list, tuple)):
+            raise TargetMismatchError(
+                f"key {path or '<root>'!r}: saved a {kind}, target holds {type(target).__name__}"
+            )
+        index = dict(children)
+        items = target.items() if isinstance(target, dict) else enumerate(cast("list[object]", target))
+        out = []
+        for k, sub in items:
+            if k not in index:
+                raise MissingKeyError(f"key {join(path, k)!r} is not in the checkpoint")
+            out.append((k, walk(index[k], sub, join(path, k), sel, build)))
+        if kind != "dict" and len(out) != len(children):
+            raise TargetMismatchError(f"key {path or '<root>'!r}: saved {len(children)} items, target has {len(out)}")
+    if build is None:
+        return None
+    if kind == "dict":
+        return dict(out)
+    values = [v for _, v in out]
+    return values if kind == "list" else tuple(values)
+
+
+def _select_plain(value: object, target: object, path: str) -> object:
+    if type(target) is dict and type(value) is dict:
+        missing = [k for k in target if k not in value]
+        if missing:
+            raise MissingKeyError(f"key {join(path, missing[0])!r} is not in the checkpoint")
+        return {k: _select_plain(value[k], t, join(path, k)) for k, t in target.items()}
+    return value
