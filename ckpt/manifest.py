@@ -313,9 +313,14 @@ def _check_tree(node: object, tensors: dict[str, TensorEntry], objects: dict[str
     stack = [node]
     while stack:
         n = stack.pop()
-        if not isinstance(n, dict) or len(n) != 1:
+        if not isinstance(n, dict) or not n:
             raise ManifestSchemaError(f"{where}: malformed tree node {str(n)[:80]!r}")
-        (kind, body), = n.items()
+        kind, body = next(iter(n.items()))
+        extra = set(n) - {kind}
+        if extra - ({"metadata"} if kind == "odict" else set()):
+            raise ManifestSchemaError(f"{where}: unknown fields {sorted(extra)} in a {kind!r} tree node")
+        if "metadata" in n:
+            tree.decode_value(n["metadata"], f"{where}: tree metadata")
         if kind in ("tensor", "ndarray", "object"):
             pool: dict[str, Any] = objects if kind == "object" else tensors
             if not isinstance(body, str) or body not in pool or body in seen:
@@ -323,7 +328,7 @@ def _check_tree(node: object, tensors: dict[str, TensorEntry], objects: dict[str
             seen.add(body)
         elif kind in ("list", "tuple") and isinstance(body, list):
             stack.extend(body)
-        elif kind == "dict" and isinstance(body, list):
+        elif kind in ("dict", "odict") and isinstance(body, list):
             for pair in body:
                 if not (isinstance(pair, list) and len(pair) == 2):
                     raise ManifestSchemaError(f"{where}: malformed dict entry in tree")

@@ -41,30 +41,33 @@ def latest_step(root: str, *, storage_options: dict[str, Any] | None = None) -> 
 
     A newer manifest that fails validation is skipped with a CkptWarning (it is not a checkpoint).
     """
-    storage = Storage(root, storage_options)
+    m = _latest(Storage(root, storage_options))
+    return None if m is None else m.step
+
+
+def _latest(storage: Storage) -> Manifest | None:
     for step in reversed(storage.step_dirs()):
         try:
-            _read(storage, step)
+            return _read(storage, step)
         except ManifestError as err:
-            warnings.warn(f"skipping step {step}: {err}", CkptWarning, stacklevel=2)
-            continue
-        return step
+            warnings.warn(f"skipping step {step}: {err}", CkptWarning, stacklevel=3)
+        except CheckpointNotFoundError:
+            continue  # retired between the listing and the read
     return None
 
 
 def read_manifest(root: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None) -> Manifest:
     """The parsed, validated manifest of ``step`` (default: the latest)."""
-    storage = Storage(root, storage_options)
-    return _read(storage, _resolve(storage, root, step, storage_options))
+    return _resolve(Storage(root, storage_options), step)
 
 
-def _resolve(storage: Storage, root: str, step: int | None, storage_options: dict[str, Any] | None) -> int:
-    if step is None:
-        found = latest_step(root, storage_options=storage_options)
-        if found is None:
-            raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
-        return found
-    return step
+def _resolve(storage: Storage, step: int | None) -> Manifest:
+    if step is not None:
+        return _read(storage, step)
+    m = _latest(storage)
+    if m is None:
+        raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
+    return m
 
 
 def _read(storage: Storage, step: int) -> Manifest:
@@ -98,7 +101,7 @@ def restore(
     """
     opts = options or RestoreOptions()
     storage = Storage(root, storage_options)
-    m = _read(storage, _resolve(storage, root, step, storage_options))
+    m = _resolve(storage, step)
     return restore_manifest(storage, m, target=target, options=opts)
 
 

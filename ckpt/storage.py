@@ -46,7 +46,9 @@ class Storage:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root: str = os.path.abspath(path) if self.is_local else path.rstrip("/")
         self.url = self.root if self.is_local else f"{self.protocol}://{self.root.lstrip('/')}"
-        self.atomic_create = self.is_local or self.protocol in ("s3", "s3a", "memory")
+        self.atomic_create = self.is_local or self.protocol in ("s3", "s3a", "memory") or bool(
+            getattr(self.fs, "ckpt_atomic_create", False)
+        )
 
     # --- paths -----------------------------------------------------------------------------
 

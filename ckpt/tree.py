@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -75,6 +76,8 @@ def encode_value(value: object, path: str) -> Json:
         return {"$tuple": [encode_value(v, join(path, i)) for i, v in enumerate(value)]}
     if type(value) is dict:
         return {"$dict": [[_encode_key(k, path), encode_value(v, join(path, k))] for k, v in value.items()]}
+    if type(value) is OrderedDict:
+        return {"$odict": [[_encode_key(k, path), encode_value(v, join(path, k))] for k, v in value.items()]}
     raise StateError(
         f"key {path!r}: a {type(value).__module__}.{type(value).__qualname__} cannot be saved; "
         "ckpt stores tensors, numpy arrays and plain data (None, bool, int, float, str, bytes, "
@@ -114,8 +117,8 @@ def decode_value(j: Json, where: str) -> object:
             dt = np.dtype(body[0])
             if dt.kind in _NP_KINDS:
                 return dt.type(decode_value(body[1], where))
-        if tag == "$dict" and isinstance(body, list):
-            out: dict[object, object] = {}
+        if tag in ("$dict", "$odict") and isinstance(body, list):
+            out: dict[object, object] = {} if tag == "$dict" else OrderedDict()
             for pair in body:
                 if not (isinstance(pair, list) and len(pair) == 2):
                     break
@@ -142,14 +145,14 @@ def _holds_tensor(x: object) -> bool:
         return True
     if isinstance(x, list | tuple) and type(x) in (list, tuple):
         return any(_holds_tensor(v) for v in x)
-    if isinstance(x, dict) and type(x) is dict:
+    if isinstance(x, dict) and type(x) in (dict, OrderedDict):
         return any(_holds_tensor(v) for v in x.values())
     return False
 
 
 def flatten(state: object) -> Flat:
     """Split ``state`` into tensors, objects and skeleton. Refuses unsaveable values by path."""
-    if type(state) not in (dict, list, tuple):
+    if type(state) not in (dict, OrderedDict, list, tuple):
         raise StateError(f"the state must be a dict, list or tuple, got {type(state).__name__}")
     tensors: dict[str, torch.Tensor] = {}
     ndarrays: set[str] = set()
@@ -174,7 +177,12 @@ def flatten(state: object) -> Flat:
 
     def container(x: object, path: str) -> Json:
         if isinstance(x, dict):
-            return {"dict": [[_encode_key(k, path), visit(v, join(path, k))] for k, v in x.items()]}
+            kind = "odict" if type(x) is OrderedDict else "dict"
+            node = {kind: [[_encode_key(k, path), visit(v, join(path, k))] for k, v in x.items()]}
+            meta = getattr(x, "_metadata", None)  # nn.Module.state_dict() versions, as torch.save keeps
+            if kind == "odict" and meta is not None:
+                node["metadata"] = encode_value(meta, join(path, "_metadata"))
+            return node
         kind = "list" if type(x) is list else "tuple"
         return {kind: [visit(v, join(path, i)) for i, v in enumerate(cast("list[object]", x))]}
 
@@ -209,7 +217,7 @@ class Selection:
 
 def _children(node: Json, where: str) -> list[tuple[object, Json]]:
     kind, body = next(iter(node.items()))
-    if kind == "dict":
+    if kind in ("dict", "odict"):
         return [(decode_value(k, where), child) for k, child in body]
     return list(enumerate(body))
 
@@ -233,7 +241,7 @@ def walk(
             if build is None:
                 return None
             value = build("object", key, None)
-            return _select_plain(value, target, key) if type(target) in (dict, list, tuple) else value
+            return _select_plain(value, target, key) if isinstance(target, dict | list | tuple) else value
         if target is not None and not _is_tensor_leaf(target):
             raise TargetMismatchError(f"key {key!r}: saved a tensor, target holds {type(target).__name__}")
         if build is None:
@@ -246,8 +254,8 @@ def walk(
     if target is None:
         out = [(k, walk(child, None, join(path, k), sel, build)) for k, child in children]
     else:
-        want = {"dict": dict, "list": list, "tuple": tuple}[kind]
-        if type(target) is not want and not (kind in ("list", "tuple") and type(target) in (list, tuple)):
+        mapping = kind in ("dict", "odict")
+        if (mapping and not isinstance(target, dict)) or (not mapping and type(target) not in (list, tuple)):
             raise TargetMismatchError(
                 f"key {path or '<root>'!r}: saved a {kind}, target holds {type(target).__name__}"
             )
@@ -258,18 +266,23 @@ def walk(
             if k not in index:
                 raise MissingKeyError(f"key {join(path, k)!r} is not in the checkpoint")
             out.append((k, walk(index[k], sub, join(path, k), sel, build)))
-        if kind != "dict" and len(out) != len(children):
+        if not mapping and len(out) != len(children):
             raise TargetMismatchError(f"key {path or '<root>'!r}: saved {len(children)} items, target has {len(out)}")
     if build is None:
         return None
     if kind == "dict":
         return dict(out)
+    if kind == "odict":
+        od: OrderedDict[object, object] = OrderedDict(out)
+        if "metadata" in node:
+            od._metadata = decode_value(node["metadata"], path)  # type: ignore[attr-defined]
+        return od
     values = [v for _, v in out]
     return values if kind == "list" else tuple(values)
 
 
 def _select_plain(value: object, target: object, path: str) -> object:
-    if type(target) is dict and type(value) is dict:
+    if isinstance(target, dict) and isinstance(value, dict):
         missing = [k for k in target if k not in value]
         if missing:
             raise MissingKeyError(f"key {join(path, missing[0])!r} is not in the checkpoint")
