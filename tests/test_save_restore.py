@@ -30,12 +30,15 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
     """Bitwise and type-exact equality of two states."""
     assert type(a) is type(b), f"{path}: {type(a)} != {type(b)}"
     if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert a.dtype == b.dtype, path
+        assert a.shape == b.shape, path
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), path
     elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
+        assert a.dtype == b.dtype, path
+        assert a.tobytes() == b.tobytes(), path
     elif isinstance(a, dict):
         assert list(a.keys()) == list(b.keys()), path
+        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), path
         for k in a:
             assert_same(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, list | tuple):
@@ -45,7 +48,8 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
     elif isinstance(a, float) and math.isnan(a):
         assert math.isnan(b), path
     elif isinstance(a, float):
-        assert a == b and math.copysign(1, a) == math.copysign(1, b), path
+        assert a == b, path
+        assert math.copysign(1, a) == math.copysign(1, b), path
     else:
         assert a == b, path
 
@@ -133,9 +137,11 @@ def test_restore_in_place_fills_target_tensors(memory_store: Store) -> None:
     n = np.zeros(10, dtype=np.int32)
     ptr = w.data_ptr()
     back = ckpt.restore(memory_store.root, target={"w": w, "n": n})
-    assert back["w"] is w and w.data_ptr() == ptr
+    assert back["w"] is w
+    assert w.data_ptr() == ptr
     assert back["n"] is n
-    assert torch.equal(w, state["w"]) and (n == state["n"]).all()
+    assert torch.equal(w, state["w"])
+    assert (n == state["n"]).all()
 
 
 def test_restore_into_non_contiguous_target(memory_store: Store) -> None:
