@@ -11,8 +11,8 @@ from ckpt.errors import *  # noqa: F403  (the whole hierarchy is public)
 from ckpt.errors import __all__ as _errors_all
 from ckpt.manifest import FORMAT_VERSION, Manifest
 from ckpt.options import RestoreOptions, SaveOptions
-from ckpt.restore import latest_step, list_steps, read_manifest, restore
-from ckpt.save import begin, commit, save, write_shards
+from ckpt.restorer import latest_step, list_steps, read_manifest, restore
+from ckpt.saver import begin, commit, save, write_shards
 
 __version__ = "0.1.0"
 

@@ -43,7 +43,9 @@ def coalesce(
     cur_start = cur_end = -1
     members: list[int] = []
     for idx, r in items:
-        if members and r.start - cur_end <= max_gap_bytes and max(cur_end, r.end) - cur_start <= max_bytes:
+        overlapping = r.start < cur_end  # always merged: outputs never overlap
+        fits = r.start - cur_end <= max_gap_bytes and max(cur_end, r.end) - cur_start <= max_bytes
+        if members and (overlapping or fits):
             cur_end = max(cur_end, r.end)
             members.append(idx)
             continue

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ckpt import attempt as attempt_mod
-from ckpt import commit as commit_mod
+from ckpt import commit_protocol as commit_mod
 from ckpt import dtypes, executor, save_plan, tree
 from ckpt.attempt import Attempt, Report
 from ckpt.errors import CheckpointExistsError, PlanError

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpt import commit as commit_mod
+from ckpt import commit_protocol as commit_mod
 from ckpt import dtypes, executor, regions, tree
 from ckpt import manifest as manifest_mod
 from ckpt.errors import (
