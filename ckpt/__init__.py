@@ -13,6 +13,7 @@ from ckpt.manifest import FORMAT_VERSION, Manifest
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.restorer import latest_step, list_steps, read_manifest, restore
 from ckpt.saver import begin, commit, save, write_shards
+from ckpt.shard import Shard
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "Report",
     "RestoreOptions",
     "SaveOptions",
+    "Shard",
     "begin",
     "commit",
     "latest_step",

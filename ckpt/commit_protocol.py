@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from ckpt import manifest as manifest_mod
-from ckpt import regions, strictjson
+from ckpt import regions, strictjson, tree
 from ckpt.attempt import Attempt, Report
 from ckpt.errors import CheckpointExistsError, MissingShardError, PlanError, ShardSizeMismatchError
 from ckpt.executor import run_all
@@ -64,7 +64,7 @@ def build_manifest(attempt: Attempt, reports: list[Report], *, created: str) -> 
             owners.setdefault(key, []).append((rank, entry))
     for key, shards in owners.items():
         _check_exactly_once(key, tensors[key]["shape"], shards)
-    root_report = by_rank[0]
+    skeleton, objects = _merge_trees(by_rank)
     m = Manifest(
         step=attempt.step,
         attempt=attempt.attempt,
@@ -76,11 +76,27 @@ def build_manifest(attempt: Attempt, reports: list[Report], *, created: str) -> 
             k: TensorEntry(tensors[k]["dtype"], tensors[k]["shape"], tuple(e for _, e in owners[k]))
             for k in owners
         },
-        objects=root_report["objects"],
-        tree=root_report["tree"],
+        objects=objects,
+        tree=skeleton,
         user_metadata=dict(attempt.user_metadata),
     )
     return manifest_mod.parse(m.to_json(), where=f"{attempt.root}: manifest of step {attempt.step}")
+
+
+def _merge_trees(by_rank: dict[int, Report]) -> tuple[Any, dict[str, Any]]:
+    """One skeleton for the checkpoint: the union of every writer's, lower ranks winning where
+    two writers save the same non-tensor value (so per-rank values need per-rank keys)."""
+    skeleton = by_rank[0]["tree"]
+    for rank in sorted(by_rank)[1:]:
+        try:
+            skeleton = tree.merge(skeleton, by_rank[rank]["tree"])
+        except ValueError as err:
+            raise PlanError(f"rank {rank}'s state does not fit rank 0's structure: {err}") from None
+    objects: dict[str, Any] = {}
+    for kind, key in tree.references(skeleton):
+        if kind == "object":
+            objects[key] = next(by_rank[r]["objects"][key] for r in sorted(by_rank) if key in by_rank[r]["objects"])
+    return skeleton, objects
 
 
 def _check_exactly_once(key: str, shape: tuple[int, ...], shards: list[tuple[int, ShardEntry]]) -> None:

@@ -185,6 +185,8 @@ def _tiles(op: ReadOp) -> list[tuple[int, int]] | None:
             out.append((-1, c.src - pos))
         out.append((c.dest, c.length))
         pos = c.src + c.length
+    if pos < op.range.length:
+        out.append((-1, op.range.length - pos))
     return out
 
 

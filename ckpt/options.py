@@ -22,12 +22,13 @@ class SaveOptions:
     write_chunk_bytes: int = 16 * MiB  # one write()/multipart part
     max_inflight_bytes: int = 256 * MiB  # bytes buffered for upload at once (object stores)
     num_threads: int = 8  # files written concurrently
+    split_bytes: int = 32 * MiB  # replicated regions at least this big are split among their holders
     fsync: bool = True  # local disks: fsync shard files and directories before the commit
     update_latest: bool = True  # write the LATEST hint after a commit
     allow_non_atomic_commit: bool = False  # permit backends without a create-only primitive
 
     def __post_init__(self) -> None:
-        for name in ("block_bytes", "max_file_bytes", "write_chunk_bytes", "max_inflight_bytes", "num_threads"):
+        for name in ("block_bytes", "max_file_bytes", "write_chunk_bytes", "max_inflight_bytes", "num_threads", "split_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SaveOptions.{name} must be positive")
 

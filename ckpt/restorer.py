@@ -28,6 +28,7 @@ from ckpt.errors import (
 from ckpt.manifest import Manifest
 from ckpt.options import RestoreOptions
 from ckpt.restore_plan import Request, plan_restore
+from ckpt.shard import Shard, dtensor_layout, is_dtensor
 from ckpt.storage import Storage
 
 
@@ -108,25 +109,19 @@ def restore(
 def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: RestoreOptions) -> Any:
     sel = tree.Selection()
     tree.walk(m.tree, target, "", sel)
-    # Check every shape and dtype before allocating anything.
-    for key in sel.tensor_keys:
-        if key in sel.destinations:
-            _check_target(key, m, sel.destinations[key])
+    # Check every target region, shape and dtype before allocating anything.
+    wanted = {key: _destination(key, m, sel.destinations.get(key)) for key in sel.tensor_keys}
     _check_sizes(storage, m, sel.tensor_keys, options.num_threads)
     bufs: dict[str, torch.Tensor] = {}
     finals: dict[str, torch.Tensor] = {}
-    for key in sel.tensor_keys:
-        entry = m.tensors[key]
-        want = dtypes.BY_CODE[entry.dtype].torch_dtype
-        dest = sel.destinations.get(key)
-        t = torch.from_numpy(dest) if isinstance(dest, np.ndarray) else dest
+    for key, (box, t) in wanted.items():
         if t is not None and t.device.type == "cpu" and t.is_contiguous():
             bufs[key] = t
         else:
-            bufs[key] = torch.empty(entry.shape, dtype=want)
+            bufs[key] = torch.empty(box.sizes, dtype=dtypes.BY_CODE[m.tensors[key].dtype].torch_dtype)
         if t is not None:
             finals[key] = t
-    requests = [Request(k, regions.Box.whole(m.tensors[k].shape)) for k in sel.tensor_keys]
+    requests = [Request(k, box) for k, (box, _) in wanted.items()]
     plan = plan_restore(
         m, requests, verify=options.verify, max_gap_bytes=options.max_gap_bytes, read_chunk_bytes=options.read_chunk_bytes
     )
@@ -151,15 +146,26 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
     return tree.walk(m.tree, target, "", sel, build)
 
 
-def _check_target(key: str, m: Manifest, dest: torch.Tensor | np.ndarray) -> None:
+def _destination(key: str, m: Manifest, dest: object) -> tuple[regions.Box, torch.Tensor | None]:
+    """The region a target leaf asks for and the tensor to fill (None: allocate)."""
     entry = m.tensors[key]
     want = dtypes.BY_CODE[entry.dtype].torch_dtype
-    t = torch.from_numpy(dest) if isinstance(dest, np.ndarray) else dest
-    if t.dtype != want or tuple(t.shape) != entry.shape:
+    if dest is None:
+        return regions.Box.whole(entry.shape), None
+    if isinstance(dest, Shard):
+        t, gshape, box = dest.tensor, dest.global_shape, regions.Box(dest.offsets, dest.sizes)
+    elif is_dtensor(dest):
+        lay = dtensor_layout(dest, key)  # type: ignore[arg-type]
+        t, gshape, box = lay.local, lay.global_shape, regions.Box(lay.offsets, tuple(lay.local.shape))
+    else:
+        t = torch.from_numpy(dest) if isinstance(dest, np.ndarray) else dest  # type: ignore[assignment]
+        gshape, box = tuple(t.shape), regions.Box.whole(tuple(t.shape))
+    if t.dtype != want or gshape != entry.shape:
         raise TargetMismatchError(
-            f"key {key!r}: target is {t.dtype} {list(t.shape)}, the checkpoint holds "
+            f"key {key!r}: target is {t.dtype} of global shape {list(gshape)}, the checkpoint holds "
             f"{want} {list(entry.shape)}"
         )
+    return box, t
 
 
 def _check_sizes(storage: Storage, m: Manifest, keys: list[str], num_threads: int) -> None:

@@ -5,17 +5,19 @@
 from __future__ import annotations
 
 import datetime
-from typing import Any
+import math
+from typing import Any, Literal
 
 import torch
 
 from ckpt import attempt as attempt_mod
 from ckpt import commit_protocol as commit_mod
-from ckpt import dtypes, executor, save_plan, tree
+from ckpt import dtypes, executor, layout, save_plan, tree
 from ckpt.attempt import Attempt, Report
 from ckpt.errors import CheckpointExistsError, PlanError
 from ckpt.manifest import Manifest
 from ckpt.options import SaveOptions
+from ckpt.shard import Shard, dtensor_layout, is_dtensor
 from ckpt.storage import Storage
 
 
@@ -43,19 +45,64 @@ def begin(
 
 
 def write_shards(
-    attempt: Attempt, state: object, *, rank: int = 0, storage_options: dict[str, Any] | None = None
+    attempt: Attempt,
+    state: object,
+    *,
+    rank: int = 0,
+    plain_tensors: Literal["exclusive", "replicated"] = "exclusive",
+    storage_options: dict[str, Any] | None = None,
 ) -> Report:
-    """Write this writer's tensors as safetensors shard files; return its report (writer side)."""
+    """Write this writer's share of ``state`` as safetensors shard files; return its report.
+
+    Args:
+        rank: this writer's rank in ``[0, attempt.world_size)``. For DTensors it must be the
+            global rank of the device mesh.
+        plain_tensors: ``"exclusive"``: plain tensors are this rank's own (a pipeline stage's
+            layers); two ranks saving the same key fail the commit. ``"replicated"``: every rank
+            holds identical copies of every plain tensor (DDP): each is written once, by an owner
+            all ranks compute alike, balanced by bytes. ``ckpt.Shard`` and DTensor leaves carry
+            their own replica information.
+    """
     if type(rank) is not int or not 0 <= rank < attempt.world_size:
         raise PlanError(f"rank {rank!r} is outside [0, {attempt.world_size})")
+    if plain_tensors not in ("exclusive", "replicated"):
+        raise PlanError(f"plain_tensors must be 'exclusive' or 'replicated', got {plain_tensors!r}")
     storage = Storage(attempt.root, storage_options)
     flat = tree.flatten(state)
-    tensors = {k: _to_host(t) for k, t in flat.tensors.items()}
-    items = [
-        save_plan.WriteItem(k, dtypes.from_torch(t.dtype, key=k).code, tuple(t.shape), (0,) * t.ndim, tuple(t.shape))
-        for k, t in tensors.items()
-    ]
     opts = attempt.options
+    everyone = tuple(range(attempt.world_size))
+    regions: list[layout.Region] = []
+    local: dict[str, tuple[torch.Tensor, tuple[int, ...], tuple[int, ...], str]] = {}
+    for key, leaf in flat.tensors.items():
+        if isinstance(leaf, Shard):
+            t, offs, gshape = leaf.tensor, leaf.offsets, leaf.global_shape
+            holders = leaf.replica_ranks or (rank,)
+            if rank not in holders:
+                raise PlanError(f"key {key!r}: rank {rank} holds a Shard whose replica_ranks {list(holders)} exclude it")
+            dt = dtypes.from_torch(t.dtype, key=key)
+            regions.append(layout.Region(key, offs, tuple(t.shape), dt.itemsize, holders, False))
+        elif is_dtensor(leaf):
+            lay = dtensor_layout(leaf, key)
+            t, offs, gshape = lay.local, lay.offsets, lay.global_shape
+            dt = dtypes.from_torch(t.dtype, key=key)
+            regions.extend(layout.Region(key, o, sz, dt.itemsize, h, True) for o, sz, h in lay.regions)
+        else:
+            t, gshape = leaf, tuple(leaf.shape)
+            offs = (0,) * t.ndim
+            dt = dtypes.from_torch(t.dtype, key=key)
+            shared = plain_tensors == "replicated"
+            regions.append(layout.Region(key, offs, gshape, dt.itemsize, everyone if shared else (rank,), shared))
+        local[key] = (t, offs, gshape, dt.code)
+    tensors: dict[str, torch.Tensor] = {}
+    items: list[save_plan.WriteItem] = []
+    for piece in layout.assign(regions, split_bytes=opts.split_bytes):
+        if piece.owner != rank or piece.key not in local:
+            continue
+        t, offs, gshape, code = local[piece.key]
+        if math.prod(piece.sizes) == 0 and math.prod(gshape) != 0:
+            continue  # an empty region of a non-empty tensor carries nothing
+        tensors[piece.key] = _to_host(_slice(t, offs, piece.offsets, piece.sizes))
+        items.append(save_plan.WriteItem(piece.key, code, gshape, piece.offsets, piece.sizes))
     plan = save_plan.plan_save(
         items, step=attempt.step, attempt=attempt.attempt, rank=rank, max_file_bytes=opts.max_file_bytes
     )
@@ -80,9 +127,19 @@ def write_shards(
         "rank": rank,
         "files": {wf.path: {"size": wf.size, "crc32c": wf.crc32c} for wf in written},
         "shards": shards,
+        "keys": {k: {"dtype": v[3], "shape": list(v[2])} for k, v in local.items()},
         "objects": flat.objects,
         "tree": flat.tree,
     }
+
+
+def _slice(t: torch.Tensor, local_offsets: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+    """The part of local tensor ``t`` (which starts at ``local_offsets``) that is ``offsets``/``sizes``."""
+    if tuple(t.shape) == sizes:
+        return t
+    for d, (lo, o, n) in enumerate(zip(local_offsets, offsets, sizes, strict=True)):
+        t = t.narrow(d, o - lo, n)
+    return t
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

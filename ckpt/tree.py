@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,10 +29,16 @@ import numpy as np
 import torch
 
 from ckpt.errors import ManifestSchemaError, MissingKeyError, StateError, TargetMismatchError
+from ckpt.shard import Shard, is_dtensor
 
 Json = Any  # a JSON-able value (dict/list/str/int/float/bool/None)
 _MAX_SAFE_INT = 2**53  # ints at or beyond this are tagged, so any JSON reader keeps them exact
 _NP_KINDS = frozenset("biuf")  # numpy scalar kinds we store: bool, int, uint, float
+_NP_DTYPES = frozenset(
+    np.dtype(t).str for t in ("?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8")
+)
+_INT_RE = re.compile(r"-?[0-9]{1,4300}")
+_HEX16_RE = re.compile(r"[0-9a-f]{16}")
 
 
 def escape(segment: str) -> str:
@@ -45,7 +52,7 @@ def join(prefix: str, segment: object) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Flat:
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | Shard]  # plain tensors, Shards and DTensors
     ndarray_keys: frozenset[str]  # tensors that were numpy arrays
     objects: dict[str, Json]
     tree: Json
@@ -59,11 +66,16 @@ def encode_value(value: object, path: str) -> Json:
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, np.generic):
-        if value.dtype.kind not in _NP_KINDS:
+        if value.dtype.kind not in _NP_KINDS or value.dtype.itemsize > 8:
             raise StateError(f"key {path!r}: numpy scalar of dtype {value.dtype} cannot be saved")
         return {"$np": [value.dtype.str, encode_value(value.item(), path)]}
     if type(value) is int:
-        return value if -_MAX_SAFE_INT < value < _MAX_SAFE_INT else {"$int": str(value)}
+        if -_MAX_SAFE_INT < value < _MAX_SAFE_INT:
+            return value
+        try:
+            return {"$int": str(value)}
+        except ValueError:  # over Python's int/str digit limit
+            raise StateError(f"key {path!r}: an int of more than 4300 digits cannot be saved") from None
     if type(value) is float:
         if math.isfinite(value) and not (value == 0.0 and math.copysign(1.0, value) < 0):
             return value
@@ -105,18 +117,18 @@ def decode_value(j: Json, where: str) -> object:
         raise ManifestSchemaError(f"{where}: malformed tagged value {str(j)[:80]!r}")
     (tag, body), = j.items()
     try:
-        if tag == "$int" and isinstance(body, str) and body.lstrip("-").isdigit():
+        if tag == "$int" and isinstance(body, str) and _INT_RE.fullmatch(body):
             return int(body)
-        if tag == "$f64" and isinstance(body, str) and len(body) == 16:
+        if tag == "$f64" and isinstance(body, str) and _HEX16_RE.fullmatch(body):
             return float(struct.unpack(">d", bytes.fromhex(body))[0])
         if tag == "$bytes" and isinstance(body, str):
             return base64.b64decode(body, validate=True)
         if tag == "$tuple" and isinstance(body, list):
             return tuple(decode_value(v, where) for v in body)
-        if tag == "$np" and isinstance(body, list) and len(body) == 2 and isinstance(body[0], str):
-            dt = np.dtype(body[0])
-            if dt.kind in _NP_KINDS:
-                return dt.type(decode_value(body[1], where))
+        if tag == "$np" and isinstance(body, list) and len(body) == 2 and body[0] in _NP_DTYPES:
+            inner = decode_value(body[1], where)
+            if type(inner) in (bool, int, float):
+                return np.dtype(body[0]).type(cast("float", inner))
         if tag in ("$dict", "$odict") and isinstance(body, list):
             out: dict[object, object] = {} if tag == "$dict" else OrderedDict()
             for pair in body:
@@ -128,7 +140,7 @@ def decode_value(j: Json, where: str) -> object:
                 out[k] = decode_value(pair[1], where)
             else:
                 return out
-    except (ValueError, TypeError, OverflowError) as err:
+    except (ValueError, TypeError, OverflowError, struct.error) as err:
         raise ManifestSchemaError(f"{where}: malformed {tag} value: {err}") from err
     raise ManifestSchemaError(f"{where}: malformed tagged value {str(j)[:80]!r}")
 
@@ -137,7 +149,7 @@ def decode_value(j: Json, where: str) -> object:
 
 
 def _is_tensor_leaf(x: object) -> bool:
-    return isinstance(x, torch.Tensor | np.ndarray)
+    return isinstance(x, torch.Tensor | np.ndarray | Shard)
 
 
 def _holds_tensor(x: object) -> bool:
@@ -154,7 +166,7 @@ def flatten(state: object) -> Flat:
     """Split ``state`` into tensors, objects and skeleton. Refuses unsaveable values by path."""
     if type(state) not in (dict, OrderedDict, list, tuple):
         raise StateError(f"the state must be a dict, list or tuple, got {type(state).__name__}")
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor | Shard] = {}
     ndarrays: set[str] = set()
     objects: dict[str, Json] = {}
     seen_keys: set[str] = set()
@@ -167,6 +179,13 @@ def flatten(state: object) -> Flat:
             tensors[path] = _ndarray_to_tensor(x, path)
             ndarrays.add(path)
             return {"ndarray": path}
+        if isinstance(x, Shard):
+            _check_tensor(x.tensor, path)
+            tensors[path] = x
+            return {"tensor": path}
+        if is_dtensor(x):
+            tensors[path] = x  # type: ignore[assignment]
+            return {"tensor": path}
         if isinstance(x, torch.Tensor):
             tensors[path] = _check_tensor(x, path)
             return {"tensor": path}
@@ -212,7 +231,7 @@ class Selection:
     """What a restore target asks for: tensor keys (with in-place destinations) and objects."""
 
     tensor_keys: list[str] = field(default_factory=list)
-    destinations: dict[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
+    destinations: dict[str, torch.Tensor | np.ndarray | Shard] = field(default_factory=dict)
 
 
 def _children(node: Json, where: str) -> list[tuple[object, Json]]:
@@ -288,3 +307,54 @@ def _select_plain(value: object, target: object, path: str) -> object:
             raise MissingKeyError(f"key {join(path, missing[0])!r} is not in the checkpoint")
         return {k: _select_plain(value[k], t, join(path, k)) for k, t in target.items()}
     return value
+
+
+# --- merging the skeletons of several writers ------------------------------------------------
+
+
+def merge(a: Json, b: Json, path: str = "") -> Json:
+    """Union of two writers' skeletons: containers merge by key (``a``'s order first); where both
+    have a leaf, ``a``'s wins (the lower rank's). Structural conflicts are a PlanError-worthy
+    ValueError naming the key path."""
+    ka, kb = next(iter(a)), next(iter(b))
+    if ka != kb:
+        raise ValueError(f"key {path or '<root>'!r} is a {ka} on one writer and a {kb} on another")
+    if ka in ("tensor", "ndarray", "object"):
+        return a
+    if ka in ("dict", "odict"):
+        index = {_key_token(k): i for i, (k, _) in enumerate(a[ka])}
+        items = [list(pair) for pair in a[ka]]
+        for k, child in b[kb]:
+            i = index.get(_key_token(k))
+            if i is None:
+                index[_key_token(k)] = len(items)
+                items.append([k, child])
+            else:
+                items[i][1] = merge(items[i][1], child, join(path, decode_value(k, path)))
+        out = {ka: items}
+        if "metadata" in a:
+            out["metadata"] = a["metadata"]
+        return out
+    if len(a[ka]) != len(b[kb]):
+        raise ValueError(f"key {path or '<root>'!r}: a {ka} of {len(a[ka])} items on one writer, {len(b[kb])} on another")
+    return {ka: [merge(x, y, join(path, i)) for i, (x, y) in enumerate(zip(a[ka], b[kb], strict=True))]}
+
+
+def _key_token(k: Json) -> str:
+    return repr(k)
+
+
+def references(node: Json) -> list[tuple[str, str]]:
+    """``(kind, key)`` of every leaf of a skeleton."""
+    out: list[tuple[str, str]] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        kind, body = next(iter(n.items()))
+        if kind in ("tensor", "ndarray", "object"):
+            out.append((kind, body))
+        elif kind in ("dict", "odict"):
+            stack.extend(child for _, child in body)
+        else:
+            stack.extend(body)
+    return out

@@ -23,6 +23,8 @@ ALL_DTYPES = [
 def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     raw = torch.randint(0, 256, (math.prod(shape) * torch.empty(0, dtype=dtype).element_size(),), dtype=torch.uint8, generator=g)
+    if dtype == torch.bool:
+        raw = raw % 2  # only 0 and 1 are bools (torch normalises others on copy)
     return raw.view(dtype).reshape(shape)
 
 
