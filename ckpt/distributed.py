@@ -1,0 +1,152 @@
+"""SPMD saves over torch.distributed (torchrun ranks): rank 0 coordinates, no planning collective.
+
+Every rank calls :func:`save` with its own state. Rank 0 starts the attempt and sends it to all
+ranks; every rank writes its own shards; the small JSON reports are gathered to rank 0, which
+commits; the outcome goes back to every rank, so all ranks return the manifest's step or raise
+the same WorkerFailedError naming the failed ranks. Only byte tensors cross the process group
+(JSON, never pickle), on a dedicated gloo group whose timeout bounds every wait.
+
+Call it from the training thread: the commit path must not use the training process group from
+a background thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from ckpt import saver, strictjson
+from ckpt.attempt import Attempt, Report
+from ckpt.errors import CkptError, PlanError, WorkerFailedError
+from ckpt.options import SaveOptions
+
+_GROUPS: dict[tuple[int, float], Any] = {}
+
+
+def _group(timeout_s: float) -> Any:
+    """A gloo group over all ranks with our timeout (created once per timeout, collectively)."""
+    key = (id(dist.group.WORLD), timeout_s)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return _GROUPS[key]
+
+
+def _timeout(group: Any) -> datetime.timedelta:
+    for (_, t), g in _GROUPS.items():
+        if g is group:
+            return datetime.timedelta(seconds=t)
+    return datetime.timedelta(minutes=30)
+
+
+def _broadcast(data: bytes | None, group: Any) -> bytes:
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+    dist.broadcast(size, src=0, group=group)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(int(size), dtype=torch.uint8)
+    if int(size):
+        dist.broadcast(buf, src=0, group=group)
+    return bytes(buf.numpy()) if int(size) else b""
+
+
+def _all_gather(data: bytes, group: Any) -> list[bytes]:
+    world = dist.get_world_size(group)
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    longest = max(int(s) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else padded[:0]
+    bufs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(bufs, padded, group=group)
+    return [bytes(b[: int(s)].numpy()) for b, s in zip(bufs, sizes, strict=True)]
+
+
+def _attempt_json(a: Attempt) -> bytes:
+    return strictjson.dumps(
+        {"root": a.root, "step": a.step, "attempt": a.attempt, "world_size": a.world_size,
+         "options": {f: getattr(a.options, f) for f in SaveOptions.__slots__},
+         "user_metadata": [list(p) for p in a.user_metadata]}
+    )  # fmt: skip
+
+
+def _attempt_from(data: bytes) -> Attempt:
+    d = json.loads(data)
+    return Attempt(
+        d["root"], d["step"], d["attempt"], d["world_size"], SaveOptions(**d["options"]),
+        tuple((k, v) for k, v in d["user_metadata"]),
+    )  # fmt: skip
+
+
+def save(
+    root: str,
+    state: object,
+    *,
+    step: int,
+    plain_tensors: Literal["exclusive", "replicated"] = "exclusive",
+    options: SaveOptions | None = None,
+    user_metadata: dict[str, str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    timeout_s: float = 1800.0,
+) -> int:
+    """Save ``state`` of every rank as checkpoint ``step``; call on all ranks. Returns the step."""
+    if not dist.is_initialized():
+        raise PlanError("ckpt.distributed.save needs an initialized torch.distributed process group")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        group = _group(timeout_s)
+        return _save(root, state, step, rank, world, group, plain_tensors, options, user_metadata, storage_options)
+    except CkptError:
+        raise
+    except RuntimeError as err:  # a collective failed (DistError too): a rank died or timed out
+        raise WorkerFailedError(
+            f"rank {rank}: checkpoint coordination of step {step} failed (a rank died or stopped "
+            f"answering within {timeout_s:.0f} s): {err}"
+        ) from err
+
+
+def _save(root: str, state: object, step: int, rank: int, world: int, group: Any, plain_tensors: Any,
+          options: SaveOptions | None, user_metadata: dict[str, str] | None,
+          storage_options: dict[str, Any] | None) -> int:  # fmt: skip
+    msg: bytes | None = None
+    attempt: Attempt | None = None
+    # Rank 0 learns here, by name, which ranks are gone (died or hung) before anything is written.
+    dist.monitored_barrier(group, timeout=_timeout(group), wait_all_ranks=True)
+    if rank == 0:
+        try:
+            attempt = saver.begin(root, step=step, world_size=world, options=options,
+                                  user_metadata=user_metadata, storage_options=storage_options)  # fmt: skip
+            msg = b"A" + _attempt_json(attempt)
+        except CkptError as err:
+            msg = b"E" + f"{type(err).__name__}: {err}".encode()
+    got = _broadcast(msg, group)
+    if got[:1] == b"E":
+        raise WorkerFailedError(f"rank 0 could not start the save of step {step}: {got[1:].decode()}")
+    attempt = attempt or _attempt_from(got[1:])
+    try:
+        report = saver.write_shards(attempt, state, rank=rank, plain_tensors=plain_tensors, storage_options=storage_options)
+        mine = b"R" + strictjson.dumps(report)
+    except Exception as err:
+        mine = b"E" + f"{type(err).__name__}: {err}".encode()
+    dist.monitored_barrier(group, timeout=_timeout(group), wait_all_ranks=True)  # again: died while writing?
+    gathered = _all_gather(mine, group)
+    outcome = b""
+    if rank == 0:
+        failures = {r: g[1:].decode() for r, g in enumerate(gathered) if g[:1] == b"E"}
+        if failures:
+            outcome = b"E" + strictjson.dumps({str(r): m for r, m in sorted(failures.items())})
+        else:
+            reports: list[Report] = [json.loads(g[1:]) for g in gathered]
+            try:
+                saver.commit(attempt, reports, storage_options=storage_options)
+                outcome = b"OK"
+            except CkptError as err:
+                outcome = b"E" + strictjson.dumps({"0": f"commit failed: {type(err).__name__}: {err}"})
+    outcome = _broadcast(outcome, group)
+    if outcome[:1] == b"E":
+        failed = {int(r): m for r, m in json.loads(outcome[1:]).items()}
+        detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
+        raise WorkerFailedError(f"save of step {step} failed, nothing was committed ({detail})", failed)
+    return step
