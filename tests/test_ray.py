@@ -143,3 +143,44 @@ def test_spmd_coordinator_one_rank_fails_all_ranks_error(ray_local: None, tmp_pa
         with pytest.raises(ray.exceptions.RayTaskError, match="rank 1"):
             ray.get(ref, timeout=120)
     assert ckpt.list_steps(root) == []
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    import ckpt.distributed
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    off, n = chunk(GLOBAL[0], world, rank)
+    state = {
+        "w": ckpt.Shard(full_weight().narrow(0, off, n).clone(), GLOBAL, (off, 0)),
+        "bias": torch.arange(GLOBAL[1], dtype=torch.float32),
+        f"rank{rank}": rank,
+    }
+    ckpt.distributed.save(config["root"], state, step=1, plain_tensors="replicated", timeout_s=120)
+    # and through the named coordinator actor, with no process group involved
+    ckpt.cluster.spmd_save(config["root"], state, step=2, rank=rank, world_size=world,
+                           plain_tensors="replicated", timeout_s=120)  # fmt: skip
+
+
+def test_ray_train_torch_trainer_workers_save(ray_local: None, tmp_path: Any) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    root = str(tmp_path / "train")
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"root": root},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray_results"), name="ckpt-test"),
+    )
+    trainer.fit()
+    assert ckpt.list_steps(root) == [1, 2]
+    for step in (1, 2):
+        m = ckpt.read_manifest(root, step)
+        assert len(m.tensors["bias"].shards) == 1  # replicated plain tensor written once
+        back = ckpt.restore(root, step)
+        assert torch.equal(back["w"], full_weight())
+        assert (back["rank0"], back["rank1"]) == (0, 1)
