@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/ray_demo.py
 
 test: $(STAMP)
 	$(BIN)/ruff check ckpt tests examples benchmarks

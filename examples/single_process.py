@@ -2,7 +2,7 @@
 
 Runs on a local directory (no cloud account needed):
 
-    make demo            # or: python examples/demo.py [--root DIR]
+    python examples/single_process.py [--root DIR]
 
 It trains a small MLP for a few steps, saving a checkpoint every 5 steps (model, AdamW state,
 LR scheduler, RNG states, step counter), then builds a brand-new model and optimizer, restores
