@@ -12,8 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ckpt import dtypes, manifest, safetensors_format
-from ckpt.errors import PlanError
+from ckpt.errors import PlanError, StateError
 from ckpt.ranges import ByteRange
+
+
+# A file's header must stay under safetensors_format.MAX_HEADER_BYTES (16 MiB) for readers to
+# accept it; plan for half of that, with a generous per-entry estimate (name, JSON, metadata).
+_MAX_HEADER_PLAN_BYTES = safetensors_format.MAX_HEADER_BYTES // 2
+_HEADER_ENTRY_BYTES = 160
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,16 +66,20 @@ def plan_save(
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
         raise PlanError(f"rank {rank}: keys {dup[:5]} are given more than once")
+    if "__metadata__" in keys:
+        raise StateError("key '__metadata__' is reserved by the safetensors format; rename it")
     order = safetensors_format.layout_order([(i.key, i.dtype) for i in items])
     groups: list[list[WriteItem]] = [[]]
-    size = 0
+    size = header = 0
     for idx in order:
         it = items[idx]
-        if groups[-1] and size + it.nbytes > max_file_bytes:
+        entry = _HEADER_ENTRY_BYTES + len(it.key.encode()) + 24 * len(it.sizes)
+        if groups[-1] and (size + it.nbytes > max_file_bytes or header + entry > _MAX_HEADER_PLAN_BYTES):
             groups.append([])
-            size = 0
+            size = header = 0
         groups[-1].append(it)
         size += it.nbytes
+        header += entry
     files = []
     for k, group in enumerate(g for g in groups if g or len(groups) == 1):
         if not group:

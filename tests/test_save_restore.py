@@ -187,3 +187,18 @@ def test_large_tensor_multi_file_and_multipart(store: Store) -> None:
     m = ckpt.save(store.root, state, step=0, options=opts, storage_options=store.opts)
     assert len(m.files) >= 2
     assert_same(ckpt.restore(store.root, storage_options=store.opts), state)
+
+
+def test_reserved_safetensors_key_is_refused(memory_store: Store) -> None:
+    with pytest.raises(ckpt.StateError, match="__metadata__"):
+        ckpt.save(memory_store.root, {"__metadata__": torch.ones(1)}, step=0)
+
+
+def test_many_tiny_tensors_split_files_to_keep_headers_readable(memory_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckpt import save_plan
+
+    monkeypatch.setattr(save_plan, "_MAX_HEADER_PLAN_BYTES", 4096)
+    state = {f"t{i:04d}": torch.full((1,), float(i)) for i in range(300)}
+    m = ckpt.save(memory_store.root, state, step=0)
+    assert len(m.files) > 1
+    assert_same(ckpt.restore(memory_store.root), state)
