@@ -12,7 +12,7 @@ from ckpt.errors import __all__ as _errors_all
 from ckpt.manifest import FORMAT_VERSION, Manifest
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.restorer import latest_step, list_steps, read_manifest, restore
-from ckpt.saver import begin, commit, save, write_shards
+from ckpt.saver import begin, commit, describe, holders, save, write_shards
 from ckpt.shard import Shard
 
 __version__ = "0.1.0"
@@ -27,6 +27,8 @@ __all__ = [
     "Shard",
     "begin",
     "commit",
+    "describe",
+    "holders",
     "latest_step",
     "list_steps",
     "read_manifest",

@@ -69,13 +69,17 @@ def _call(fn: StateFn, obj: Any, *args: Any) -> Any:
     return getattr(obj, fn)(*args) if isinstance(fn, str) else fn(obj, *args)
 
 
+def _describe_in_actor(self: Any, state_fn: StateFn) -> dict[str, list[Any]]:
+    return saver.describe(_call(state_fn, self))
+
+
 def _write_in_actor(
-    self: Any, attempt: Attempt, rank: int, state_fn: StateFn, plain: str, storage_options: dict[str, Any]
-) -> Report:
+    self: Any, attempt: Attempt, rank: int, state_fn: StateFn, plain: saver.PlainTensors,
+    storage_options: dict[str, Any],
+) -> Report:  # fmt: skip
     return saver.write_shards(
-        attempt, _call(state_fn, self), rank=rank, plain_tensors=plain,  # type: ignore[arg-type]
-        storage_options=storage_options,
-    )  # fmt: skip
+        attempt, _call(state_fn, self), rank=rank, plain_tensors=plain, storage_options=storage_options
+    )
 
 
 def _restore_in_actor(
@@ -123,19 +127,27 @@ def save(
     *,
     step: int,
     state_fn: StateFn = "checkpoint_state",
-    plain_tensors: Literal["exclusive", "replicated"] = "exclusive",
+    plain_tensors: Literal["auto", "exclusive", "replicated"] = "auto",
     options: SaveOptions | None = None,
     user_metadata: dict[str, str] | None = None,
     storage_options: dict[str, Any] | None = None,
     timeout_s: float = 1800.0,
 ) -> Manifest:
-    """Save the state held by ``actors`` (rank = position in the list); the driver commits."""
+    """Save the state held by ``actors`` (rank = position in the list); the driver commits.
+
+    ``plain_tensors="auto"`` (default) first asks every actor for the names, dtypes and shapes
+    of its plain tensors: a key several actors hold is a replica, written once.
+    """
     opts = check_no_credentials(storage_options)
+    plain: saver.PlainTensors = "exclusive" if plain_tensors == "auto" else plain_tensors
+    if plain_tensors == "auto":
+        refs = [actor.__ray_call__.remote(_describe_in_actor, state_fn) for actor in actors]
+        plain = saver.holders(_gather(refs, what=f"save of step {step} (describe)", timeout_s=timeout_s))
     attempt = saver.begin(
         root, step=step, world_size=len(actors), options=options, user_metadata=user_metadata, storage_options=opts
     )
     refs = [
-        actor.__ray_call__.remote(_write_in_actor, attempt, rank, state_fn, plain_tensors, opts)
+        actor.__ray_call__.remote(_write_in_actor, attempt, rank, state_fn, plain, opts)
         for rank, actor in enumerate(actors)
     ]
     reports = _gather(refs, what=f"save of step {step}", timeout_s=timeout_s)

@@ -85,13 +85,17 @@ def save(
     state: object,
     *,
     step: int,
-    plain_tensors: Literal["exclusive", "replicated"] = "exclusive",
+    plain_tensors: Literal["auto", "exclusive", "replicated"] = "auto",
     options: SaveOptions | None = None,
     user_metadata: dict[str, str] | None = None,
     storage_options: dict[str, Any] | None = None,
     timeout_s: float = 1800.0,
 ) -> int:
-    """Save ``state`` of every rank as checkpoint ``step``; call on all ranks. Returns the step."""
+    """Save ``state`` of every rank as checkpoint ``step``; call on all ranks. Returns the step.
+
+    ``plain_tensors="auto"`` (default) learns who holds which plain tensor with one small
+    exchange of names, dtypes and shapes: a key several ranks hold is a replica, written once.
+    """
     if not dist.is_initialized():
         raise PlanError("ckpt.distributed.save needs an initialized torch.distributed process group")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -126,7 +130,18 @@ def _save(root: str, state: object, step: int, rank: int, world: int, group: Any
         raise WorkerFailedError(f"rank 0 could not start the save of step {step}: {got[1:].decode()}")
     attempt = attempt or _attempt_from(got[1:])
     try:
-        report = saver.write_shards(attempt, state, rank=rank, plain_tensors=plain_tensors, storage_options=storage_options)
+        plain: saver.PlainTensors = "exclusive" if plain_tensors == "auto" else plain_tensors
+        if plain_tensors == "auto":
+            try:
+                described = b"D" + strictjson.dumps(saver.describe(state))
+            except CkptError as err:
+                described = b"E" + f"{type(err).__name__}: {err}".encode()
+            everyone = _all_gather(described, group)
+            bad = [r for r, d in enumerate(everyone) if d[:1] == b"E"]
+            if bad:
+                raise PlanError(f"ranks {bad} could not describe their state: {everyone[bad[0]][1:].decode()}")
+            plain = saver.holders([json.loads(d[1:]) for d in everyone])
+        report = saver.write_shards(attempt, state, rank=rank, plain_tensors=plain, storage_options=storage_options)
         mine = b"R" + strictjson.dumps(report)
     except Exception as err:
         mine = b"E" + f"{type(err).__name__}: {err}".encode()

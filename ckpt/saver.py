@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -19,6 +21,18 @@ from ckpt.manifest import Manifest
 from ckpt.options import SaveOptions
 from ckpt.shard import Shard, dtensor_layout, is_dtensor
 from ckpt.storage import Storage
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """Who holds a plain tensor (sorted ranks) and what it is."""
+
+    ranks: tuple[int, ...]
+    dtype: str
+    shape: tuple[int, ...]
+
+
+PlainTensors = Literal["exclusive", "replicated"] | Mapping[str, Held]
 
 
 def begin(
@@ -49,7 +63,7 @@ def write_shards(
     state: object,
     *,
     rank: int = 0,
-    plain_tensors: Literal["exclusive", "replicated"] = "exclusive",
+    plain_tensors: PlainTensors = "exclusive",
     storage_options: dict[str, Any] | None = None,
 ) -> Report:
     """Write this writer's share of ``state`` as safetensors shard files; return its report.
@@ -60,13 +74,15 @@ def write_shards(
         plain_tensors: ``"exclusive"``: plain tensors are this rank's own (a pipeline stage's
             layers); two ranks saving the same key fail the commit. ``"replicated"``: every rank
             holds identical copies of every plain tensor (DDP): each is written once, by an owner
-            all ranks compute alike, balanced by bytes. ``ckpt.Shard`` and DTensor leaves carry
-            their own replica information.
+            all ranks compute alike, balanced by bytes. A mapping ``key -> ranks`` (from
+            :func:`holders` over every rank's :func:`describe`) says exactly who holds each plain
+            tensor: keys several ranks hold are replicas, written once. ``ckpt.Shard`` and DTensor
+            leaves carry their own replica information.
     """
     if type(rank) is not int or not 0 <= rank < attempt.world_size:
         raise PlanError(f"rank {rank!r} is outside [0, {attempt.world_size})")
-    if plain_tensors not in ("exclusive", "replicated"):
-        raise PlanError(f"plain_tensors must be 'exclusive' or 'replicated', got {plain_tensors!r}")
+    if not isinstance(plain_tensors, Mapping) and plain_tensors not in ("exclusive", "replicated"):
+        raise PlanError(f"plain_tensors must be 'exclusive', 'replicated' or a key -> ranks mapping, got {plain_tensors!r}")
     storage = Storage(attempt.root, storage_options)
     flat = tree.flatten(state)
     opts = attempt.options
@@ -90,9 +106,18 @@ def write_shards(
             t, gshape = leaf, tuple(leaf.shape)
             offs = (0,) * t.ndim
             dt = dtypes.from_torch(t.dtype, key=key)
-            shared = plain_tensors == "replicated"
-            regions.append(layout.Region(key, offs, gshape, dt.itemsize, everyone if shared else (rank,), shared))
+            if isinstance(plain_tensors, Mapping):
+                held = plain_tensors.get(key)
+                if held is None or rank not in held.ranks or (held.dtype, held.shape) != (dt.code, gshape):
+                    raise PlanError(f"key {key!r}: rank {rank} holds {dt.code} {list(gshape)}, the holders map says {held}")
+            else:
+                shared = plain_tensors == "replicated"
+                regions.append(layout.Region(key, offs, gshape, dt.itemsize, everyone if shared else (rank,), shared))
         local[key] = (t, offs, gshape, dt.code)
+    if isinstance(plain_tensors, Mapping):  # every rank enumerates every plain tensor alike
+        for key, held in plain_tensors.items():
+            size = dtypes.from_code(held.dtype, where=f"key {key!r}").itemsize
+            regions.append(layout.Region(key, (0,) * len(held.shape), held.shape, size, held.ranks, True))
     tensors: dict[str, torch.Tensor] = {}
     items: list[save_plan.WriteItem] = []
     for piece in layout.assign(regions, split_bytes=opts.split_bytes):
@@ -131,6 +156,35 @@ def write_shards(
         "objects": flat.objects,
         "tree": flat.tree,
     }
+
+
+def describe(state: object) -> dict[str, list[Any]]:
+    """This rank's plain tensors as ``key -> [dtype code, shape]``: the small, JSON-able record
+    a coordinator gathers from every rank to learn who holds which tensor."""
+    flat = tree.flatten(state)
+    return {
+        k: [dtypes.from_torch(t.dtype, key=k).code, list(t.shape)]
+        for k, t in flat.tensors.items()
+        if isinstance(t, torch.Tensor) and not is_dtensor(t)
+    }
+
+
+def holders(descriptions: Sequence[dict[str, list[Any]]]) -> dict[str, Held]:
+    """``key -> ranks holding it`` from every rank's :func:`describe` (index = rank). Ranks that
+    hold the same key must agree on its dtype and shape; they are then replicas of it."""
+    out: dict[str, list[int]] = {}
+    seen: dict[str, tuple[int, list[Any]]] = {}
+    for rank, desc in enumerate(descriptions):
+        for key, info in desc.items():
+            if key in seen and seen[key][1] != info:
+                first, other = seen[key]
+                raise PlanError(
+                    f"key {key!r}: rank {first} holds {other[0]} {other[1]}, rank {rank} holds "
+                    f"{info[0]} {info[1]}; ranks saving one key must hold identical replicas"
+                )
+            seen.setdefault(key, (rank, info))
+            out.setdefault(key, []).append(rank)
+    return {k: Held(tuple(v), seen[k][1][0], tuple(seen[k][1][1])) for k, v in out.items()}
 
 
 def _slice(t: torch.Tensor, local_offsets: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:

@@ -55,6 +55,7 @@ class Worker:
             "weight": ckpt.Shard(self.weight, GLOBAL, (self.offset, 0)),
             "bias": ckpt.Shard(self.bias, (GLOBAL[1],), (0,), replica_ranks=tuple(range(self.world))),
             f"rank{self.rank}": {"seen": self.rank * 10},
+            "emb": torch.ones(100, 4),  # plain and identical on every actor: deduped by "auto"
             "step": self.step,
         }
 
@@ -81,6 +82,7 @@ def test_driver_saves_from_4_actors_and_restores_onto_3(ray_local: None, tmp_pat
     assert m.world_size == 4
     assert len(m.tensors["weight"].shards) == 4
     assert len(m.tensors["bias"].shards) == 1  # the replica is written once
+    assert len(m.tensors["emb"].shards) == 1  # found by the describe exchange
     assert sorted(k for k in m.objects if k.startswith("rank")) == ["rank0", "rank1", "rank2", "rank3"]
     readers = [Worker.remote(r, 3) for r in range(3)]
     assert ckpt.cluster.restore(root, readers) == 10

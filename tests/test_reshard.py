@@ -200,3 +200,32 @@ def test_replicated_assumption_violated_fails_loudly_naming_key() -> None:
     with pytest.raises(ckpt.PlanError, match=r"shared|only_mine"):
         ckpt.commit(a, [r0, r1], storage_options=opts)
     assert ckpt.list_steps(root, storage_options=opts) == []
+
+
+def test_holders_from_an_exchange_dedup_exactly_the_shared_keys() -> None:
+    """Ranks 0-2 share 'emb', ranks 0-1 share 'head', each rank has its own 'stage<r>': the
+    describe/holders exchange makes every shared key a replica written once."""
+    root, opts, _ = _root()
+    emb, head = torch.randn(300, 8), torch.randn(50, 8)
+    states = [
+        {"emb": emb.clone(), "head": head.clone(), "stage0": torch.ones(3)},
+        {"emb": emb.clone(), "head": head.clone(), "stage1": torch.ones(4)},
+        {"emb": emb.clone(), "stage2": torch.ones(5)},
+    ]
+    who = ckpt.holders([ckpt.describe(s) for s in states])
+    assert {k: h.ranks for k, h in who.items()} == {
+        "emb": (0, 1, 2), "head": (0, 1), "stage0": (0,), "stage1": (1,), "stage2": (2,),
+    }  # fmt: skip
+    a = ckpt.begin(root, step=1, world_size=3, storage_options=opts)
+    reports = [ckpt.write_shards(a, s, rank=r, plain_tensors=who, storage_options=opts) for r, s in enumerate(states)]
+    written = [s["key"] for rep in reports for s in rep["shards"]]
+    assert sorted(written) == ["emb", "head", "stage0", "stage1", "stage2"]
+    ckpt.commit(a, reports, storage_options=opts)
+    back = ckpt.restore(root, storage_options=opts)
+    assert torch.equal(back["emb"], emb)
+    assert torch.equal(back["head"], head)
+
+
+def test_holders_refuse_disagreeing_replicas() -> None:
+    with pytest.raises(ckpt.PlanError, match=r"'w': rank 0 holds F32 \[2\], rank 1 holds F32 \[3\]"):
+        ckpt.holders([{"w": ["F32", [2]]}, {"w": ["F32", [3]]}])

@@ -76,6 +76,8 @@ def _save_2x2(rank: int, world: int, root: str) -> None:
     state = {
         "w": distribute_tensor(full, mesh, [Shard(0), Shard(1)]),  # 2-D sharded
         "rep": distribute_tensor(full * 2, mesh, [Shard(1), Replicate()]),  # sharded + replicated
+        "bias": torch.arange(7.0),  # a plain tensor every rank holds: found by the exchange
+        f"stage{rank % 2}": torch.full((3,), float(rank % 2)),  # held by two ranks each
         "step": 5,
     }
     assert ckpt.distributed.save(root, state, step=5) == 5
@@ -117,6 +119,7 @@ def test_dtensor_2x2_mesh_to_1d_mesh(tmp_path: Any) -> None:
     m = ckpt.read_manifest(root)
     assert len(m.tensors["w"].shards) == 4
     assert len(m.tensors["rep"].shards) == 2  # two replicas of each column block: written once
+    assert [len(m.tensors[k].shards) for k in ("bias", "stage0", "stage1")] == [1, 1, 1]
     assert torch.equal(ckpt.restore(root)["w"], _full())
     _spawn("_restore_1d", 4, root, tmp_path)
 
