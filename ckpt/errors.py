@@ -27,6 +27,7 @@ __all__ = [
     "ManifestTooLargeError",
     "MissingKeyError",
     "MissingShardError",
+    "NotSafetensorsError",
     "OverlappingRangesError",
     "PlanError",
     "ShardCoverageError",
@@ -133,6 +134,12 @@ class ShardSizeMismatchError(CorruptCheckpointError):
 
 class HeaderError(CorruptCheckpointError):
     """A safetensors header is malformed, hostile or disagrees with the manifest."""
+
+
+class NotSafetensorsError(HeaderError):
+    """Where a safetensors file is expected, the bytes are something else (too short, an
+    implausible header length, a header that is not a JSON object: a zip, a torch.save file, a
+    pickled data...). ckpt never falls back to another loader."""
 
 
 class MissingShardError(CorruptCheckpointError, FileNotFoundError):

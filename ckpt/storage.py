@@ -30,6 +30,7 @@ from ckpt.errors import (
     MissingShardError,
     ShardSizeMismatchError,
     StorageError,
+    UnsafePathError,
 )
 
 _MEMORY_LOCK = threading.Lock()  # memory:// is one process-wide dict; make create-only atomic
@@ -206,6 +207,8 @@ class Storage:
         except FileNotFoundError as err:
             raise MissingShardError(f"{self.where(rel)}: not found") from err
         except OSError as err:
+            if err.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+                raise UnsafePathError(f"{self.where(rel)}: is a symbolic link; ckpt never follows links in a checkpoint") from err
             raise StorageError(f"{self.where(rel)}: read of [{start}, {start + total}) failed: {err}") from err
         if len(data) != total:
             raise ShardSizeMismatchError(
