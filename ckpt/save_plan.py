@@ -15,7 +15,6 @@ from ckpt import dtypes, manifest, safetensors_format
 from ckpt.errors import PlanError, StateError
 from ckpt.ranges import ByteRange
 
-
 # A file's header must stay under safetensors_format.MAX_HEADER_BYTES (16 MiB) for readers to
 # accept it; plan for half of that, with a generous per-entry estimate (name, JSON, metadata).
 _MAX_HEADER_PLAN_BYTES = safetensors_format.MAX_HEADER_BYTES // 2
