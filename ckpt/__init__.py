@@ -14,6 +14,7 @@ from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.restorer import latest_step, list_steps, read_manifest, restore
 from ckpt.saver import begin, commit, describe, holders, save, write_shards
 from ckpt.shard import Shard
+from ckpt.verifier import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "RestoreOptions",
     "SaveOptions",
     "Shard",
+    "VerifyReport",
     "begin",
     "commit",
     "describe",
@@ -34,6 +36,7 @@ __all__ = [
     "read_manifest",
     "restore",
     "save",
+    "verify",
     "write_shards",
     *_errors_all,
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "HeaderError",
     "IntegrityMetadataError",
     "InvalidByteRangeError",
+    "ManifestChecksumError",
     "ManifestError",
     "ManifestLocationError",
     "ManifestParseError",
@@ -100,6 +101,10 @@ class ShardCoverageError(ManifestError):
 
 class IntegrityMetadataError(ManifestError):
     """A checksum is missing, malformed or of an unknown algorithm (verification fails closed)."""
+
+
+class ManifestChecksumError(ManifestError):
+    """The manifest's own crc32c does not match its bytes: it was damaged after it was written."""
 
 
 class ManifestLocationError(ManifestError):

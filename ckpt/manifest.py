@@ -16,10 +16,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import crc32c
+
 from ckpt import dtypes, regions, strictjson, tree
 from ckpt.errors import (
     IntegrityMetadataError,
     InvalidByteRangeError,
+    ManifestChecksumError,
     ManifestLocationError,
     ManifestParseError,
     ManifestSchemaError,
@@ -46,7 +49,7 @@ _U63 = 2**63
 _PATH_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 _TOP_FIELDS = {
     "format_version", "step", "attempt", "created", "world_size", "user_metadata",
-    "checksum_algorithm", "block_bytes", "files", "tensors", "objects", "tree",
+    "checksum_algorithm", "block_bytes", "files", "tensors", "objects", "tree", "manifest_crc32c",
 }  # fmt: skip
 _ATTEMPT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -100,7 +103,7 @@ class Manifest:
         return sum(f.size for f in self.files.values())
 
     def to_json(self) -> bytes:
-        return strictjson.dumps(
+        return seal(
             {
                 "format_version": self.format_version,
                 "step": self.step,
@@ -152,6 +155,39 @@ def check_path(path: object, *, where: str) -> str:
     return path
 
 
+MANIFEST_CRC_FIELD = "manifest_crc32c"
+_CRC_MARK = b'"manifest_crc32c":"'
+
+
+def seal(fields: dict[str, Any]) -> bytes:
+    """Serialize manifest ``fields`` with its own checksum as the last member.
+
+    ``manifest_crc32c`` is 8 lowercase hex digits: the crc32c of the file's exact bytes with
+    those 8 digits replaced by ``00000000``. Pure (no I/O).
+    """
+    body = {k: v for k, v in fields.items() if k != MANIFEST_CRC_FIELD}
+    body[MANIFEST_CRC_FIELD] = "00000000"
+    raw = strictjson.dumps(body)
+    at = raw.rindex(_CRC_MARK) + len(_CRC_MARK)
+    return raw[:at] + f"{crc32c.crc32c(raw):08x}".encode() + raw[at + 8 :]
+
+
+def _check_seal(data: bytes, value: object, where: str) -> None:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{8}", value):
+        raise IntegrityMetadataError(
+            f"{where}: {MANIFEST_CRC_FIELD} must be 8 lowercase hex digits, found {_show(value)}"
+        )
+    at = data.rfind(_CRC_MARK) + len(_CRC_MARK)
+    if at < len(_CRC_MARK) or data[at : at + 8] != value.encode():
+        raise IntegrityMetadataError(f"{where}: {MANIFEST_CRC_FIELD} is not written as its last member")
+    actual = crc32c.crc32c(data[:at] + b"00000000" + data[at + 8 :])
+    if actual != int(value, 16):
+        raise ManifestChecksumError(
+            f"{where}: the manifest's crc32c is {actual:08x} but it records {value}; the manifest "
+            "was damaged after it was written"
+        )
+
+
 def parse(data: bytes, *, where: str, expected_step: int | None = None) -> Manifest:
     """Parse and validate manifest bytes read from ``where``."""
     if len(data) > MAX_MANIFEST_BYTES:
@@ -170,6 +206,7 @@ def parse(data: bytes, *, where: str, expected_step: int | None = None) -> Manif
             f"{where}: format_version {_show(version, 40)} is not supported by this ckpt, which reads "
             f"versions 1..{FORMAT_VERSION}" + ("; upgrade ckpt to read it" if version > FORMAT_VERSION else "")
         )
+    _check_seal(data, obj.get(MANIFEST_CRC_FIELD), where)
     missing = sorted(_TOP_FIELDS - obj.keys())
     unknown = sorted(obj.keys() - _TOP_FIELDS)
     if missing or unknown:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import fsspec
 import pytest
 import torch
@@ -97,8 +98,9 @@ class Saved:
         out: dict[str, Any] = json.loads(self.read(MANIFEST))
         return out
 
-    def put_manifest(self, m: dict[str, Any] | bytes) -> None:
-        self.write(MANIFEST, m if isinstance(m, bytes) else dumps(m))
+    def put_manifest(self, m: dict[str, Any] | bytes, *, reseal: bool = True) -> None:
+        raw = m if isinstance(m, bytes) else dumps(m)
+        self.write(MANIFEST, _reseal(raw) if reseal else raw)
 
     @property
     def data_file(self) -> str:
@@ -110,6 +112,17 @@ class Saved:
 
     def restore(self) -> Any:
         return ckpt.restore(self.root, step=STEP, storage_options=self.opts)
+
+
+def _reseal(raw: bytes) -> bytes:
+    """Recompute the manifest's own crc32c over edited bytes, so each case reaches the check it
+    targets (the seal itself is tested in test_manifest_seal_*)."""
+    mark = b'"manifest_crc32c":"'
+    at = raw.rfind(mark) + len(mark)
+    if at < len(mark) or len(raw) < at + 8:
+        return raw
+    zeroed = raw[:at] + b"00000000" + raw[at + 8 :]
+    return raw[:at] + f"{crc32c.crc32c(zeroed):08x}".encode() + raw[at + 8 :]
 
 
 def dumps(m: Any) -> bytes:
@@ -408,7 +421,8 @@ def test_hostile_manifest_parse_uses_bounded_memory() -> None:
     base = '{"format_version":1,"step":0,"attempt":"a","created":"","world_size":1,"user_metadata":{},'
     base += '"checksum_algorithm":"crc32c","block_bytes":4194304,"files":{"d/f":{"size":%d,"crc32c":0}},'
     base += '"tensors":{"t":{"dtype":"F32","shape":%s,"shards":[{"file":"d/f","offsets":%s,"sizes":%s,'
-    base += '"byte_range":[0,%d],"crc32c":[]}]}},"objects":{},"tree":{"dict":[["t",{"tensor":"t"}]]}}'
+    base += '"byte_range":[0,%d],"crc32c":[]}]}},"objects":{},"tree":{"dict":[["t",{"tensor":"t"}]]},'
+    base += '"manifest_crc32c":"00000000"}'
     cases = [
         (base % (2**62, shape, "[0,0]", shape, 2**62), errors.TensorSizeError),  # shape over the cap
         (base % (2**40, "[1099511627776]", "[0]", "[1099511627776]", 2**40), errors.TensorSizeError),  # 4 TiB: range too short
@@ -417,7 +431,7 @@ def test_hostile_manifest_parse_uses_bounded_memory() -> None:
         tracemalloc.start()
         try:
             with quickly(), pytest.raises(err, match="tensor 't'"):
-                manifest.parse(text.encode(), where="m.json")
+                manifest.parse(_reseal(text.encode()), where="m.json")
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -580,7 +594,7 @@ def _many_shards(n: int, *, grid: bool, overlap: bool) -> bytes:
         "tensors": {"t": {"dtype": "F32", "shape": shape, "shards": shards}},
         "objects": {}, "tree": {"dict": [["t", {"tensor": "t"}]]},
     }  # fmt: skip
-    return dumps(m)
+    return manifest.seal(m)
 
 
 @pytest.mark.parametrize("grid", [False, True], ids=["columns", "grid"])
@@ -989,3 +1003,39 @@ def test_messages_stay_short_for_huge_values(saved: Saved) -> None:
     assert len(msg) < 1000
 
 
+
+
+# --- the manifest's own checksum ---------------------------------------------------------------
+
+
+def test_manifest_seal_every_single_bit_flip_is_detected(tmp_path: Path) -> None:
+    """Flip each bit of a real manifest in turn: every flip is refused with a ManifestError (the
+    seal catches the ones that still parse, e.g. a renamed key or a changed string)."""
+    root = str(tmp_path / "run")
+    ckpt.save(root, {"step": 3, "model": {"w": torch.ones(2)}, "name": "run-a"}, step=1)
+    path = Path(root, MANIFEST)
+    good = path.read_bytes()
+    caught: dict[str, int] = {}
+    for i in range(len(good)):
+        for bit in range(8):
+            bad = bytearray(good)
+            bad[i] ^= 1 << bit
+            with pytest.raises(errors.ManifestError) as info:
+                manifest.parse(bytes(bad), where="m.json", expected_step=1)
+            caught[type(info.value).__name__] = caught.get(type(info.value).__name__, 0) + 1
+    assert sum(caught.values()) == 8 * len(good)
+    assert caught.get("ManifestChecksumError", 0) > 0
+
+
+def test_a_damaged_newest_manifest_is_skipped_not_restored(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    ckpt.save(root, {"step": 1}, step=1)
+    ckpt.save(root, {"step": 2}, step=2)
+    p = Path(root, "steps/000000000002/manifest.json")
+    p.write_bytes(p.read_bytes().replace(b'"step":2', b'"step":3', 1).replace(b'"step":3,"att', b'"step":2,"att', 1))
+    raw = p.read_bytes().replace(b'{"object":"step"}', b'{"object":"stdp"}')
+    p.write_bytes(raw)
+    with pytest.warns(errors.CkptWarning, match="skipping step 2"):
+        assert ckpt.latest_step(root) == 1
+    with pytest.raises(errors.ManifestError):
+        ckpt.restore(root, step=2)

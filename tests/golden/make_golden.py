@@ -105,6 +105,7 @@ DAMAGE: dict[str, tuple[str, str | None, str]] = {
     "unknown-dtype": ("model/w's dtype set to F128 in the manifest", "UnsupportedDtypeError", r"tensor 'model/w': unknown dtype \"F128\""),
     "future-version": ("format_version set to 2", "UnsupportedFormatError", r"format_version 2 is not supported"),
     "manifest-traversal": ("model/w's file renamed to ../../outside.safetensors in the manifest", "UnsafePathError", r"unsafe file path \"\.\./\.\./outside\.safetensors\""),
+    "bitflip-manifest": ("one bit flipped in the manifest's created string (still valid JSON)", "ManifestChecksumError", r"the manifest's crc32c is [0-9a-f]{8} but it records"),
     "dangling-latest": ("LATEST names step 99, which does not exist (a hint only)", None, ""),
     "no-latest": ("LATEST removed (a hint only)", None, ""),
 }  # fmt: skip
@@ -118,6 +119,7 @@ def _file_of(m: dict[str, Any], key: str) -> str:
 def main() -> None:
     sys.path.insert(0, str(HERE.parent.parent))
     import ckpt
+    import ckpt.manifest
 
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -136,7 +138,7 @@ def main() -> None:
     for t in m["tensors"].values():
         for sh in t["shards"]:
             sh["file"] = sh["file"].replace(old_dir, new_dir, 1)
-    mpath.write_bytes(ckpt.strictjson.dumps(m))
+    mpath.write_bytes(ckpt.manifest.seal(m))
     assert describe(ckpt.restore(str(good))) == describe(state), "the good copy does not round-trip"
 
     victim = _file_of(m, "model/w")
@@ -161,12 +163,17 @@ def main() -> None:
             bad = "../../outside.safetensors"
             dm["files"] = {bad if p == victim else p: v for p, v in dm["files"].items()}
             dm["tensors"]["model/w"]["shards"][0]["file"] = bad
+        elif name == "bitflip-manifest":
+            raw = bytearray(mp.read_bytes())
+            raw[raw.index(b'"created":"') + len(b'"created":"')] ^= 0x01
+            mp.write_bytes(bytes(raw))
+            continue  # the flipped bytes are the point: do not re-seal them
         elif name == "dangling-latest":
             (root / "LATEST").write_bytes(b'{"step":99}')
         elif name == "no-latest":
             (root / "LATEST").unlink()
         if dm != m:
-            mp.write_bytes(ckpt.strictjson.dumps(dm))
+            mp.write_bytes(ckpt.manifest.seal(dm))
 
     expected = {
         "format_version": 1,
