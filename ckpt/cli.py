@@ -55,8 +55,9 @@ from ckpt.errors import (
     StorageError,
 )
 from ckpt.manifest import Manifest
+from ckpt.restorer import read_step, resolve_step
 from ckpt.storage import Storage
-from ckpt.verifier import Problem, VerifyReport, read_step, resolve_step, verify_manifest
+from ckpt.verifier import Problem, VerifyReport, verify_manifest
 
 __all__ = [
     "EXIT_BROKEN_PIPE",

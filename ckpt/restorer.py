@@ -49,7 +49,7 @@ def latest_step(root: str, *, storage_options: dict[str, Any] | None = None) -> 
 def _latest(storage: Storage) -> Manifest | None:
     for step in reversed(storage.step_dirs()):
         try:
-            return _read(storage, step)
+            return read_step(storage, step)
         except ManifestError as err:
             warnings.warn(f"skipping step {step}: {err}", CkptWarning, stacklevel=3)
         except CheckpointNotFoundError:
@@ -59,27 +59,34 @@ def _latest(storage: Storage) -> Manifest | None:
 
 def read_manifest(root: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None) -> Manifest:
     """The parsed, validated manifest of ``step`` (default: the latest)."""
-    return _resolve(Storage(root, storage_options), step)
+    return resolve_step(Storage(root, storage_options), step)
 
 
-def _resolve(storage: Storage, step: int | None) -> Manifest:
+def resolve_step(storage: Storage, step: int | None) -> Manifest:
+    """``step``'s manifest, or the newest one that validates when ``step`` is None (newer
+    invalid ones are skipped with a CkptWarning: they are not checkpoints)."""
     if step is not None:
-        return _read(storage, step)
+        return read_step(storage, step)
     m = _latest(storage)
     if m is None:
         raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
     return m
 
 
-def _read(storage: Storage, step: int) -> Manifest:
+def read_step(storage: Storage, step: int) -> Manifest:
+    """The validated manifest of ``step``: CheckpointNotFoundError if absent, a ManifestError if
+    it does not validate. The size is checked before anything is read."""
     rel = commit_mod.manifest_path(step)
     try:
         size = storage.size(rel)
-    except MissingShardError:
+        if size > manifest_mod.MAX_MANIFEST_BYTES:
+            raise ManifestTooLargeError(
+                f"{storage.where(rel)}: {size} bytes is over the {manifest_mod.MAX_MANIFEST_BYTES}-byte manifest cap"
+            )
+        data = storage.read(rel)
+    except MissingShardError:  # absent, or retired between the stat and the read
         raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint for step {step}") from None
-    if size > manifest_mod.MAX_MANIFEST_BYTES:
-        raise ManifestTooLargeError(f"{storage.where(rel)}: {size} bytes is over the cap")
-    return manifest_mod.parse(storage.read(rel), where=storage.where(rel), expected_step=step)
+    return manifest_mod.parse(data, where=storage.where(rel), expected_step=step)
 
 
 def restore(
@@ -102,7 +109,7 @@ def restore(
     """
     opts = options or RestoreOptions()
     storage = Storage(root, storage_options)
-    m = _resolve(storage, step)
+    m = resolve_step(storage, step)
     return restore_manifest(storage, m, target=target, options=opts)
 
 

@@ -135,7 +135,7 @@ def write_shards(
         storage, plan.files, tensors, block_bytes=opts.block_bytes, num_threads=opts.num_threads, fsync=opts.fsync
     )
     if opts.fsync and plan.files:
-        storage.sync_dirs([save_plan.data_dir(attempt.step, attempt.attempt), "data"])
+        storage.sync_dirs([save_plan.data_dir(attempt.step, attempt.attempt), "data", ""])
     shards = []
     for fp, wf in zip(plan.files, written, strict=True):
         for item, br in fp.items:

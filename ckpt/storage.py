@@ -18,15 +18,17 @@ import contextlib
 import errno
 import os
 import re
+import stat
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ckpt.errors import (
+    CkptError,
     MissingShardError,
     ShardSizeMismatchError,
     StorageError,
@@ -47,6 +49,7 @@ class Storage:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root: str = os.path.abspath(path) if self.is_local else path.rstrip("/")
         self.url = self.root if self.is_local else f"{self.protocol}://{self.root.lstrip('/')}"
+        self._real_dirs: dict[str, str] = {}  # local: directory -> its realpath (containment check)
         self.atomic_create = self.is_local or self.protocol in ("s3", "s3a", "memory") or bool(
             getattr(self.fs, "ckpt_atomic_create", False)
         )
@@ -60,6 +63,24 @@ class Storage:
         """A path for messages: the URL plus the relative path, no credentials."""
         return f"{self.url}/{rel}"
 
+    @contextlib.contextmanager
+    def _errors(self, op: str, rel: str) -> Iterator[None]:
+        """Translate whatever the backend raises into the ckpt hierarchy, naming the path."""
+        try:
+            yield
+        except CkptError:
+            raise
+        except FileNotFoundError as err:
+            raise MissingShardError(f"{self.where(rel)}: not found") from err
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+                raise UnsafePathError(
+                    f"{self.where(rel)}: is a symbolic link; ckpt never follows links in a checkpoint"
+                ) from err
+            raise StorageError(f"{self.where(rel)}: {op} failed: {err}") from err
+        except Exception as err:  # botocore NoCredentialsError, a bad storage option...
+            raise StorageError(f"{self.where(rel)}: {op} failed: {type(err).__name__}: {err}") from err
+
     # --- writes ----------------------------------------------------------------------------
 
     def write_file(self, rel: str, chunks: Iterable[memoryview | bytes], *, size: int, fsync: bool) -> None:
@@ -68,16 +89,17 @@ class Storage:
         uploads aborted)."""
         full = self.path(rel)
         try:
-            if self.is_local:
-                self._write_local(full, chunks, fsync=fsync)
-            elif self.protocol in ("s3", "s3a") and size >= 2 * _S3_MIN_PART:
-                self._write_s3_multipart(full, chunks)
-            else:
-                self.fs.pipe_file(full, b"".join(chunks), mode="create")
-        except FileExistsError as err:
-            raise StorageError(f"{self.where(rel)}: already exists; data files are never overwritten") from err
-        except OSError as err:
-            raise StorageError(f"{self.where(rel)}: write failed: {err}") from err
+            with self._errors("write", rel):
+                if self.is_local:
+                    self._write_local(full, chunks, fsync=fsync)
+                elif self.protocol in ("s3", "s3a") and size >= 2 * _S3_MIN_PART:
+                    self._write_s3_multipart(full, chunks)
+                else:
+                    self.fs.pipe_file(full, b"".join(chunks), mode="create")
+        except StorageError as err:
+            if isinstance(err.__cause__, FileExistsError):
+                raise StorageError(f"{self.where(rel)}: already exists; data files are never overwritten") from err
+            raise
 
     def _write_local(self, full: str, chunks: Iterable[memoryview | bytes], *, fsync: bool) -> None:
         os.makedirs(os.path.dirname(full), exist_ok=True)
@@ -106,7 +128,7 @@ class Storage:
             for chunk in chunks:
                 pending += chunk
                 while len(pending) >= 2 * _S3_MIN_PART:
-                    self._upload_part(bucket, key, upload_id, parts, bytes(pending[:_part_size(len(pending))]))
+                    self._upload_part(bucket, key, upload_id, parts, bytes(pending[: _part_size(len(pending))]))
                     del pending[: parts[-1]["_len"]]
             if pending or not parts:
                 self._upload_part(bucket, key, upload_id, parts, bytes(pending))
@@ -130,18 +152,19 @@ class Storage:
         """Create ``rel`` holding ``data`` only if it does not exist. True if we created it."""
         full = self.path(rel)
         try:
-            if self.is_local:
-                return self._link_commit(full, data, fsync=fsync)
-            if self.protocol == "memory":
-                with _MEMORY_LOCK:
-                    self.fs.pipe_file(full, data, mode="create")
+            with self._errors("create-only write", rel):
+                if self.is_local:
+                    return self._link_commit(full, data, fsync=fsync)
+                if self.protocol == "memory":
+                    with _MEMORY_LOCK:
+                        self.fs.pipe_file(full, data, mode="create")
+                    return True
+                self.fs.pipe_file(full, data, mode="create")
                 return True
-            self.fs.pipe_file(full, data, mode="create")
-            return True
-        except FileExistsError:
-            return False
-        except OSError as err:
-            raise StorageError(f"{self.where(rel)}: create-only write failed: {err}") from err
+        except StorageError as err:
+            if isinstance(err.__cause__, FileExistsError):
+                return False
+            raise
 
     def _link_commit(self, full: str, data: bytes, *, fsync: bool) -> bool:
         d = os.path.dirname(full)
@@ -154,15 +177,16 @@ class Storage:
             return False
         finally:
             _unlink_quietly(tmp)
-        if fsync:
+        if fsync:  # the new name, and the directories a first commit created, survive a crash
             _fsync_dir(d)
             _fsync_dir(os.path.dirname(d))
+            _fsync_dir(self.root)
         return True
 
     def put(self, rel: str, data: bytes, *, fsync: bool) -> None:
         """Replace ``rel`` atomically (used only for the LATEST hint)."""
         full = self.path(rel)
-        try:
+        with self._errors("write", rel):
             if self.is_local:
                 d = os.path.dirname(full)
                 os.makedirs(d, exist_ok=True)
@@ -173,43 +197,60 @@ class Storage:
                     _fsync_dir(d)
             else:
                 self.fs.pipe_file(full, data)
-        except OSError as err:
-            raise StorageError(f"{self.where(rel)}: write failed: {err}") from err
 
     def sync_dirs(self, rels: Iterable[str]) -> None:
         """fsync directories (local disks) so new entries in them survive a crash."""
         if self.is_local:
             for rel in rels:
-                _fsync_dir(self.path(rel))
+                _fsync_dir(self.path(rel) if rel else self.root)
 
     # --- reads -----------------------------------------------------------------------------
 
+    def _open_local(self, rel: str) -> int:
+        """Open a file under the root for reading: no symbolic link as the file, no directory
+        resolving outside the root, nothing but a regular file (a FIFO must not block us)."""
+        full = self.path(rel)
+        parent = os.path.dirname(full)
+        real = self._real_dirs.get(parent)
+        if real is None:
+            real = self._real_dirs[parent] = os.path.realpath(parent)
+        base = os.path.realpath(self.root)
+        if real != base and not real.startswith(base + os.sep):
+            raise UnsafePathError(f"{self.where(rel)}: its directory resolves to {real}, outside the root {base}")
+        fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafePathError(f"{self.where(rel)}: is not a regular file")
+        return fd
+
     def read(self, rel: str) -> bytes:
         """Read a small whole file (a manifest, a hint); callers check ``size`` first."""
-        full = self.path(rel)
-        try:
-            data: bytes = self.fs.cat_file(full)
-            return data
-        except FileNotFoundError as err:
-            raise MissingShardError(f"{self.where(rel)}: not found") from err
-        except OSError as err:
-            raise StorageError(f"{self.where(rel)}: read failed: {err}") from err
+        with self._errors("read", rel):
+            if not self.is_local:
+                data: bytes = self.fs.cat_file(self.path(rel))
+                return data
+            fd = self._open_local(rel)
+            try:
+                size = os.fstat(fd).st_size
+                chunks, got = [], 0
+                while got < size:  # bounded by the size seen at open: a growing file is not followed
+                    chunk = os.read(fd, size - got)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    got += len(chunk)
+                return b"".join(chunks)
+            finally:
+                os.close(fd)
 
     def read_into(self, rel: str, start: int, buffers: list[memoryview]) -> None:
         """Fill ``buffers`` with the bytes of ``rel`` from ``start`` on, in order."""
         total = sum(len(b) for b in buffers)
-        full = self.path(rel)
-        try:
+        with self._errors(f"read of [{start}, {start + total})", rel):
             if self.is_local:
-                self._preadv(full, start, buffers, total, rel)
+                self._preadv(rel, start, buffers, total)
                 return
-            data = self.fs.cat_file(full, start=start, end=start + total)
-        except FileNotFoundError as err:
-            raise MissingShardError(f"{self.where(rel)}: not found") from err
-        except OSError as err:
-            if err.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
-                raise UnsafePathError(f"{self.where(rel)}: is a symbolic link; ckpt never follows links in a checkpoint") from err
-            raise StorageError(f"{self.where(rel)}: read of [{start}, {start + total}) failed: {err}") from err
+            data = self.fs.cat_file(self.path(rel), start=start, end=start + total)
         if len(data) != total:
             raise ShardSizeMismatchError(
                 f"{self.where(rel)}: short read at [{start}, {start + total}): got {len(data)} bytes"
@@ -219,8 +260,8 @@ class Storage:
             b[:] = data[pos : pos + len(b)]
             pos += len(b)
 
-    def _preadv(self, full: str, start: int, buffers: list[memoryview], total: int, rel: str) -> None:
-        fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    def _preadv(self, rel: str, start: int, buffers: list[memoryview], total: int) -> None:
+        fd = self._open_local(rel)
         try:
             done = 0
             views = [b for b in buffers if len(b)]
@@ -240,26 +281,21 @@ class Storage:
             os.close(fd)
 
     def size(self, rel: str) -> int:
-        full = self.path(rel)
-        try:
+        with self._errors("stat", rel):
             if self.is_local:
-                return os.stat(full, follow_symlinks=False).st_size
-            return int(self.fs.size(full))
-        except FileNotFoundError as err:
-            raise MissingShardError(f"{self.where(rel)}: not found") from err
-        except OSError as err:
-            raise StorageError(f"{self.where(rel)}: stat failed: {err}") from err
+                return os.stat(self.path(rel), follow_symlinks=False).st_size
+            return int(self.fs.size(self.path(rel)))
 
     def exists(self, rel: str) -> bool:
-        full = self.path(rel)
-        if self.is_local:
-            return os.path.lexists(full)
-        return bool(self.fs.exists(full))
+        with self._errors("exists", rel):
+            if self.is_local:
+                return os.path.lexists(self.path(rel))
+            return bool(self.fs.exists(self.path(rel)))
 
     def step_dirs(self) -> list[int]:
         """Steps that have a ``steps/<step>/manifest.json`` object (not validated)."""
         base = self.path("steps")
-        try:
+        with self._errors("listing", "steps"):
             if self.is_local:
                 names = os.listdir(base) if os.path.isdir(base) else []
                 return sorted(
@@ -267,8 +303,6 @@ class Storage:
                 )
             self.fs.invalidate_cache(base)
             found = self.fs.find(base) if self.fs.exists(base) else []
-        except OSError as err:
-            raise StorageError(f"{self.where('steps')}: listing failed: {err}") from err
         steps = set()
         prefix = base.rstrip("/") + "/"
         for p in found:
@@ -279,14 +313,12 @@ class Storage:
         return sorted(steps)
 
     def delete(self, rel: str, *, recursive: bool = False) -> None:
-        full = self.path(rel)
         try:
-            if self.exists(rel):
-                self.fs.rm(full, recursive=recursive)
-        except FileNotFoundError:
+            with self._errors("delete", rel):
+                if self.exists(rel):
+                    self.fs.rm(self.path(rel), recursive=recursive)
+        except MissingShardError:
             pass
-        except OSError as err:
-            raise StorageError(f"{self.where(rel)}: delete failed: {err}") from err
 
 
 def _part_size(available: int) -> int:

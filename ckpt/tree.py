@@ -28,10 +28,12 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from ckpt import strictjson
 from ckpt.errors import ManifestSchemaError, MissingKeyError, StateError, TargetMismatchError
 from ckpt.shard import Shard, is_dtensor
 
 Json = Any  # a JSON-able value (dict/list/str/int/float/bool/None)
+MAX_NESTING = 128  # JSON levels in the tree and in each object; the manifest parser enforces it too
 _MAX_SAFE_INT = 2**53  # ints at or beyond this are tagged, so any JSON reader keeps them exact
 _NP_KINDS = frozenset("biuf")  # numpy scalar kinds we store: bool, int, uint, float
 _NP_DTYPES = frozenset(
@@ -191,6 +193,8 @@ def flatten(state: object) -> Flat:
             return {"tensor": path}
         if not _holds_tensor(x):
             objects[path] = encode_value(x, path)
+            if strictjson.deeper_than(objects[path], MAX_NESTING):
+                raise StateError(f"key {path!r}: nested more than {MAX_NESTING} JSON levels deep; flatten it")
             return {"object": path}
         return container(x, path)
 
@@ -206,6 +210,12 @@ def flatten(state: object) -> Flat:
         return {kind: [visit(v, join(path, i)) for i, v in enumerate(cast("list[object]", x))]}
 
     tree = container(state, "")
+    if strictjson.deeper_than(tree, MAX_NESTING):
+        deepest = max(seen_keys, key=lambda k: k.count("/"))
+        raise StateError(
+            f"key {deepest!r}: the state nests containers more than {MAX_NESTING} JSON levels deep "
+            "(about 40 dicts); flatten it"
+        )
     return Flat(tensors, frozenset(ndarrays), objects, tree)
 
 

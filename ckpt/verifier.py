@@ -19,7 +19,6 @@ the :class:`VerifyReport` instead of stopping at the first one;
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,30 +26,26 @@ from typing import Any
 
 import crc32c
 
-from ckpt import executor, safetensors_format
-from ckpt import manifest as manifest_mod
-from ckpt.commit_protocol import manifest_path
+from ckpt import executor, restorer, safetensors_format
 from ckpt.errors import (
-    CheckpointNotFoundError,
     ChecksumMismatchError,
-    CkptWarning,
+    CkptError,
     CorruptCheckpointError,
     HeaderError,
-    ManifestError,
-    ManifestTooLargeError,
     MissingShardError,
     ShardSizeMismatchError,
+    UnsafePathError,
 )
 from ckpt.manifest import Manifest, ShardEntry
 from ckpt.storage import Storage
 
-__all__ = ["Problem", "VerifyReport", "read_step", "resolve_step", "verify", "verify_manifest"]
+__all__ = ["Problem", "VerifyReport", "verify", "verify_manifest"]
 
 DEFAULT_CHUNK_BYTES = 8 << 20  # 8 MiB per read: memory stays at num_threads * this
 _Stored = tuple[str, str, ShardEntry]  # (key, dtype code, shard) of one shard stored in a file
 
 # Order in which problems of one file are reported (and which error raise_if_failed picks).
-_SEVERITY: dict[type[CorruptCheckpointError], int] = {
+_SEVERITY: dict[type[CkptError], int] = {
     MissingShardError: 0,
     ShardSizeMismatchError: 1,
     HeaderError: 2,
@@ -63,7 +58,7 @@ class Problem:
     """One thing wrong with a checkpoint. ``file`` is relative to the root; ``key`` is set when
     the problem is in one tensor's bytes or header entry."""
 
-    error: type[CorruptCheckpointError]  # the class raise_if_failed would raise for it
+    error: type[CkptError]  # the class raise_if_failed would raise for it
     file: str
     key: str | None
     message: str  # names the file (as a URL) and the key
@@ -106,42 +101,6 @@ class VerifyReport:
         raise first.error(first.message + suffix)
 
 
-def read_step(storage: Storage, step: int) -> Manifest:
-    """The validated manifest of ``step``: CheckpointNotFoundError if absent, a ManifestError
-    if it does not validate."""
-    rel = manifest_path(step)
-    try:
-        size = storage.size(rel)
-    except MissingShardError:
-        raise CheckpointNotFoundError(
-            f"{storage.url}: no committed checkpoint for step {step}"
-        ) from None
-    if size > manifest_mod.MAX_MANIFEST_BYTES:
-        raise ManifestTooLargeError(f"{storage.where(rel)}: {size} bytes is over the cap")
-    try:
-        data = storage.read(rel)
-    except MissingShardError:  # retired between the stat and the read
-        raise CheckpointNotFoundError(
-            f"{storage.url}: no committed checkpoint for step {step}"
-        ) from None
-    return manifest_mod.parse(data, where=storage.where(rel), expected_step=step)
-
-
-def resolve_step(storage: Storage, step: int | None) -> Manifest:
-    """``step``'s manifest, or the newest one that validates when ``step`` is None (newer
-    invalid ones are skipped with a CkptWarning, as :func:`ckpt.latest_step` does)."""
-    if step is not None:
-        return read_step(storage, step)
-    for s in reversed(storage.step_dirs()):
-        try:
-            return read_step(storage, s)
-        except ManifestError as err:
-            warnings.warn(f"skipping step {s}: {err}", CkptWarning, stacklevel=3)
-        except CheckpointNotFoundError:
-            continue
-    raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
-
-
 def verify(
     root: str,
     step: int | None = None,
@@ -159,7 +118,7 @@ def verify(
     number of bytes just checked, from worker threads.
     """
     storage = Storage(root, storage_options)
-    m = resolve_step(storage, step)
+    m = restorer.resolve_step(storage, step)
     return verify_manifest(
         storage, m, num_threads=num_threads, chunk_bytes=chunk_bytes, progress=progress
     )
@@ -267,7 +226,7 @@ def _check_file(
     expected = m.files[path].size
     keys = sorted({k for k, _, _ in shards})
 
-    def problem(error: type[CorruptCheckpointError], message: str, key: str | None = None) -> None:
+    def problem(error: type[CkptError], message: str, key: str | None = None) -> None:
         out.problems.append(Problem(error, path, key, message))
 
     try:
@@ -309,7 +268,7 @@ def _check_file(
             out.bytes_read += n
             if progress is not None:
                 progress(n)
-    except CorruptCheckpointError as err:  # the file changed under us (short read, deleted)
+    except (CorruptCheckpointError, UnsafePathError) as err:  # changed under us, or a link / non-file
         problem(type(err), str(err))
         return out
     finally:

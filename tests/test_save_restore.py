@@ -202,3 +202,23 @@ def test_many_tiny_tensors_split_files_to_keep_headers_readable(memory_store: St
     m = ckpt.save(memory_store.root, state, step=0)
     assert len(m.files) > 1
     assert_same(ckpt.restore(memory_store.root), state)
+
+
+def test_too_deep_states_are_refused_before_writing(memory_store: Store) -> None:
+    deep: dict[str, Any] = {"t": torch.ones(1)}
+    node = deep
+    for _ in range(60):
+        node["n"] = {"t": torch.ones(1)}
+        node = node["n"]
+    with pytest.raises(ckpt.StateError, match=r"key 'n/n/.*more than 128 JSON levels"):
+        ckpt.save(memory_store.root, deep, step=0)
+    plain: dict[str, Any] = {}
+    node = plain
+    for _ in range(100):
+        node["n"] = {}
+        node = node["n"]
+    with pytest.raises(ckpt.StateError, match=r"key 'o': nested more than 128"):
+        ckpt.save(memory_store.root, {"o": plain}, step=0)
+    import fsspec
+
+    assert not fsspec.filesystem("memory").exists(memory_store.root + "/data")  # nothing written

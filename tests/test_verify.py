@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -259,3 +260,17 @@ def test_latest_skips_an_invalid_newer_manifest_with_a_warning(local_store: Stor
         r = ckpt.verify(local_store.root)
     assert r.step == 1
     assert r.ok
+
+
+def test_symlinked_shard_is_a_finding_not_a_crash(local_store: Store, tmp_path: Path) -> None:
+    ckpt.save(local_store.root, {"w": torch.ones(64)}, step=1)
+    m = ckpt.read_manifest(local_store.root)
+    (path,) = m.files
+    full = Path(local_store.root) / path
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(full.read_bytes())
+    full.unlink()
+    full.symlink_to(outside)
+    report = ckpt.verify(local_store.root)
+    assert not report.ok
+    assert any("symbolic link" in p for p in report.problems)
