@@ -129,18 +129,22 @@ def _save(root: str, state: object, step: int, rank: int, world: int, group: Any
     if got[:1] == b"E":
         raise WorkerFailedError(f"rank 0 could not start the save of step {step}: {got[1:].decode()}")
     attempt = attempt or _attempt_from(got[1:])
-    try:
-        plain: saver.PlainTensors = "exclusive" if plain_tensors == "auto" else plain_tensors
-        if plain_tensors == "auto":
-            try:
-                described = b"D" + strictjson.dumps(saver.describe(state))
-            except CkptError as err:
-                described = b"E" + f"{type(err).__name__}: {err}".encode()
-            everyone = _all_gather(described, group)
-            bad = [r for r, d in enumerate(everyone) if d[:1] == b"E"]
-            if bad:
-                raise PlanError(f"ranks {bad} could not describe their state: {everyone[bad[0]][1:].decode()}")
+    plain: saver.PlainTensors = "exclusive" if plain_tensors == "auto" else plain_tensors
+    if plain_tensors == "auto":  # who holds which plain tensor: one small exchange
+        try:
+            described = b"D" + strictjson.dumps(saver.describe(state))
+        except CkptError as err:
+            described = b"E" + f"{type(err).__name__}: {err}".encode()
+        everyone = _all_gather(described, group)
+        failed = {r: d[1:].decode() for r, d in enumerate(everyone) if d[:1] == b"E"}
+        if failed:  # every rank saw the same answers: all stop here, no further collective
+            detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
+            raise WorkerFailedError(f"save of step {step} failed, nothing was committed ({detail})", failed)
+        try:
             plain = saver.holders([json.loads(d[1:]) for d in everyone])
+        except PlanError as err:  # identical on every rank
+            raise WorkerFailedError(f"save of step {step} failed, nothing was committed: {err}") from None
+    try:
         report = saver.write_shards(attempt, state, rank=rank, plain_tensors=plain, storage_options=storage_options)
         mine = b"R" + strictjson.dumps(report)
     except Exception as err:
