@@ -373,7 +373,8 @@ def test_storage_options_reach_s3_and_are_never_printed(
     # an option the backend refuses: exit 4, one line, no traceback, no values
     rc, out, err = _run(capsys, *argv, "--storage-option", "bogus=hush", "ls", s3_store.root)
     assert (rc, out) == (4, "")
-    assert err.startswith("ckpt: error: TypeError: ")
+    assert err.startswith("ckpt: error: ")
+    assert "TypeError" in err
     assert "'bogus'" in err
     assert "hush" not in err
     assert "testing-secret" not in err
