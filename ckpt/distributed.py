@@ -30,8 +30,16 @@ _GROUPS: dict[tuple[int, float], Any] = {}
 def _group(timeout_s: float) -> Any:
     """A gloo group over all ranks with our timeout (created once per timeout, collectively)."""
     key = (id(dist.group.WORLD), timeout_s)
-    if key not in _GROUPS:
-        _GROUPS[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    cached = _GROUPS.get(key)
+    if cached is not None:
+        try:
+            dist.get_process_group_ranks(cached)
+            return cached
+        except (KeyError, ValueError, RuntimeError):  # destroyed with its world: forget it
+            pass
+    for stale in [k for k, g in _GROUPS.items() if g is cached]:
+        del _GROUPS[stale]
+    _GROUPS[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return _GROUPS[key]
 
 
@@ -42,10 +50,15 @@ def _timeout(group: Any) -> datetime.timedelta:
     return datetime.timedelta(minutes=30)
 
 
+def _owned(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
 def _broadcast(data: bytes | None, group: Any) -> bytes:
     size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
     dist.broadcast(size, src=0, group=group)
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(int(size), dtype=torch.uint8)
+    # torch-owned copies only: gloo threads may outlive a tensor that borrows Python memory
+    buf = _owned(data) if data else torch.empty(int(size), dtype=torch.uint8)
     if int(size):
         dist.broadcast(buf, src=0, group=group)
     return bytes(buf.numpy()) if int(size) else b""
@@ -58,7 +71,7 @@ def _all_gather(data: bytes, group: Any) -> list[bytes]:
     dist.all_gather(sizes, size, group=group)
     longest = max(int(s) for s in sizes)
     padded = torch.zeros(longest, dtype=torch.uint8)
-    padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else padded[:0]
+    padded[: len(data)] = _owned(data) if data else padded[:0]
     bufs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
     dist.all_gather(bufs, padded, group=group)
     return [bytes(b[: int(s)].numpy()) for b, s in zip(bufs, sizes, strict=True)]

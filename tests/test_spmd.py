@@ -30,7 +30,7 @@ def _full() -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(11))
 
 
-def _run(rank: int, world: int, port: int, fn_name: str, root: str, errfile: str) -> None:
+def _run(rank: int, world: int, port: int, fn_name: str, root: str, errfile: str, sync: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -39,6 +39,9 @@ def _run(rank: int, world: int, port: int, fn_name: str, root: str, errfile: str
         with open(f"{errfile}.{rank}", "w") as f:
             f.write(traceback.format_exc())
         raise
+    else:
+        if sync:
+            dist.barrier()  # nobody tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -49,7 +52,7 @@ def _spawn(fn_name: str, world: int, root: str, tmp_path: Any, *, expect_dead: t
     errfile = str(tmp_path / "err")
     ctx = tmp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_run, args=(r, world, port, fn_name, root, errfile)) for r in range(world)]
+    procs = [ctx.Process(target=_run, args=(r, world, port, fn_name, root, errfile, not expect_dead)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
