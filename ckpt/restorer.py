@@ -130,7 +130,11 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
             finals[key] = t
     requests = [Request(k, box) for k, (box, _) in wanted.items()]
     plan = plan_restore(
-        m, requests, verify=options.verify, max_gap_bytes=options.max_gap_bytes, read_chunk_bytes=options.read_chunk_bytes
+        m,
+        requests,
+        verify=options.verify,
+        max_gap_bytes=options.gap_bytes(local=storage.is_local),
+        read_chunk_bytes=options.read_chunk_bytes,
     )
     executor.read_plan(
         storage,

@@ -58,9 +58,21 @@ def data_dir(step: int, attempt: str) -> str:
 
 
 def plan_save(
-    items: Sequence[WriteItem], *, step: int, attempt: str, rank: int, max_file_bytes: int
+    items: Sequence[WriteItem],
+    *,
+    step: int,
+    attempt: str,
+    rank: int,
+    max_file_bytes: int,
+    parallel_files: int = 1,
+    min_file_bytes: int = 0,
 ) -> SavePlan:
-    """Group ``items`` into files of about ``max_file_bytes`` and lay each out. Pure (no I/O)."""
+    """Group ``items`` into files and lay each out. Pure (no I/O).
+
+    A writer's bytes are cut into about ``parallel_files`` files of balanced size, so that they
+    can be written concurrently, but no file is planned smaller than ``min_file_bytes`` (a small
+    state stays one file) nor larger than ``max_file_bytes`` (unless one tensor alone is).
+    Tensors are never split: a file boundary falls between them, in the safetensors order."""
     keys = [i.key for i in items]
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
@@ -68,12 +80,15 @@ def plan_save(
     if "__metadata__" in keys:
         raise StateError("key '__metadata__' is reserved by the safetensors format; rename it")
     order = safetensors_format.layout_order([(i.key, i.dtype) for i in items])
+    total = sum(i.nbytes for i in items)
+    streams = max(1, min(parallel_files, total // max(min_file_bytes, 1)))
+    target = min(max_file_bytes, -(-total // streams))  # ceil: `streams` files of this size hold it all
     groups: list[list[WriteItem]] = [[]]
     size = header = 0
     for idx in order:
         it = items[idx]
         entry = _HEADER_ENTRY_BYTES + len(it.key.encode()) + 24 * len(it.sizes)
-        if groups[-1] and (size + it.nbytes > max_file_bytes or header + entry > _MAX_HEADER_PLAN_BYTES):
+        if groups[-1] and (size + it.nbytes > target or header + entry > _MAX_HEADER_PLAN_BYTES):
             groups.append([])
             size = header = 0
         groups[-1].append(it)

@@ -129,7 +129,13 @@ def write_shards(
         tensors[piece.key] = _to_host(_slice(t, offs, piece.offsets, piece.sizes))
         items.append(save_plan.WriteItem(piece.key, code, gshape, piece.offsets, piece.sizes))
     plan = save_plan.plan_save(
-        items, step=attempt.step, attempt=attempt.attempt, rank=rank, max_file_bytes=opts.max_file_bytes
+        items,
+        step=attempt.step,
+        attempt=attempt.attempt,
+        rank=rank,
+        max_file_bytes=opts.max_file_bytes,
+        parallel_files=opts.parallel_files,
+        min_file_bytes=opts.min_file_bytes,
     )
     written = executor.write_files(
         storage, plan.files, tensors, block_bytes=opts.block_bytes, num_threads=opts.num_threads, fsync=opts.fsync

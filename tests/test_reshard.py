@@ -73,7 +73,7 @@ def test_n_writers_to_m_readers(n: int, m: int) -> None:
             minimum += s.tensor.numel() * s.tensor.element_size()
         num_reads, nbytes = _data_bytes(rec)
         assert nbytes >= minimum
-        assert nbytes <= 1.10 * minimum + num_reads * ckpt.RestoreOptions().max_gap_bytes
+        assert nbytes <= 1.10 * minimum + num_reads * ckpt.RestoreOptions().gap_bytes(local=False)
 
 
 def _region(t: torch.Tensor, m: int, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
