@@ -9,9 +9,11 @@ from __future__ import annotations
 from ckpt.attempt import Attempt, Report
 from ckpt.errors import *  # noqa: F403  (the whole hierarchy is public)
 from ckpt.errors import __all__ as _errors_all
+from ckpt.manager import CheckpointManager, ManagerOptions
 from ckpt.manifest import FORMAT_VERSION, Manifest
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.restorer import latest_step, list_steps, read_manifest, restore
+from ckpt.retention import RetentionPolicy
 from ckpt.saver import begin, commit, describe, holders, save, write_shards
 from ckpt.shard import Shard
 from ckpt.verifier import VerifyReport, verify
@@ -21,9 +23,12 @@ __version__ = "0.1.0"
 __all__ = [
     "FORMAT_VERSION",
     "Attempt",
+    "CheckpointManager",
+    "ManagerOptions",
     "Manifest",
     "Report",
     "RestoreOptions",
+    "RetentionPolicy",
     "SaveOptions",
     "Shard",
     "VerifyReport",

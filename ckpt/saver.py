@@ -84,7 +84,7 @@ def write_shards(
     if not isinstance(plain_tensors, Mapping) and plain_tensors not in ("exclusive", "replicated"):
         raise PlanError(f"plain_tensors must be 'exclusive', 'replicated' or a key -> ranks mapping, got {plain_tensors!r}")
     storage = Storage(attempt.root, storage_options)
-    flat = tree.flatten(state)
+    flat = state if isinstance(state, tree.Flat) else tree.flatten(state)  # a Flat: a staged snapshot
     opts = attempt.options
     everyone = tuple(range(attempt.world_size))
     regions: list[layout.Region] = []
@@ -167,7 +167,7 @@ def write_shards(
 def describe(state: object) -> dict[str, list[Any]]:
     """This rank's plain tensors as ``key -> [dtype code, shape]``: the small, JSON-able record
     a coordinator gathers from every rank to learn who holds which tensor."""
-    flat = tree.flatten(state)
+    flat = state if isinstance(state, tree.Flat) else tree.flatten(state)
     return {
         k: [dtypes.from_torch(t.dtype, key=k).code, list(t.shape)]
         for k, t in flat.tensors.items()

@@ -42,6 +42,7 @@ class Rule:
     skip: int = 0  # let this many matching calls through first
     times: int = 1 << 30  # then fire at most this often
     fired: int = 0
+    gate: threading.Event | None = None  # block the call until this is set (then apply the rest)
 
 
 @dataclass
@@ -93,6 +94,8 @@ class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     def _hook(self, call: Call) -> Rule | None:
         rule = self.recorder.record(call)
+        if rule is not None and rule.gate is not None:
+            rule.gate.wait()
         if rule is not None and rule.error is not None:
             raise rule.error
         return rule

@@ -1,0 +1,237 @@
+"""CheckpointManager: the training-loop hook. Save every N steps (async by default), keep what
+the retention policy keeps, resume from the newest committed checkpoint.
+
+Async save: the training thread blocks only while the state's tensors are copied into host
+staging buffers (allocated once, reused by every save); a background thread then writes the
+shard files and commits. One save is in flight at a time: the next ``save`` waits for it (or is
+skipped, ``when_busy="skip"``). A background failure is raised by the next call of ``save``,
+``wait``, ``restore`` or ``close``: never silently dropped. The background thread uses no
+process group; this manager saves from one process (one writer).
+
+    mgr = ckpt.CheckpointManager("s3://bucket/run", ckpt.ManagerOptions(save_every=100))
+    start = (mgr.restore(state) or -1) + 1
+    for step in range(start, steps):
+        train_step(state); mgr.save(step, state)
+    mgr.close()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ckpt import restorer, retention, retirement, saver
+from ckpt.errors import CheckpointNotFoundError, CkptWarning, PlanError
+from ckpt.options import RestoreOptions, SaveOptions
+from ckpt.retention import RetentionPolicy
+from ckpt.staging import Staging
+from ckpt.storage import Storage
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerOptions:
+    save_every: int = 1  # save() saves steps divisible by this (force=True saves any step)
+    async_save: bool = True  # write and commit in the background after staging
+    when_busy: Literal["wait", "skip"] = "wait"  # a save while one is in flight
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    save_options: SaveOptions = field(default_factory=SaveOptions)
+    restore_options: RestoreOptions = field(default_factory=RestoreOptions)
+
+    def __post_init__(self) -> None:
+        if self.save_every < 1:
+            raise ValueError("ManagerOptions.save_every must be >= 1")
+        if self.when_busy not in ("wait", "skip"):
+            raise ValueError("ManagerOptions.when_busy must be 'wait' or 'skip'")
+
+
+@dataclass(frozen=True, slots=True)
+class SaveStats:
+    step: int
+    stall_s: float  # the training thread was blocked this long (staging, or the whole sync save)
+    staged_bytes: int
+    write_s: float | None = None  # write + commit + retention (known once done)
+    retired: tuple[int, ...] = ()
+
+
+class CheckpointManager:
+    """Periodic, retained, resumable checkpoints of one process's state under ``root``."""
+
+    def __init__(
+        self,
+        root: str,
+        options: ManagerOptions | None = None,
+        *,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.root = root
+        self.options = options or ManagerOptions()
+        self._storage_options = storage_options
+        self._staging = Staging()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
+        self._inflight: Future[SaveStats] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.last_save: SaveStats | None = None  # the last save that finished
+        self.skipped = 0  # saves skipped because one was in flight (when_busy="skip")
+
+    # --- saving --------------------------------------------------------------------------------
+
+    def should_save(self, step: int) -> bool:
+        return step % self.options.save_every == 0
+
+    def save(
+        self, step: int, state: object, *, metrics: Mapping[str, float] | None = None, force: bool = False
+    ) -> bool:
+        """Save ``state`` as ``step`` if the policy says so (or ``force``). Returns whether a save
+        was made (sync) or started (async). Raises the error of an earlier background save."""
+        self._check_open()
+        if type(step) is not int or step < 0:
+            raise PlanError(f"step must be a non-negative int, got {step!r}")
+        if not force and not self.should_save(step):
+            self._raise_finished()
+            return False
+        inflight = self._inflight
+        if inflight is not None and not inflight.done() and self.options.when_busy == "skip":
+            self.skipped += 1
+            return False
+        self.wait()  # the previous save is done (its staging buffers are free); raises its error
+        user_metadata = {retention.METRIC_PREFIX + k: repr(float(v)) for k, v in (metrics or {}).items()}
+        t0 = time.perf_counter()
+        if not self.options.async_save:
+            self.last_save = self._write(step, state, user_metadata, t0, staged_bytes=0)
+            return True
+        snapshot = self._staging.snapshot(state)
+        stall = time.perf_counter() - t0
+        staged = self._staging.last.bytes_copied if self._staging.last else 0
+        self._inflight = self._pool.submit(self._write_async, step, snapshot, user_metadata, stall, staged)
+        return True
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; raise its error if it failed."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        try:
+            self.last_save = inflight.result()
+        except BaseException as err:
+            err.add_note(f"(raised by the background save under {self.root})")
+            raise
+
+    def _raise_finished(self) -> None:
+        if self._inflight is not None and self._inflight.done():
+            self.wait()
+
+    def _write_async(self, step: int, snapshot: object, meta: dict[str, str], stall: float, staged: int) -> SaveStats:
+        t0 = time.perf_counter()
+        done = self._write(step, snapshot, meta, t0, staged_bytes=staged)
+        return SaveStats(step, stall, staged, done.write_s, done.retired)
+
+    def _write(self, step: int, state: object, meta: dict[str, str], t0: float, *, staged_bytes: int) -> SaveStats:
+        opts = self.options
+        saver.save(
+            self.root, state, step=step, options=opts.save_options, user_metadata=meta,
+            storage_options=self._storage_options,
+        )  # fmt: skip
+        retired = self.apply_retention()
+        elapsed = time.perf_counter() - t0
+        return SaveStats(step, elapsed, staged_bytes, elapsed, tuple(retired))
+
+    # --- retention -----------------------------------------------------------------------------
+
+    def apply_retention(self, *, dry_run: bool = False) -> list[int]:
+        """Retire the committed checkpoints the retention policy does not keep; return them."""
+        policy = self.options.retention
+        storage = Storage(self.root, self._storage_options)
+        steps = restorer.list_steps(self.root, storage_options=self._storage_options)
+        metrics: dict[int, float | None] = {}
+        if policy.keep_best and policy.metric:
+            for s in steps:
+                try:
+                    m = restorer.read_step(storage, s)
+                except CheckpointNotFoundError:
+                    continue
+                metrics[s] = retention.metric_value(dict(m.user_metadata), policy.metric)
+        doomed = retention.to_retire(steps, metrics, policy)
+        if doomed:
+            retirement.retire(storage, doomed, dry_run=dry_run)
+        return doomed
+
+    # --- restoring -----------------------------------------------------------------------------
+
+    def latest_step(self) -> int | None:
+        return restorer.latest_step(self.root, storage_options=self._storage_options)
+
+    def restore(self, target: object, *, step: int | None = None) -> int | None:
+        """Fill ``target`` from checkpoint ``step`` (default: the newest committed one) and return
+        that step, or None if there is no checkpoint yet. Tensors are filled in place; the other
+        values of dicts and lists in ``target`` are replaced by the saved ones."""
+        self._check_open()
+        self.wait()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                return None
+        restored = restorer.restore(
+            self.root, step, target=target, options=self.options.restore_options,
+            storage_options=self._storage_options,
+        )  # fmt: skip
+        _assign(target, restored)
+        return step
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for the save in flight, then stop the background thread. Raises its error."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:  # already failing: finish the save in flight, don't mask the error with its own
+            try:
+                self.close()
+            except Exception as err:  # the original error propagates; this one is still reported
+                warnings.warn(f"{self.root}: the background save failed too: {type(err).__name__}: {err}", CkptWarning, stacklevel=2)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PlanError(f"the CheckpointManager of {self.root} is closed")
+
+    @property
+    def staging_bytes(self) -> int:
+        return self._staging.nbytes
+
+
+def _assign(target: object, restored: object) -> None:
+    """Copy the restored non-tensor values into ``target``'s dicts and lists (tensors were
+    filled in place already)."""
+    if isinstance(target, dict) and isinstance(restored, dict):
+        for k, v in restored.items():
+            cur = target.get(k)
+            if isinstance(cur, dict | list) and type(cur) is type(v):
+                _assign(cur, v)
+            elif cur is not v and not isinstance(cur, torch.Tensor):
+                target[k] = v
+    elif isinstance(target, list) and isinstance(restored, list) and len(target) == len(restored):
+        for i, v in enumerate(restored):
+            cur = target[i]
+            if isinstance(cur, dict | list) and type(cur) is type(v):
+                _assign(cur, v)
+            elif cur is not v and not isinstance(cur, torch.Tensor):
+                target[i] = v

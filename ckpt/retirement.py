@@ -1,0 +1,66 @@
+"""Retirement: deleting committed checkpoints in the order that never loses a live one.
+
+The manifest goes first (from then on the step does not exist), then the data files that no
+remaining committed manifest references (docs/FORMAT.md 9.5). A crash in between leaves only
+unreferenced data: garbage, never a manifest whose data is gone. Data of attempts in progress is
+never referenced by a retired manifest, so it is never touched here.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ckpt import commit_protocol
+from ckpt.errors import CheckpointNotFoundError, ManifestError
+from ckpt.manifest import Manifest
+from ckpt.restorer import read_step
+from ckpt.storage import Storage
+
+
+@dataclass(frozen=True, slots=True)
+class Retired:
+    step: int
+    files_deleted: tuple[str, ...]
+    files_kept: tuple[str, ...]  # still referenced by a remaining checkpoint (or by one unreadable)
+
+
+def retire(storage: Storage, steps: Iterable[int], *, dry_run: bool = False) -> list[Retired]:
+    """Retire ``steps`` (committed checkpoints under ``storage``), oldest first."""
+    doomed = sorted(set(steps))
+    manifests = {s: read_step(storage, s) for s in doomed}
+    remaining = [s for s in storage.step_dirs() if s not in manifests]
+    referenced: set[str] = set()
+    unreadable = False
+    for s in remaining:
+        try:
+            referenced.update(read_step(storage, s).files)
+        except CheckpointNotFoundError:
+            continue  # a directory without a manifest: not a checkpoint
+        except ManifestError:
+            unreadable = True  # not a checkpoint, but what it names is unknown: delete no data
+    out = []
+    for s in doomed:
+        m = manifests[s]
+        if not dry_run:
+            storage.delete(commit_protocol.manifest_path(s))  # the step ceases to exist here
+            storage.delete(posixpath.dirname(commit_protocol.manifest_path(s)), recursive=True)
+        if unreadable:
+            out.append(Retired(s, (), tuple(sorted(m.files))))
+            continue
+        gone, kept = _data(storage, m, referenced, dry_run=dry_run)
+        out.append(Retired(s, gone, kept))
+    return out
+
+
+def _data(storage: Storage, m: Manifest, referenced: set[str], *, dry_run: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    gone = tuple(sorted(p for p in m.files if p not in referenced))
+    kept = tuple(sorted(p for p in m.files if p in referenced))
+    if not dry_run:
+        for p in gone:
+            storage.delete(p)
+        for d in sorted({posixpath.dirname(p) for p in gone}):
+            if not any(posixpath.dirname(k) == d for k in kept):
+                storage.delete(d, recursive=True)  # the attempt's directory (local disks)
+    return gone, kept
