@@ -17,11 +17,13 @@ process group; this manager saves from one process (one writer).
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,12 +45,22 @@ class ManagerOptions:
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     save_options: SaveOptions = field(default_factory=SaveOptions)
     restore_options: RestoreOptions = field(default_factory=RestoreOptions)
+    # Preemption (SIGTERM once install_signal_handlers() ran, or request_stop()): the next save()
+    # saves that step synchronously, waiting at most this long, then raises
+    # SystemExit(PREEMPTED_EXIT_CODE) if exit_on_stop, else returns (see stop_requested).
+    stop_deadline_s: float = 120.0
+    exit_on_stop: bool = True
 
     def __post_init__(self) -> None:
         if self.save_every < 1:
             raise ValueError("ManagerOptions.save_every must be >= 1")
+        if self.stop_deadline_s <= 0:
+            raise ValueError("ManagerOptions.stop_deadline_s must be positive")
         if self.when_busy not in ("wait", "skip"):
             raise ValueError("ManagerOptions.when_busy must be 'wait' or 'skip'")
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a committed save; run again to resume
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +92,8 @@ class CheckpointManager:
         self._closed = False
         self.last_save: SaveStats | None = None  # the last save that finished
         self.skipped = 0  # saves skipped because one was in flight (when_busy="skip")
+        self._stop = threading.Event()
+        self._previous_handlers: dict[int, Any] = {}
 
     # --- saving --------------------------------------------------------------------------------
 
@@ -94,6 +108,8 @@ class CheckpointManager:
         self._check_open()
         if type(step) is not int or step < 0:
             raise PlanError(f"step must be a non-negative int, got {step!r}")
+        if self._stop.is_set():
+            return self._save_and_stop(step, state, metrics)
         if not force and not self.should_save(step):
             self._raise_finished()
             return False
@@ -142,6 +158,55 @@ class CheckpointManager:
         retired = self.apply_retention()
         elapsed = time.perf_counter() - t0
         return SaveStats(step, elapsed, staged_bytes, elapsed, tuple(retired))
+
+    # --- preemption ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask for a final save at the next ``save()`` call (a step boundary), then a clean exit.
+        Safe to call from a signal handler or another thread."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+        """Make ``signals`` (default SIGTERM) call :meth:`request_stop` (main thread only).
+        ``close()`` puts the previous handlers back. Correctness never depends on the handler:
+        a SIGKILL at any moment leaves the newest committed checkpoint intact."""
+        for sig in signals:
+            self._previous_handlers.setdefault(sig, signal.getsignal(sig))
+            signal.signal(sig, lambda _sig, _frame: self._stop.set())
+
+    def _save_and_stop(self, step: int, state: object, metrics: Mapping[str, float] | None) -> bool:
+        deadline = time.monotonic() + self.options.stop_deadline_s
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:  # let the save in flight finish first (its step is older)
+            try:
+                self.last_save = inflight.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                raise PlanError(
+                    f"{self.root}: stop requested, but the save in flight did not finish within "
+                    f"{self.options.stop_deadline_s:.0f} s; step {step} was not saved"
+                ) from None
+            except Exception as err:  # reported, but the final save is what matters now
+                warnings.warn(f"{self.root}: the background save failed: {type(err).__name__}: {err}", CkptWarning, stacklevel=3)
+        meta = {retention.METRIC_PREFIX + k: repr(float(v)) for k, v in (metrics or {}).items()}
+        saved = self.last_save is not None and self.last_save.step == step
+        if not saved:
+            t0 = time.perf_counter()
+            job = self._pool.submit(self._write, step, state, meta, t0, staged_bytes=0)
+            try:
+                self.last_save = job.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                raise PlanError(
+                    f"{self.root}: stop requested; the save of step {step} did not commit within "
+                    f"{self.options.stop_deadline_s:.0f} s (the newest committed checkpoint stands)"
+                ) from None
+        if self.options.exit_on_stop:
+            self.close()
+            raise SystemExit(PREEMPTED_EXIT_CODE)
+        return True
 
     # --- retention -----------------------------------------------------------------------------
 
@@ -196,6 +261,9 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, handler)
+            self._previous_handlers.clear()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -165,3 +165,66 @@ def test_keep_best_by_a_metric_recorded_with_the_save(store: Store) -> None:
     assert ckpt.list_steps(store.root, storage_options=store.opts) == [1, 3, 5]
     m = ckpt.read_manifest(store.root, 3, storage_options=store.opts)
     assert float(dict(m.user_metadata)["ckpt.metric.loss"]) == 0.1
+
+
+_LOOP = """
+import sys, time, torch, ckpt
+root = sys.argv[1]
+mgr = ckpt.CheckpointManager(root, ckpt.ManagerOptions(save_every=1000))
+mgr.install_signal_handlers()
+state = {"w": torch.zeros(1000), "step": -1}
+resumed = mgr.restore(state)
+print("resumed", resumed, state["step"], flush=True)
+for step in range(state["step"] + 1, 10**9):
+    state["w"].fill_(float(step))
+    state["step"] = step
+    print("step", step, flush=True)
+    time.sleep(0.005)
+    mgr.save(step, state)
+"""
+
+
+def _run_until_sigterm(root: str, tmp_path: Any, after_steps: int) -> tuple[int, list[str]]:
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "loop.py"
+    script.write_text(_LOOP)
+    proc = subprocess.Popen([sys.executable, str(script), root], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        lines = [proc.stdout.readline().strip()]
+        seen = 0
+        while seen < after_steps:
+            line = proc.stdout.readline().strip()
+            assert line, "the loop died"
+            lines.append(line)
+            seen += line.startswith("step")
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    return proc.returncode, lines + rest.splitlines()
+
+
+def test_sigterm_saves_at_the_next_step_boundary_and_exits_75(tmp_path: Any) -> None:
+    from ckpt.manager import PREEMPTED_EXIT_CODE
+
+    root = str(tmp_path / "run")
+    code, lines = _run_until_sigterm(root, tmp_path, after_steps=20)
+    assert code == PREEMPTED_EXIT_CODE == 75
+    assert lines[0] == "resumed None -1"
+    last = max(int(line.split()[1]) for line in lines if line.startswith("step "))
+    assert ckpt.list_steps(root) == [0, last]  # the periodic save of step 0, then the final one
+    back = ckpt.restore(root)
+    assert back["step"] == last
+    assert torch.equal(back["w"], torch.full((1000,), float(last)))
+    code, lines = _run_until_sigterm(root, tmp_path, after_steps=5)  # resume, preempted again
+    assert code == 75
+    assert lines[0] == f"resumed {last} {last}"
+    assert lines[1] == f"step {last + 1}"
+    assert ckpt.latest_step(root) > last + 4
