@@ -336,6 +336,81 @@ def s3_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- stall (benchmarks/stall_bench.py) ---------------------------------------------------------------
+
+
+def _stall_index(result: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(c["backend"], c["mode"]): c for c in result.get("cases", [])}
+
+
+def stall_markdown(result: dict[str, Any]) -> str:
+    ix = _stall_index(result)
+    lines = [
+        f"`CheckpointManager.save()` of the local benchmark's state, {result['args']['runs']} runs, each case in a fresh "
+        f"process making {next(iter(ix.values()))['saves_per_run'] if ix else '-'} saves in a row (retention keep_last=1). "
+        "Stall = time the training thread is blocked in `save()`; sync blocks for write + commit, async for the copy "
+        "into host staging buffers (first save: buffers allocated; steady: reused). Extra RSS = peak - RSS before "
+        "the first save (async includes its staging copy).",
+        "",
+        "| backend | state | sync save (stall) | async stall, first | async stall, steady | async save until committed | "
+        "steady stall / sync | extra RSS sync | extra RSS async |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for backend in ("local", "s3"):
+        sy, asy = ix.get((backend, "sync")), ix.get((backend, "async"))
+        if not sy or not asy:
+            continue
+        r = med(asy["steady_stall_s"]) / med(sy["steady_stall_s"])
+        lines.append(
+            f"| {backend} | {fmt_bytes(sy['state_bytes'])} | {fmt_s(sy['steady_stall_s'])} | {fmt_s(asy['first_stall_s'])} "
+            f"| {fmt_s(asy['steady_stall_s'])} | {fmt_s(asy['steady_total_s'])} | {r:.2f}x "
+            f"| {fmt_bytes(med(sy['extra_rss_bytes']))} | {fmt_bytes(med(asy['extra_rss_bytes']))} "
+            f"({med(asy['extra_rss_bytes']) / asy['state_bytes']:.2f}x state) |"
+        )
+    return "\n".join(lines)
+
+
+def stall_target_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    ix = _stall_index(result)
+    rows = []
+    for backend in ("local", "s3"):
+        sy, asy = ix.get((backend, "sync")), ix.get((backend, "async"))
+        if not sy or not asy:
+            continue
+        r = med(asy["steady_stall_s"]) / med(sy["steady_stall_s"])
+        x = med(asy["extra_rss_bytes"]) / asy["state_bytes"]
+        at = f"{fmt_bytes(asy['state_bytes'])}, {backend}"
+        rows.append(("async save stall <= 10% of the sync save (steady state)", at, f"{r:.1%}", met(r <= 0.10)))
+        rows.append(("async save extra peak memory <= 1.2x the state", at, f"{x:.2f}x", met(x <= 1.2)))
+    return rows
+
+
+def plot_stall(result: dict[str, Any], out: str) -> list[str]:
+    plt = _plt()
+    ix = _stall_index(result)
+    backends = [b for b in ("local", "s3") if (b, "sync") in ix and (b, "async") in ix]
+    if not backends:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 4))
+    series: dict[str, list[tuple[float, float, float] | None]] = {
+        "sync save": [_spread(ix[(b, "sync")]["steady_stall_s"]) for b in backends],
+        "async stall (first)": [_spread(ix[(b, "async")]["first_stall_s"]) for b in backends],
+        "async stall (steady)": [_spread(ix[(b, "async")]["steady_stall_s"]) for b in backends],
+    }
+    _bars(ax, [f"{b}, {fmt_bytes(ix[(b, 'sync')]['state_bytes'])}" for b in backends], series, "seconds blocked (median, min-max)")
+    ax.set_title("Training stall: async vs sync save")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out, "stall.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _spread(xs: list[float]) -> tuple[float, float, float]:
+    return (med(xs), min(xs), max(xs))
+
+
 # --- targets ------------------------------------------------------------------------------------------
 
 
@@ -370,7 +445,10 @@ def s3_target_rows(s3: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 def targets_markdown(
-    local: dict[str, Any] | None, scale: dict[str, Any] | None, s3: dict[str, Any] | None = None
+    local: dict[str, Any] | None,
+    scale: dict[str, Any] | None,
+    s3: dict[str, Any] | None = None,
+    stall: dict[str, Any] | None = None,
 ) -> str:
     rows: list[tuple[str, str, str, str]] = []  # target, at, measured, met
     if local:
@@ -410,6 +488,8 @@ def targets_markdown(
             ))  # fmt: skip
     if s3:
         rows += s3_target_rows(s3)
+    if stall:
+        rows += stall_target_rows(stall)
     if not rows:
         return ""
     out = ["| target | at | measured | |", "|---|---|---|---|"]
@@ -594,6 +674,7 @@ def generate(out: str, md_path: str | None = "BENCHMARKS.md") -> str:
         ("scale", "Manifest scale", scale_markdown, plot_scale),
         ("dist", "Distributed save and restore vs DCP", dist_markdown, plot_dist),
         ("s3", "S3 endpoint", s3_markdown, plot_s3),
+        ("stall", "Async save: training stall", stall_markdown, plot_stall),
     ):
         data = _load(out, f"{part}_bench.json")
         if data is not None:
@@ -616,7 +697,8 @@ def generate(out: str, md_path: str | None = "BENCHMARKS.md") -> str:
     local = next((d for p, _, d, _, _ in parts if p == "local"), None)
     scale = next((d for p, _, d, _, _ in parts if p == "scale"), None)
     s3 = next((d for p, _, d, _, _ in parts if p == "s3"), None)
-    tg = targets_markdown(local, scale, s3)
+    stall = next((d for p, _, d, _, _ in parts if p == "stall"), None)
+    tg = targets_markdown(local, scale, s3, stall)
     if tg:
         sections += ["### Targets of the performance issue", tg]
     plots: list[str] = []

@@ -1,6 +1,6 @@
 """Run the whole benchmark suite, then write the tables, plots and BENCHMARKS.md's generated part.
 
-    python -m benchmarks.run [--quick] [--big] [--only local,scale,dist,s3] [--runs N]
+    python -m benchmarks.run [--quick] [--big] [--only local,scale,dist,s3,stall] [--runs N]
                              [--out bench-out] [--no-md]
 
 Parts, each in its own process (see benchmarks/README.md):
@@ -9,7 +9,9 @@ Parts, each in its own process (see benchmarks/README.md):
   raw disk limits at 64 MiB, 256 MiB, 1 GiB (``--big``: + 4 GiB), and the 4 -> 3 resharding case;
 - scale: ``benchmarks.scale_bench``: a 1,000-rank x 1,000-tensor manifest;
 - dist: ``benchmarks.dist_bench``: W gloo processes, ckpt.distributed vs DCP;
-- s3: ``benchmarks.s3_bench`` if it exists (skipped otherwise).
+- s3: ``benchmarks.s3_bench`` if it exists (skipped otherwise);
+- stall: ``benchmarks.stall_bench``: the training stall of an async vs a sync save
+  (CheckpointManager), 1 GiB on local disk and 256 MiB on moto.
 
 ``--quick`` (about 1.5 minutes plus the S3 part's quick run): 32 MiB, 2 runs, the scale part
 extrapolated from 100 ranks, a 64 MiB distributed run with 2 writers. The default run takes
@@ -30,7 +32,7 @@ import sys
 import time
 from typing import Any
 
-PARTS = ("local", "scale", "dist", "s3")
+PARTS = ("local", "scale", "dist", "s3", "stall")
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 
 
@@ -51,6 +53,8 @@ def part_command(part: str, args: argparse.Namespace) -> list[str] | None:
         if importlib.util.find_spec("benchmarks.s3_bench") is None:
             return None
         return [*py, "benchmarks.s3_bench", "--out", args.out, *quick, *runs]
+    if part == "stall":
+        return [*py, "benchmarks.stall_bench", "--out", args.out, *quick, *runs]
     raise ValueError(part)
 
 
