@@ -44,7 +44,6 @@ CASE_TIMEOUT_S = 1200
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
 
     import ckpt
     from benchmarks.local_bench import make_state, reset_peak, rss_now, state_specs
