@@ -111,4 +111,5 @@ def train(root: str, opts_json: str, seed: int, total_steps: int, log_path: str)
             mgr.save(step, state)
     mgr.close()
     final = {k: v.clone() for k, v in model.state_dict().items()}
-    ckpt.save(root + "-final", final, step=total_steps, options=ckpt.SaveOptions(fsync=False))
+    ckpt.save(root + "-final", final, step=total_steps, options=ckpt.SaveOptions(fsync=False),
+              storage_options=_opts(opts_json))
