@@ -9,16 +9,19 @@ the result, so a committed manifest always passes the same validation a reader a
 
 from __future__ import annotations
 
-import math
+import itertools
+import operator
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ckpt import manifest as manifest_mod
-from ckpt import regions, strictjson, tree
+from ckpt import strictjson, tree
 from ckpt.attempt import Attempt, Report
 from ckpt.errors import CheckpointExistsError, MissingShardError, PlanError, ShardSizeMismatchError
 from ckpt.executor import run_all
-from ckpt.manifest import FileEntry, Manifest, ShardEntry, TensorEntry
-from ckpt.ranges import ByteRange
+from ckpt.manifest import I64, FileEntry, Manifest, ShardTable, TensorEntry
 from ckpt.storage import Storage
 
 LATEST = "LATEST"
@@ -45,37 +48,26 @@ def build_manifest(attempt: Attempt, reports: list[Report], *, created: str) -> 
     if missing:
         raise PlanError(f"no report from ranks {missing} (world_size {attempt.world_size}); nothing was committed")
     files: dict[str, FileEntry] = {}
-    tensors: dict[str, dict[str, Any]] = {}
-    owners: dict[str, list[tuple[int, ShardEntry]]] = {}
     for rank in sorted(by_rank):
-        r = by_rank[rank]
-        for path, f in r["files"].items():
+        for path, f in by_rank[rank]["files"].items():
             files[path] = FileEntry(f["size"], f["crc32c"])
-        for s in r["shards"]:
-            key = s["key"]
-            info = tensors.setdefault(key, {"dtype": s["dtype"], "shape": tuple(s["shape"]), "rank": rank})
-            if (info["dtype"], info["shape"]) != (s["dtype"], tuple(s["shape"])):
-                raise PlanError(
-                    f"key {key!r}: rank {info['rank']} has {info['dtype']} {list(info['shape'])}, "
-                    f"rank {rank} has {s['dtype']} {list(s['shape'])}"
-                )
-            br = ByteRange(*s["byte_range"])
-            entry = ShardEntry(s["file"], tuple(s["offsets"]), tuple(s["sizes"]), br, tuple(s["crc32c"]))
-            owners.setdefault(key, []).append((rank, entry))
-    for key, shards in owners.items():
-        _check_exactly_once(key, tensors[key]["shape"], shards)
+    paths = tuple(files)
+    file_index = {p: i for i, p in enumerate(paths)}
+    ranks = sorted(by_rank)
+    columns = _uniform_columns(ranks, by_rank, file_index)
+    if columns is None:
+        columns = _columns(ranks, by_rank, file_index)
+    block_bytes = attempt.options.block_bytes
+    tensors = {key: c.entry(key, paths) for key, c in columns.items()}
     skeleton, objects = _merge_trees(by_rank)
     m = Manifest(
         step=attempt.step,
         attempt=attempt.attempt,
         created=created,
         world_size=attempt.world_size,
-        block_bytes=attempt.options.block_bytes,
+        block_bytes=block_bytes,
         files=files,
-        tensors={
-            k: TensorEntry(tensors[k]["dtype"], tensors[k]["shape"], tuple(e for _, e in owners[k]))
-            for k in owners
-        },
+        tensors=tensors,
         objects=objects,
         tree=skeleton,
         user_metadata=dict(attempt.user_metadata),
@@ -83,36 +75,155 @@ def build_manifest(attempt: Attempt, reports: list[Report], *, created: str) -> 
     return manifest_mod.parse(m.to_json(), where=f"{attempt.root}: manifest of step {attempt.step}")
 
 
+_FIELDS = operator.itemgetter("key", "dtype", "shape", "file", "offsets", "sizes", "byte_range", "crc32c")
+
+
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    """One tensor's shards as the writers reported them, in rank order (the manifest's columns)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    ranks: list[int]  # of each shard
+    file: I64
+    offsets: I64  # (n, ndim)
+    sizes: I64
+    byte_range: I64  # (n, 2)
+    crc32c: I64  # flat
+    crc_counts: I64  # (n,)
+
+    def entry(self, key: str, paths: tuple[str, ...]) -> TensorEntry:
+        """The tensor entry, once every region is known to be written exactly once (the
+        manifest parser's coverage check, with the writers' ranks in the message)."""
+        shape, offsets, sizes = self.shape, self.offsets, self.sizes
+        shp = np.array(shape, dtype=np.int64)
+        outside = np.flatnonzero(np.any((offsets < 0) | (sizes < 0) | (sizes > shp) | (offsets > shp - sizes), axis=1))
+        if outside.size:
+            i = int(outside[0])
+            raise PlanError(
+                f"key {key!r}: rank {self.ranks[i]} wrote the region at {offsets[i].tolist()} of size "
+                f"{sizes[i].tolist()}, outside the shape {list(shape)}"
+            )
+        problem = manifest_mod.coverage_problem(shape, offsets, sizes)
+        if problem is not None and problem.kind == "overlap":
+            ra, rb = self.ranks[problem.a], self.ranks[problem.b]
+            raise PlanError(
+                f"key {key!r}: rank {ra} and rank {rb} both wrote the region at {offsets[problem.b].tolist()}; "
+                "each region must be written exactly once"
+            )
+        if problem is not None and problem.kind == "gap":
+            raise PlanError(
+                f"key {key!r}: ranks {sorted(set(self.ranks))} wrote {problem.covered} of "
+                f"{problem.total} elements; some region was written by no rank"
+            )
+        if problem is not None:
+            raise PlanError(f"key {key!r}: {problem.describe(lambda i: f'rank {self.ranks[i]}')}")
+        crc_start = np.concatenate([[0], np.cumsum(self.crc_counts)]).astype(np.int64)
+        table = ShardTable(paths, self.file, offsets, sizes, self.byte_range, self.crc32c, crc_start)
+        return TensorEntry(self.dtype, shape, table)
+
+
+def _ints(values: list[Any], what: str) -> I64:
+    """Reported integers as an int64 array (a writer bug must not be truncated into a manifest)."""
+    if not set(map(type, values)) <= {int}:
+        bad = next(v for v in values if type(v) is not int)
+        raise PlanError(f"a writer reported {what} {strictjson.show(bad, 40)}, not an integer")
+    try:
+        return np.array(values, dtype=np.int64)
+    except OverflowError:
+        raise PlanError(f"a writer reported {what} outside the 64-bit range") from None
+
+
+def _columns(ranks: list[int], by_rank: dict[int, Report], file_index: dict[str, int]) -> dict[str, _Columns]:
+    """The columns of every tensor from any reports (one Python step per shard)."""
+    acc: dict[str, tuple[str, list[int], list[list[Any]]]] = {}
+    for rank in ranks:
+        for key, dtype, shape, path, offsets, sizes, byte_range, crcs in map(_FIELDS, by_rank[rank]["shards"]):
+            a = acc.get(key)
+            if a is None:
+                a = acc[key] = (dtype, list(shape), [[] for _ in range(7)])
+            elif a[0] != dtype or (a[1] != shape and a[1] != list(shape)):
+                first = a[2][0][0]
+                raise PlanError(f"key {key!r}: rank {first} has {a[0]} {a[1]}, rank {rank} has {dtype} {list(shape)}")
+            c = a[2]
+            c[0].append(rank)
+            c[1].append(file_index[path])
+            c[2] += offsets
+            c[3] += sizes
+            c[4] += byte_range
+            c[5] += crcs
+            c[6].append(len(crcs))
+    out: dict[str, _Columns] = {}
+    for key, (dtype, shape, c) in acc.items():
+        n, nd = len(c[0]), len(shape)
+        if (len(c[2]), len(c[3]), len(c[4])) != (n * nd, n * nd, 2 * n):
+            raise PlanError(f"key {key!r}: the writers reported offsets, sizes or byte ranges of the wrong length for a {nd}-d tensor")
+        out[key] = _Columns(
+            dtype, tuple(shape), c[0], np.array(c[1], dtype=np.int64),
+            _ints(c[2], f"key {key!r}: an offset").reshape(n, nd), _ints(c[3], f"key {key!r}: a size").reshape(n, nd),
+            _ints(c[4], f"key {key!r}: a byte range").reshape(n, 2), _ints(c[5], f"key {key!r}: a crc32c"),
+            np.array(c[6], dtype=np.int64),
+        )  # fmt: skip
+    return out
+
+
+def _uniform_columns(ranks: list[int], by_rank: dict[int, Report], file_index: dict[str, int]) -> dict[str, _Columns] | None:
+    """The columns of every tensor when every rank reported one shard of the same keys in the same
+    order with the same dtypes and shapes (SPMD writers, the common case at scale): whole-array
+    operations, no Python step per shard. None if the reports are not like that."""
+    rows = [tuple(zip(*map(_FIELDS, by_rank[r]["shards"]), strict=True)) for r in ranks]
+    if not rows or any(len(row) != 8 for row in rows):
+        return None  # some rank reported no shard
+    keys, dts, shapes = rows[0][0], rows[0][1], rows[0][2]
+    nd = [len(shape) for shape in shapes]
+    if len(set(keys)) != len(keys) or any(row[0] != keys or row[1] != dts or row[2] != shapes for row in rows[1:]):
+        return None
+    if any(list(map(len, row[4])) != nd or list(map(len, row[5])) != nd or set(map(len, row[6])) != {2} for row in rows):
+        return None
+    n_ranks, n_keys, width = len(ranks), len(keys), sum(nd)
+    chain = itertools.chain.from_iterable
+    file = np.array([list(map(file_index.__getitem__, row[3])) for row in rows], dtype=np.int64)  # (R, T)
+    offsets = _ints(list(chain(chain(row[4]) for row in rows)), "an offset").reshape(n_ranks, width)
+    sizes = _ints(list(chain(chain(row[5]) for row in rows)), "a size").reshape(n_ranks, width)
+    byte_range = _ints(list(chain(chain(row[6]) for row in rows)), "a byte range").reshape(n_ranks, n_keys, 2)
+    crc = _ints(list(chain(chain(row[7]) for row in rows)), "a crc32c")  # rank-major
+    counts = np.array([list(map(len, row[7])) for row in rows], dtype=np.int64)  # (R, T)
+    # regroup the crc32c values tensor-major (tensor, then rank) with one gather
+    starts = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(n_ranks, n_keys).T.ravel()
+    lengths = counts.T.ravel()
+    tm_at = np.cumsum(lengths) - lengths
+    crc = crc[np.repeat(starts - tm_at, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)]
+    per_key = np.concatenate([[0], np.cumsum(counts.sum(axis=0))]).astype(np.int64)
+    dim_at = np.concatenate([[0], np.cumsum(nd)]).astype(np.int64).tolist()
+    out: dict[str, _Columns] = {}
+    for t, key in enumerate(keys):
+        a, b = dim_at[t], dim_at[t + 1]
+        out[key] = _Columns(
+            dts[t], tuple(shapes[t]), ranks, file[:, t], offsets[:, a:b], sizes[:, a:b], byte_range[:, t],
+            crc[per_key[t] : per_key[t + 1]], counts[:, t],
+        )  # fmt: skip
+    return out
+
+
 def _merge_trees(by_rank: dict[int, Report]) -> tuple[Any, dict[str, Any]]:
     """One skeleton for the checkpoint: the union of every writer's, lower ranks winning where
     two writers save the same non-tensor value (so per-rank values need per-rank keys)."""
     skeleton = by_rank[0]["tree"]
+    seen = strictjson.dumps(skeleton)
     for rank in sorted(by_rank)[1:]:
+        other = by_rank[rank]["tree"]
+        if other == skeleton and strictjson.dumps(other) == seen:
+            continue  # the same skeleton (SPMD writers): merging would change nothing
         try:
-            skeleton = tree.merge(skeleton, by_rank[rank]["tree"])
+            skeleton = tree.merge(skeleton, other)
         except ValueError as err:
             raise PlanError(f"rank {rank}'s state does not fit rank 0's structure: {err}") from None
+        seen = strictjson.dumps(skeleton)
     objects: dict[str, Any] = {}
     for kind, key in tree.references(skeleton):
         if kind == "object":
             objects[key] = next(by_rank[r]["objects"][key] for r in sorted(by_rank) if key in by_rank[r]["objects"])
     return skeleton, objects
-
-
-def _check_exactly_once(key: str, shape: tuple[int, ...], shards: list[tuple[int, ShardEntry]]) -> None:
-    for i, (ra, a) in enumerate(shards):
-        for rb, b in shards[i + 1 :]:
-            if a.box.numel and b.box.numel and regions.intersect(a.box, b.box) is not None:
-                raise PlanError(
-                    f"key {key!r}: rank {ra} and rank {rb} both wrote the region at {list(b.offsets)}; "
-                    "each region must be written exactly once"
-                )
-    covered = sum(math.prod(s.sizes) for _, s in shards)
-    if covered != math.prod(shape):
-        raise PlanError(
-            f"key {key!r}: ranks {sorted({r for r, _ in shards})} wrote {covered} of "
-            f"{math.prod(shape)} elements; some region was written by no rank"
-        )
 
 
 def check_files(storage: Storage, m: Manifest, *, num_threads: int) -> None:

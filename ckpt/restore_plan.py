@@ -13,9 +13,11 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ckpt import dtypes, regions
 from ckpt.errors import PlanError
-from ckpt.manifest import Manifest
+from ckpt.manifest import Manifest, ShardTable
 from ckpt.ranges import ByteRange, coalesce
 
 
@@ -82,7 +84,8 @@ def plan_restore(
                 f"{list(req.box.sizes)} exceeds the saved shape {list(entry.shape)}"
             )
         itemsize = dtypes.BY_CODE[entry.dtype].itemsize
-        for shard in entry.shards:
+        for i in _overlapping(entry.shards, req.box):
+            shard = entry.shards[i]
             part = regions.intersect(shard.box, req.box)
             if part is None or part.numel == 0:
                 continue
@@ -120,6 +123,18 @@ def plan_restore(
                 )
             reads.append(ReadOp(path, r, _merge(cps), checks))
     return RestorePlan(tuple(reads), tuple(sorted(pieces)))
+
+
+def _overlapping(table: ShardTable, box: regions.Box) -> list[int]:
+    """Indices of the shards that share at least one element with ``box`` (one vectorized test
+    over the whole table, so a tensor of many shards costs no Python work per shard)."""
+    if box.numel == 0:
+        return []
+    req_lo = np.array(box.offsets, dtype=np.int64)
+    lo = np.maximum(table.offsets, req_lo)
+    hi = np.minimum(table.offsets + table.sizes, req_lo + np.array(box.sizes, dtype=np.int64))
+    out: list[int] = np.flatnonzero(np.all(hi > lo, axis=1)).tolist()
+    return out
 
 
 def _add_blocks(

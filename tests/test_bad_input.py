@@ -104,8 +104,8 @@ class Saved:
 
     @property
     def data_file(self) -> str:
-        (path,) = self.manifest()["files"]
-        return str(path)
+        (entry,) = self.manifest()["files"]
+        return str(entry["path"])
 
     def read_manifest(self) -> ckpt.Manifest:
         return ckpt.read_manifest(self.root, step=STEP, storage_options=self.opts)
@@ -194,7 +194,10 @@ def rejects(s: Saved, err: type[Exception], match: str, *, restore: bool = True)
 
 
 def shard_of(m: dict[str, Any], key: str) -> dict[str, Any]:
-    (sh,) = m["tensors"][key]["shards"]
+    """The shard table of a one-shard tensor: its columns are that shard's fields (``offsets``,
+    ``sizes``, ``byte_range``, ``crc32c`` as in one shard; ``file`` as ``[index]``)."""
+    sh = m["tensors"][key]["shards"]
+    assert len(sh["file"]) == 1
     out: dict[str, Any] = sh
     return out
 
@@ -266,7 +269,7 @@ def _raw(fn: Callable[[bytes], bytes]) -> Callable[[dict[str, Any]], bytes]:
 
 def _file_field(field: str, value: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def mutate(m: dict[str, Any]) -> dict[str, Any]:
-        (info,) = m["files"].values()
+        (info,) = m["files"]
         info[field] = value
         return m
 
@@ -275,7 +278,7 @@ def _file_field(field: str, value: Any) -> Callable[[dict[str, Any]], dict[str, 
 
 def _drop_file_field(field: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def mutate(m: dict[str, Any]) -> dict[str, Any]:
-        (info,) = m["files"].values()
+        (info,) = m["files"]
         del info[field]
         return m
 
@@ -335,7 +338,7 @@ MANIFEST_CASES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any] | byte
     ("07-missing-attempt", _drop("attempt"), errors.ManifestSchemaError, r"missing fields \['attempt'\]"),
     ("07-unknown-field", _set("encryption", "rot13"), errors.ManifestSchemaError, r"unknown fields \['\"encryption\"'\]"),
     ("07-tensors-list", _set("tensors", []), errors.ManifestSchemaError, r"tensors must be a JSON object, found \[\]"),
-    ("07-files-string", _set("files", "x"), errors.ManifestSchemaError, 'files must be a JSON object, found "x"'),
+    ("07-files-string", _set("files", "x"), errors.ManifestSchemaError, 'files must be a JSON list of file entries, found "x"'),
     ("07-step-string", _set("step", "1"), errors.ManifestSchemaError, r'step: expected an integer in \[0, 2\*\*63\), found "1"'),
     ("07-attempt-int", _set("attempt", 5), errors.ManifestSchemaError, "attempt 5 is not a"),
     ("07-attempt-traversal", _set("attempt", "../x"), errors.ManifestSchemaError, r'attempt "\.\./x" is not a'),
@@ -344,8 +347,20 @@ MANIFEST_CASES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any] | byte
     ("07-created-int", _set("created", 5), errors.ManifestSchemaError, "created must be a string, found 5"),
     ("07-block-bytes-zero", _set("block_bytes", 0), errors.ManifestSchemaError, "block_bytes: expected an integer in"),
     ("07-tensor-extra-field", _set("tensors/w/quant", "int4"), errors.ManifestSchemaError, r"tensor 'w': expected exactly the fields dtype, shape, shards; found \['dtype', 'quant'"),
-    ("07-shard-extra-field", _set("shard:w/x", 1), errors.ManifestSchemaError, r"tensor 'w': each shard needs exactly the fields .*found \[.*'x'\]"),
-    ("07-shards-empty", _set("tensors/w/shards", []), errors.ManifestSchemaError, r"tensor 'w': shards must be a non-empty list, found \[\]"),
+    ("07-shard-extra-field", _set("shard:w/x", 1), errors.ManifestSchemaError, r"tensor 'w': shards must be an object of the parallel lists \['file', 'offsets', 'sizes', 'byte_range', 'crc32c'\]; found \[.*'x'\]"),
+    ("07-shard-missing-field", _drop("shard:w/sizes"), errors.ManifestSchemaError, r"tensor 'w': shards must be an object of the parallel lists .*; found \['byte_range', 'crc32c', 'file', 'offsets'\]"),
+    ("07-shards-list", _set("tensors/w/shards", []), errors.ManifestSchemaError, r"tensor 'w': shards must be an object of the parallel lists .*; found \[\]"),
+    ("07-shards-empty", _set("tensors/w/shards", {"file": [], "offsets": [], "sizes": [], "byte_range": [], "crc32c": []}), errors.ManifestSchemaError, r"tensor 'w': shards must hold at least one shard, found none"),
+    ("07-shards-v0-list-form", lambda m: _set("tensors/w/shards", [{"file": m["files"][0]["path"], "offsets": [0, 0], "sizes": [3, 4], "byte_range": shard_of(m, "w")["byte_range"], "crc32c": shard_of(m, "w")["crc32c"]}])(m), errors.ManifestSchemaError, r"tensor 'w': shards must be an object of the parallel lists"),
+    ("07-column-not-a-list", _set("shard:w/sizes", 12), errors.ManifestSchemaError, r"tensor 'w': shards\.sizes must be a list of integers, found 12"),
+    ("07-column-offsets-short", _set("shard:w/offsets", [0]), errors.ManifestSchemaError, r"tensor 'w': shards\.offsets must hold 2 integers \(2 for each of 1 shards\), found 1"),
+    ("07-column-sizes-long", _set("shard:w/sizes", [3, 4, 1]), errors.ManifestSchemaError, r"tensor 'w': shards\.sizes must hold 2 integers .* found 3"),
+    ("07-column-file-two", _set("shard:w/file", [0, 0]), errors.ManifestSchemaError, r"tensor 'w': shards\.offsets must hold 4 integers \(2 for each of 2 shards\), found 2"),
+    ("07-files-v0-object-form", lambda m: _set("files", {e["path"]: {"size": e["size"], "crc32c": e["crc32c"]} for e in m["files"]})(m), errors.ManifestSchemaError, r"files must be a JSON list of file entries, found \{"),
+    ("07-file-entry-extra-field", _file_field("mode", 644), errors.ManifestSchemaError, r"files\[0\]: expected exactly the fields crc32c, path, size; found \['crc32c', 'mode', 'path', 'size'\]"),
+    ("07-file-entry-no-path", _drop_file_field("path"), errors.ManifestSchemaError, r"files\[0\]: expected exactly the fields crc32c, path, size; found \['crc32c', 'size'\]"),
+    ("07-file-entry-not-object", _set("files", [5]), errors.ManifestSchemaError, r"files\[0\]: expected exactly the fields crc32c, path, size; found 5"),
+    ("07-file-listed-twice", lambda m: _set("files", m["files"] * 2)(m), errors.ManifestSchemaError, r"files\[1\]: the path '.*' is listed twice"),
     ("07-tree-dangling", _set("tree", {"dict": [["w", {"tensor": "nope"}]]}), errors.ManifestSchemaError, 'tree references tensor "nope" that is missing'),
     ("07-tree-unreferenced", _set("tree", {"dict": [["w", {"tensor": "w"}]]}), errors.ManifestSchemaError, r"keys \['b', 'e', 's', 'step'\] are not referenced"),
     ("07-tree-list-key", _set("tree/dict/0/0", ["x"]), errors.ManifestSchemaError, r'tree: dict key \["x"\] is not a string or an integer'),
@@ -365,18 +380,39 @@ MANIFEST_CASES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any] | byte
     ("09-5000-digit-int", _big_digits(5000), errors.ManifestParseError, "invalid JSON: Exceeds the limit .* for integer string conversion"),
     ("09-4000-digit-int", _big_digits(4000), errors.ManifestSchemaError, r"step: expected an integer in \[0, 2\*\*63\), found 9999999999"),
     ("09-5000-digit-tagged-int", _set("objects/step", {"$int": "9" * 5000}), errors.ManifestSchemaError, "object 'step': malformed"),
-    ("09-offset-2-63", _set("shard:w/offsets", [2**63, 0]), errors.ManifestSchemaError, r"tensor 'w': offsets: expected an integer in \[0, 2\*\*63\)"),
+    ("09-offset-2-63", _set("shard:w/offsets", [2**63, 0]), errors.ManifestSchemaError, r"tensor 'w': shards\.offsets\[0\]: expected an integer in \[0, 2\*\*63\), found 9223372036854775808"),
+    ("09-size-2-64", _set("shard:w/sizes", [3, 2**64]), errors.ManifestSchemaError, r"tensor 'w': shards\.sizes\[1\]: expected an integer in \[0, 2\*\*63\), found 18446744073709551616"),
+    ("09-range-2-63", lambda m: _set("shard:w/byte_range", [shard_of(m, "w")["byte_range"][0], 2**63])(m), errors.InvalidByteRangeError, r"tensor 'w': shards\.byte_range\[1\]: expected an integer, found 9223372036854775808"),
+    ("09-crc-2-63", _set("shard:w/crc32c", [2**63]), errors.IntegrityMetadataError, r"tensor 'w': shards\.crc32c\[0\]: expected a 32-bit unsigned integer, found 9223372036854775808"),
+    ("09-file-index-2-63", _set("shard:w/file", [2**63]), errors.ManifestSchemaError, r"tensor 'w': shards\.file\[0\]: expected a file index in \[0, 1\), found 9223372036854775808"),
+    ("09-box-sum-over-2-63", lambda m: _set("shard:w/sizes", [2**62 + 1, 4])(_set("shard:w/offsets", [2**62, 0])(m)), errors.ShardCoverageError, r"tensor 'w': shard 0 at offsets \[4611686018427387904, 0\] with sizes \[4611686018427387905, 4\] exceeds the shape \[3, 4\]"),
+    # the element types of every shard column: integers only (booleans and floats are not)
+    ("09-offset-true", _set("shard:w/offsets", [True, 0]), errors.ManifestSchemaError, r"tensor 'w': shards\.offsets\[0\]: expected an integer in \[0, 2\*\*63\), found true"),
+    ("09-offset-float", _set("shard:w/offsets", [0, 0.0]), errors.ManifestSchemaError, r"shards\.offsets\[1\]: expected an integer .* found 0\.0"),
+    ("09-offset-negative", _set("shard:w/offsets", [0, -1]), errors.ManifestSchemaError, r"shards\.offsets\[1\]: expected an integer .* found -1"),
+    ("09-size-false", _set("shard:w/sizes", [3, False]), errors.ManifestSchemaError, r"shards\.sizes\[1\]: expected an integer .* found false"),
+    ("09-size-string", _set("shard:w/sizes", ["3", 4]), errors.ManifestSchemaError, r'shards\.sizes\[0\]: expected an integer .* found "3"'),
+    ("09-size-null", _set("shard:w/sizes", [3, None]), errors.ManifestSchemaError, r"shards\.sizes\[1\]: expected an integer .* found null"),
+    ("09-size-list", _set("shard:w/sizes", [[3], 4]), errors.ManifestSchemaError, r"shards\.sizes\[0\]: expected an integer .* found \[3\]"),
+    ("09-file-index-string", _set("shard:w/file", ["0"]), errors.ManifestSchemaError, r'shards\.file\[0\]: expected a file index in \[0, 1\), found "0"'),
+    ("09-file-index-bool", _set("shard:w/file", [False]), errors.ManifestSchemaError, r"shards\.file\[0\]: expected a file index in \[0, 1\), found false"),
+    ("09-file-index-past-files", _set("shard:w/file", [1]), errors.ManifestSchemaError, r"tensor 'w': shards\.file\[0\]: expected a file index in \[0, 1\), found 1"),
+    ("09-file-index-negative", _set("shard:w/file", [-1]), errors.ManifestSchemaError, r"shards\.file\[0\]: expected a file index in \[0, 1\), found -1"),
+    ("09-file-path-not-index", lambda m: _set("shard:w/file", [m["files"][0]["path"]])(m), errors.ManifestSchemaError, r'shards\.file\[0\]: expected a file index in \[0, 1\), found "data/'),
     ("09-file-size-2-63", _file_field("size", 2**63), errors.ManifestSchemaError, r"size: expected an integer in \[0, 2\*\*63\), found 9223372036854775808"),
     # 10: sizes
-    ("10-range-shorter-than-shape", lambda m: _set("shard:w/byte_range", [shard_of(m, "w")["byte_range"][0], shard_of(m, "w")["byte_range"][1] - 4])(m), errors.TensorSizeError, r"tensor 'w': byte_range \[\d+, \d+\) in '.*' holds 44 bytes; sizes \[3, 4\] of F32 need 48"),
+    ("10-range-shorter-than-shape", lambda m: _set("shard:w/byte_range", [shard_of(m, "w")["byte_range"][0], shard_of(m, "w")["byte_range"][1] - 4])(m), errors.TensorSizeError, r"tensor 'w': shard 0: byte_range \[\d+, \d+\) in '.*' holds 44 bytes; sizes \[3, 4\] of F32 need 48"),
     ("10-shape-over-cap", lambda m: _set("tensors/w/shape", [2, 2**62])(m), errors.TensorSizeError, r"tensor 'w': shape \[2, 4611686018427387904\] of F32 is over the \d+-byte cap"),
     ("10-zero-size-over-cap", lambda m: _set("tensors/e/shape", [0, 2**62, 2**62])(m), errors.TensorSizeError, r"tensor 'e': shape \[0, 4611686018427387904, 4611686018427387904\] of F32 is over"),
     # 13: byte ranges
-    ("13-range-negative", _set("shard:w/byte_range", [-1, 47]), errors.InvalidByteRangeError, r"tensor 'w': byte_range \[-1, 47\) in '.*' is invalid; expected 0 <= start <= end <= \d+, the file's size"),
-    ("13-range-reversed", lambda m: _set("shard:w/byte_range", shard_of(m, "w")["byte_range"][::-1])(m), errors.InvalidByteRangeError, r"tensor 'w': byte_range \[\d+, \d+\) in .* is invalid"),
-    ("13-range-past-file", lambda m: _set("shard:w/byte_range", [next(iter(m["files"].values()))["size"], next(iter(m["files"].values()))["size"] + 48])(m), errors.InvalidByteRangeError, r"is invalid; expected 0 <= start <= end <= \d+, the file's size"),
-    ("13-range-floats", _set("shard:w/byte_range", [0.0, 48.0]), errors.InvalidByteRangeError, r"byte_range \[0\.0, 48\.0\] is not two integers"),
-    ("13-range-three", _set("shard:w/byte_range", [0, 24, 48]), errors.InvalidByteRangeError, r"byte_range \[0, 24, 48\] is not two integers"),
+    ("13-range-negative", _set("shard:w/byte_range", [-1, 47]), errors.InvalidByteRangeError, r"tensor 'w': shard 0: byte_range \[-1, 47\) in '.*' is invalid; expected 0 <= start <= end <= \d+, the file's size"),
+    ("13-range-reversed", lambda m: _set("shard:w/byte_range", shard_of(m, "w")["byte_range"][::-1])(m), errors.InvalidByteRangeError, r"tensor 'w': shard 0: byte_range \[\d+, \d+\) in .* is invalid"),
+    ("13-range-past-file", lambda m: _set("shard:w/byte_range", [m["files"][0]["size"], m["files"][0]["size"] + 48])(m), errors.InvalidByteRangeError, r"is invalid; expected 0 <= start <= end <= \d+, the file's size"),
+    ("13-range-floats", _set("shard:w/byte_range", [0.0, 48.0]), errors.InvalidByteRangeError, r"tensor 'w': shards\.byte_range\[0\]: expected an integer, found 0\.0"),
+    ("13-range-strings", _set("shard:w/byte_range", ["0", "48"]), errors.InvalidByteRangeError, r'shards\.byte_range\[0\]: expected an integer, found "0"'),
+    ("13-range-bool", lambda m: _set("shard:w/byte_range", [shard_of(m, "w")["byte_range"][0], True])(m), errors.InvalidByteRangeError, r"shards\.byte_range\[1\]: expected an integer, found true"),
+    ("13-range-three", _set("shard:w/byte_range", [0, 24, 48]), errors.InvalidByteRangeError, r"tensor 'w': shards\.byte_range must hold 2 integers \(2 for each of 1 shards\), found 3"),
+    ("13-range-not-a-list", _set("shard:w/byte_range", "0-48"), errors.InvalidByteRangeError, r'tensor \'w\': shards\.byte_range must be a list of integers, found "0-48"'),
     # 14: aliasing
     ("14-overlapping-tensors", lambda m: _set("shard:w/byte_range", [shard_of(m, "b")["byte_range"][0] + 8, shard_of(m, "b")["byte_range"][0] + 56])(m), errors.OverlappingRangesError, r"byte ranges of '[bw]' \[\d+, \d+\) and '[bw]' \[\d+, \d+\) overlap"),
     # 16: checksum metadata
@@ -384,11 +420,15 @@ MANIFEST_CASES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any] | byte
     ("16-file-crc-negative", _file_field("crc32c", -1), errors.IntegrityMetadataError, "crc32c -1 is not a 32-bit unsigned integer"),
     ("16-file-crc-2-32", _file_field("crc32c", 2**32), errors.IntegrityMetadataError, "crc32c 4294967296 is not a 32-bit"),
     ("16-file-crc-hex", _file_field("crc32c", "deadbeef"), errors.IntegrityMetadataError, 'crc32c "deadbeef" is not a 32-bit'),
-    ("16-shard-crc-missing", _drop("shard:w/crc32c"), errors.IntegrityMetadataError, r"tensor 'w': the shard in .* has no crc32c checksums"),
-    ("16-shard-crc-short", _set("shard:w/crc32c", []), errors.IntegrityMetadataError, r"tensor 'w': the shard in .* needs 1 crc32c values .* found \[\]"),
-    ("16-shard-crc-long", _set("shard:w/crc32c", [1, 2]), errors.IntegrityMetadataError, r"needs 1 crc32c values .* found \[1, 2\]"),
-    ("16-shard-crc-negative", _set("shard:w/crc32c", [-5]), errors.IntegrityMetadataError, r"found \[-5\]"),
-    ("16-shard-crc-2-32", _set("shard:w/crc32c", [2**32]), errors.IntegrityMetadataError, r"found \[4294967296\]"),
+    ("16-shard-crc-missing", _drop("shard:w/crc32c"), errors.IntegrityMetadataError, r"tensor 'w': the shards have no crc32c checksums; verification needs them"),
+    ("16-shard-crc-short", _set("shard:w/crc32c", []), errors.IntegrityMetadataError, r"tensor 'w': its 1 shards need 1 crc32c values in all \(one per \d+-byte block of each shard, in shard order\), found 0"),
+    ("16-shard-crc-long", _set("shard:w/crc32c", [1, 2]), errors.IntegrityMetadataError, r"tensor 'w': its 1 shards need 1 crc32c values .* found 2"),
+    ("16-shard-crc-not-a-list", _set("shard:w/crc32c", 7), errors.IntegrityMetadataError, r"tensor 'w': shards\.crc32c must be a list of integers, found 7"),
+    ("16-shard-crc-negative", _set("shard:w/crc32c", [-5]), errors.IntegrityMetadataError, r"tensor 'w': shards\.crc32c\[0\]: expected a 32-bit unsigned integer, found -5"),
+    ("16-shard-crc-2-32", _set("shard:w/crc32c", [2**32]), errors.IntegrityMetadataError, r"shards\.crc32c\[0\]: expected a 32-bit unsigned integer, found 4294967296"),
+    ("16-shard-crc-hex", _set("shard:w/crc32c", ["deadbeef"]), errors.IntegrityMetadataError, r'shards\.crc32c\[0\]: expected a 32-bit unsigned integer, found "deadbeef"'),
+    ("16-shard-crc-bool", _set("shard:w/crc32c", [True]), errors.IntegrityMetadataError, r"shards\.crc32c\[0\]: expected a 32-bit unsigned integer, found true"),
+    ("16-shard-crc-float", _set("shard:w/crc32c", [1.0]), errors.IntegrityMetadataError, r"shards\.crc32c\[0\]: expected a 32-bit unsigned integer, found 1\.0"),
     ("16-algorithm-sha256", _set("checksum_algorithm", "sha256"), errors.IntegrityMetadataError, "checksum_algorithm \"sha256\" is unknown; expected 'crc32c'"),
     ("16-algorithm-none", _set("checksum_algorithm", None), errors.IntegrityMetadataError, "checksum_algorithm null is unknown"),
     # 28: dtype codes
@@ -419,9 +459,9 @@ def test_hostile_manifest_parse_uses_bounded_memory() -> None:
     """Hostile sizes are refused from their numbers, not by allocating them (tracemalloc)."""
     shape = json.dumps([2, 2**62])
     base = '{"format_version":1,"step":0,"attempt":"a","created":"","world_size":1,"user_metadata":{},'
-    base += '"checksum_algorithm":"crc32c","block_bytes":4194304,"files":{"d/f":{"size":%d,"crc32c":0}},'
-    base += '"tensors":{"t":{"dtype":"F32","shape":%s,"shards":[{"file":"d/f","offsets":%s,"sizes":%s,'
-    base += '"byte_range":[0,%d],"crc32c":[]}]}},"objects":{},"tree":{"dict":[["t",{"tensor":"t"}]]},'
+    base += '"checksum_algorithm":"crc32c","block_bytes":4194304,"files":[{"path":"d/f","size":%d,"crc32c":0}],'
+    base += '"tensors":{"t":{"dtype":"F32","shape":%s,"shards":{"file":[0],"offsets":%s,"sizes":%s,'
+    base += '"byte_range":[0,%d],"crc32c":[]}}},"objects":{},"tree":{"dict":[["t",{"tensor":"t"}]]},'
     base += '"manifest_crc32c":"00000000"}'
     cases = [
         (base % (2**62, shape, "[0,0]", shape, 2**62), errors.TensorSizeError),  # shape over the cap
@@ -449,12 +489,9 @@ UNSAFE_PATHS = [
 
 
 def _retarget(m: dict[str, Any], new: str) -> dict[str, Any]:
-    """Point the one data file (its files entry and every shard) at ``new``."""
-    (old,) = m["files"]
-    m["files"] = {new: m["files"][old]}
-    for t in m["tensors"].values():
-        for sh in t["shards"]:
-            sh["file"] = new
+    """Point the one data file (every shard refers to it by index) at ``new``."""
+    (entry,) = m["files"]
+    entry["path"] = new
     return m
 
 
@@ -488,7 +525,7 @@ def test_unsafe_file_paths_are_refused_before_any_io(bad: str, backend: str, tmp
     s.put_manifest(_retarget(s.manifest(), bad))
     rec.clear()
     with os_calls_recorded() as seen:
-        msg = rejects(s, errors.UnsafePathError, r"tensor|files: unsafe file path")
+        msg = rejects(s, errors.UnsafePathError, r"files\[0\]: unsafe file path")
     assert strictjson.show(bad, 120)[:40] in msg
     assert "expected a relative path of [A-Za-z0-9._-] segments" in msg
     if backend == "local":
@@ -505,15 +542,24 @@ def test_unsafe_file_paths_are_refused_before_any_io(bad: str, backend: str, tmp
 
 def test_file_paths_that_collide_by_case_are_refused(saved: Saved) -> None:
     m = saved.manifest()
-    (path, info) = next(iter(m["files"].items()))
-    m["files"][path.replace("data/", "DATA/", 1)] = dict(info)
+    info = m["files"][0]
+    m["files"].append({**info, "path": info["path"].replace("data/", "DATA/", 1)})
     saved.put_manifest(m)
     rejects(saved, errors.UnsafePathError, "differ only in case; they would be one file on a case-insensitive store")
 
 
-def test_a_non_string_shard_path_is_refused(saved: Saved) -> None:
-    saved.put_manifest(_set("shard:w/file", 5)(saved.manifest()))
-    rejects(saved, errors.UnsafePathError, r"tensor 'w': shard: unsafe file path 5")
+def test_a_non_string_file_path_is_refused(saved: Saved) -> None:
+    saved.put_manifest(_file_field("path", 5)(saved.manifest()))
+    rejects(saved, errors.UnsafePathError, r"files\[0\]: unsafe file path 5")
+
+
+def test_a_shard_naming_another_tensors_file_index_is_checked_against_that_file(saved: Saved) -> None:
+    """Two files: w's shard moved to file 1 (smaller than its byte range) -> refused, naming it."""
+    m = saved.manifest()
+    m["files"].append({"path": "data/other.safetensors", "size": 8, "crc32c": 0})
+    shard_of(m, "w")["file"] = [1]
+    saved.put_manifest(m)
+    rejects(saved, errors.InvalidByteRangeError, r"tensor 'w': shard 0: byte_range \[\d+, \d+\) in 'data/other\.safetensors' is invalid; expected 0 <= start <= end <= 8")
 
 
 # --- item 15: shard coverage -----------------------------------------------------------------
@@ -523,45 +569,60 @@ def _with_shards(m: dict[str, Any], key: str, boxes: list[tuple[list[int], list[
     """Replace ``key``'s shards with ``boxes`` (offsets, sizes), given consecutive byte ranges
     after the tensor's original start (the file's size is grown to hold them)."""
     t = m["tensors"][key]
-    (path, info) = next(iter(m["files"].items()))
-    pos = t["shards"][0]["byte_range"][0]
+    (info,) = m["files"]
+    pos = t["shards"]["byte_range"][0]
     item = torch.empty((), dtype=getattr(torch, {"F32": "float32", "I64": "int64"}[t["dtype"]])).element_size()
-    shards = []
+    cols: dict[str, list[int]] = {"file": [], "offsets": [], "sizes": [], "byte_range": [], "crc32c": []}
     for offsets, sizes in boxes:
         n = math.prod(sizes) * item
-        shards.append({"file": path, "offsets": offsets, "sizes": sizes, "byte_range": [pos, pos + n], "crc32c": [0] if n else []})
+        cols["file"].append(0)
+        cols["offsets"] += offsets
+        cols["sizes"] += sizes
+        cols["byte_range"] += [pos, pos + n]
+        cols["crc32c"] += [0] if n else []
         pos += n
-    t["shards"] = shards
+    t["shards"] = cols
     info["size"] = max(info["size"], pos)
     return m
 
 
 COVERAGE_CASES = [
     # w is F32 [3, 4]
-    ("rows-overlap", [([0, 0], [2, 4]), ([1, 0], [2, 4])], "shard at offsets \\[0, 0\\] with sizes \\[2, 4\\] and the shard at offsets \\[1, 0\\] with sizes \\[2, 4\\] overlap"),
+    ("rows-overlap", [([0, 0], [2, 4]), ([1, 0], [2, 4])], "shard 0 at offsets \\[0, 0\\] with sizes \\[2, 4\\] and shard 1 at offsets \\[1, 0\\] with sizes \\[2, 4\\] overlap; each element must be stored once"),
+    ("rows-overlap-later", [([0, 0], [1, 4]), ([1, 0], [2, 4]), ([2, 0], [1, 4])], "shard 1 at offsets \\[1, 0\\] with sizes \\[2, 4\\] and shard 2 at offsets \\[2, 0\\] with sizes \\[1, 4\\] overlap"),
+    ("rows-gap-and-overlap-same-volume", [([0, 0], [1, 4]), ([2, 0], [1, 4]), ([2, 0], [1, 4])], "shard 1 at offsets \\[2, 0\\] .* and shard 2 at offsets \\[2, 0\\] .* overlap"),
     ("rows-gap", [([0, 0], [1, 4]), ([2, 0], [1, 4])], "the shards cover 8 of 12 elements \\(gaps\\)"),
     ("rows-missing-tail", [([0, 0], [2, 4])], "the shards cover 8 of 12 elements"),
     ("rows-duplicate", [([0, 0], [3, 4]), ([0, 0], [3, 4])], "overlap"),
-    ("outside-shape", [([0, 0], [2, 4]), ([2, 0], [2, 4])], "a shard at offsets \\[2, 0\\] with sizes \\[2, 4\\] exceeds the shape \\[3, 4\\]"),
-    ("negative-offset", [([-1, 0], [3, 4])], "offsets: expected an integer"),
-    ("wrong-rank", [([0], [12])], "offsets: expected a list of 2 integers, found \\[0\\]"),
-    ("columns-overlap", [([0, 0], [3, 3]), ([0, 2], [3, 2])], "offsets \\[0, 0\\] with sizes \\[3, 3\\] and the shard at offsets \\[0, 2\\] .* overlap"),
+    ("outside-shape", [([0, 0], [2, 4]), ([2, 0], [2, 4])], "shard 1 at offsets \\[2, 0\\] with sizes \\[2, 4\\] exceeds the shape \\[3, 4\\]"),
+    ("negative-offset", [([-1, 0], [3, 4])], "shards\\.offsets\\[0\\]: expected an integer"),
+    ("wrong-rank", [([0], [12])], "shards\\.offsets must hold 2 integers \\(2 for each of 1 shards\\), found 1"),
+    ("columns-overlap", [([0, 0], [3, 3]), ([0, 2], [3, 2])], "shard 0 at offsets \\[0, 0\\] with sizes \\[3, 3\\] and shard 1 at offsets \\[0, 2\\] .* overlap"),
     ("grid-gap", [([0, 0], [2, 2]), ([0, 2], [2, 2]), ([2, 0], [1, 2])], "cover 10 of 12 elements"),
     ("grid-overlap-same-volume", [([0, 0], [2, 2]), ([0, 2], [2, 2]), ([1, 0], [2, 2])], "overlap"),
     ("grid-overlap-and-gap-same-volume", [([0, 0], [2, 2]), ([0, 2], [2, 2]), ([1, 1], [2, 2])], "overlap"),
 ]
 
 
+@pytest.fixture(params=["pairwise", "vectorized"])
+def tiling_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a coverage test through both coverage checks: the pairwise one (few shards) and the
+    vectorized one (interval sort, corner test, sweep) that many-shard tensors take."""
+    if request.param == "vectorized":
+        monkeypatch.setattr(manifest, "SMALL_TILING", 1)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("boxes", "match"), [c[1:] for c in COVERAGE_CASES], ids=[c[0] for c in COVERAGE_CASES])
-def test_shard_coverage_errors(saved: Saved, boxes: list[tuple[list[int], list[int]]], match: str) -> None:
+def test_shard_coverage_errors(saved: Saved, boxes: list[tuple[list[int], list[int]]], match: str, tiling_path: str) -> None:
     saved.put_manifest(_with_shards(saved.manifest(), "w", boxes))
-    err = errors.ManifestSchemaError if "expected" in match else errors.ShardCoverageError
+    err = errors.ManifestSchemaError if "expected" in match or "must hold" in match else errors.ShardCoverageError
     rejects(saved, err, rf"tensor 'w': .*{match}")
 
 
-def test_two_shards_of_a_0d_tensor_overlap(saved: Saved) -> None:
+def test_two_shards_of_a_0d_tensor_overlap(saved: Saved, tiling_path: str) -> None:
     saved.put_manifest(_with_shards(saved.manifest(), "s", [([], []), ([], [])]))
-    rejects(saved, errors.ShardCoverageError, r"tensor 's': the shard at offsets \[\] with sizes \[\] and .* overlap")
+    rejects(saved, errors.ShardCoverageError, r"tensor 's': shard 0 at offsets \[\] with sizes \[\] and shard 1 .* overlap")
 
 
 @pytest.mark.parametrize(
@@ -575,7 +636,7 @@ def test_two_shards_of_a_0d_tensor_overlap(saved: Saved) -> None:
     ],
     ids=["rows", "columns", "grid", "brick", "empty-shards"],
 )
-def test_valid_shardings_are_accepted(saved: Saved, boxes: list[tuple[list[int], list[int]]]) -> None:
+def test_valid_shardings_are_accepted(saved: Saved, boxes: list[tuple[list[int], list[int]]], tiling_path: str) -> None:
     """The coverage check refuses overlaps and gaps, not legitimate layouts."""
     saved.put_manifest(_with_shards(saved.manifest(), "w", boxes))
     m = saved.read_manifest()
@@ -590,11 +651,14 @@ def _many_shards(n: int, *, grid: bool, overlap: bool) -> bytes:
     boxes = [([i, j], [1, 1]) for i in range(k) for j in range(k)] if grid else [([0, j], [1, 1]) for j in range(n)]
     if overlap:
         boxes[-1] = (boxes[-2][0], [1, 1])  # the last shard lands on the one before
-    shards = [{"file": "d/f", "offsets": o, "sizes": s, "byte_range": [4 * i, 4 * i + 4], "crc32c": [0]} for i, (o, s) in enumerate(boxes)]
+    shards = {
+        "file": [0] * len(boxes), "offsets": [v for o, _ in boxes for v in o], "sizes": [v for _, s in boxes for v in s],
+        "byte_range": [v for i in range(len(boxes)) for v in (4 * i, 4 * i + 4)], "crc32c": [0] * len(boxes),
+    }  # fmt: skip
     m = {
         "format_version": 1, "step": 0, "attempt": "a", "created": "", "world_size": len(boxes),
         "user_metadata": {}, "checksum_algorithm": "crc32c", "block_bytes": 1 << 22,
-        "files": {"d/f": {"size": 4 * len(boxes), "crc32c": 0}},
+        "files": [{"path": "d/f", "size": 4 * len(boxes), "crc32c": 0}],
         "tensors": {"t": {"dtype": "F32", "shape": shape, "shards": shards}},
         "objects": {}, "tree": {"dict": [["t", {"tensor": "t"}]]},
     }  # fmt: skip
@@ -608,7 +672,7 @@ def test_coverage_check_is_not_quadratic(grid: bool) -> None:
     with quickly():
         m = manifest.parse(_many_shards(20_000, grid=grid, overlap=False), where="m.json")
     assert len(m.tensors["t"].shards) == (141 * 141 if grid else 20_000)
-    with quickly(), pytest.raises(errors.ShardCoverageError, match=r"tensor 't': the shard at .* overlap"):
+    with quickly(), pytest.raises(errors.ShardCoverageError, match=r"tensor 't': shard \d+ at .* and shard \d+ at .* overlap"):
         manifest.parse(_many_shards(20_000, grid=grid, overlap=True), where="m.json")
 
 
@@ -657,7 +721,7 @@ def test_19_truncated_shard_on_every_backend(saved_any: Saved) -> None:
 
 def _data_span(s: Saved) -> tuple[int, int]:
     m = s.manifest()
-    spans = [sh["byte_range"] for t in m["tensors"].values() for sh in t["shards"]]
+    spans = [t["shards"]["byte_range"][i : i + 2] for t in m["tensors"].values() for i in range(0, len(t["shards"]["byte_range"]), 2)]
     return min(a for a, _ in spans), max(b for _, b in spans)
 
 
@@ -667,7 +731,7 @@ def test_29_every_flipped_data_bit_is_caught(saved: Saved) -> None:
     path = saved.data_file
     good = saved.read(path)
     m = saved.manifest()
-    owner = {i: k for k, t in m["tensors"].items() for sh in t["shards"] for i in range(*sh["byte_range"])}
+    owner = {i: k for k, t in m["tensors"].items() for i in range(*t["shards"]["byte_range"])}
     lo, hi = _data_span(saved)
     assert hi - lo == 32 + 4 + 48
     for i in range(lo, hi):
@@ -987,7 +1051,7 @@ def test_a_4tib_tensor_over_a_small_file_is_refused_before_allocating(saved: Sav
     """Parse accepts a 4 TiB tensor whose byte range fits a file of 4 TiB, as the manifest
     claims; the size check on the real file refuses it before any buffer is allocated."""
     m = saved.manifest()
-    (info,) = m["files"].values()
+    (info,) = m["files"]
     info["size"] = 2**42 + 4096
     sh = shard_of(m, "w")
     m["tensors"]["w"]["shape"] = [2**40]

@@ -9,8 +9,9 @@ time in the manifest (and renaming the data directory to match). Each other dire
 good copy must restore to (see :func:`describe`) and, for each altered copy, whether it must
 still load or the typed error it must raise.
 
-Once committed, these files are never regenerated for v1: they are what older releases wrote,
-and every later ckpt must keep reading them (tests/test_golden.py).
+Once released, these files are never regenerated for v1: they are what older releases wrote,
+and every later ckpt must keep reading them (tests/test_golden.py). (They were regenerated once,
+before the first release, when v1's shards became columnar tables: FORMAT.md 4.4.)
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ DAMAGE: dict[str, tuple[str, str | None, str]] = {
 
 
 def _file_of(m: dict[str, Any], key: str) -> str:
-    (shard,) = m["tensors"][key]["shards"]
-    return str(shard["file"])
+    (index,) = m["tensors"][key]["shards"]["file"]  # one shard: its file's position in "files"
+    return str(m["files"][index]["path"])
 
 
 def main() -> None:
@@ -134,10 +135,8 @@ def main() -> None:
     old_dir, new_dir = f"data/{STEP:012d}-{m0.attempt}", f"data/{STEP:012d}-{ATTEMPT}"
     (good / old_dir).rename(good / new_dir)
     m["attempt"], m["created"] = ATTEMPT, CREATED
-    m["files"] = {p.replace(old_dir, new_dir, 1): v for p, v in m["files"].items()}
-    for t in m["tensors"].values():
-        for sh in t["shards"]:
-            sh["file"] = sh["file"].replace(old_dir, new_dir, 1)
+    for f in m["files"]:  # shards name files by their index in this list
+        f["path"] = f["path"].replace(old_dir, new_dir, 1)
     mpath.write_bytes(ckpt.manifest.seal(m))
     assert describe(ckpt.restore(str(good))) == describe(state), "the good copy does not round-trip"
 
@@ -148,7 +147,7 @@ def main() -> None:
         mp = root / MANIFEST
         dm = json.loads(mp.read_bytes())
         if name == "bitflip-data":
-            (start, _), data = dm["tensors"]["model/w"]["shards"][0]["byte_range"], bytearray((root / victim).read_bytes())
+            (start, _), data = dm["tensors"]["model/w"]["shards"]["byte_range"], bytearray((root / victim).read_bytes())
             data[start + 5] ^= 0x10
             (root / victim).write_bytes(bytes(data))
         elif name == "truncated-shard":
@@ -161,8 +160,9 @@ def main() -> None:
             dm["format_version"] = 2
         elif name == "manifest-traversal":
             bad = "../../outside.safetensors"
-            dm["files"] = {bad if p == victim else p: v for p, v in dm["files"].items()}
-            dm["tensors"]["model/w"]["shards"][0]["file"] = bad
+            for f in dm["files"]:
+                if f["path"] == victim:
+                    f["path"] = bad
         elif name == "bitflip-manifest":
             raw = bytearray(mp.read_bytes())
             raw[raw.index(b'"created":"') + len(b'"created":"')] ^= 0x01
