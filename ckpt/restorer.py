@@ -118,7 +118,17 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
     tree.walk(m.tree, target, "", sel)
     # Check every target region, shape and dtype before allocating anything.
     wanted = {key: _destination(key, m, sel.destinations.get(key)) for key in sel.tensor_keys}
+    # Stat the files of the requested tensors before planning: a plan is as big as the bytes
+    # the manifest claims, so a lying manifest (a 4 TiB tensor over a small file) stops here.
     _check_sizes(storage, m, sel.tensor_keys, options.num_threads)
+    requests = [Request(k, box) for k, (box, _) in wanted.items()]
+    plan = plan_restore(
+        m,
+        requests,
+        verify=options.verify,
+        max_gap_bytes=options.gap_bytes(local=storage.is_local),
+        read_chunk_bytes=options.read_chunk_bytes,
+    )
     bufs: dict[str, torch.Tensor] = {}
     finals: dict[str, torch.Tensor] = {}
     for key, (box, t) in wanted.items():
@@ -128,14 +138,6 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
             bufs[key] = torch.empty(box.sizes, dtype=dtypes.BY_CODE[m.tensors[key].dtype].torch_dtype)
         if t is not None:
             finals[key] = t
-    requests = [Request(k, box) for k, (box, _) in wanted.items()]
-    plan = plan_restore(
-        m,
-        requests,
-        verify=options.verify,
-        max_gap_bytes=options.gap_bytes(local=storage.is_local),
-        read_chunk_bytes=options.read_chunk_bytes,
-    )
     executor.read_plan(
         storage,
         plan,
@@ -180,23 +182,24 @@ def _destination(key: str, m: Manifest, dest: object) -> tuple[regions.Box, torc
 
 
 def _check_sizes(storage: Storage, m: Manifest, keys: list[str], num_threads: int) -> None:
-    """One stat per file to be read: truncated or extended files fail before any read."""
+    """One stat per file holding the requested tensors: truncated or extended files fail before
+    any read."""
     users: dict[str, list[str]] = {}
     for k in keys:
-        for s in m.tensors[k].shards:
-            users.setdefault(s.file, []).append(k)
+        for p in m.tensors[k].shards.used_paths():  # no per-shard objects
+            users.setdefault(p, []).append(k)
 
     def check(path: str) -> None:
         try:
             size = storage.size(path)
         except MissingShardError:
             raise MissingShardError(
-                f"{storage.where(path)}: missing; it holds keys {users[path][:5]}"
+                f"{storage.where(path)}: missing; it holds keys {users.get(path, [])[:5]}"
             ) from None
         if size != m.files[path].size:
             raise ShardSizeMismatchError(
                 f"{storage.where(path)}: {size} bytes, the manifest says {m.files[path].size}; "
-                f"truncated or extended (keys {users[path][:5]})"
+                f"truncated or extended (keys {users.get(path, [])[:5]})"
             )
 
     executor.run_all(check, sorted(users), num_threads=num_threads)
