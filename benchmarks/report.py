@@ -265,11 +265,15 @@ def scale_markdown(result: dict[str, Any]) -> str:
             else f"measured at {st['measured_at_ranks']} ranks"
         )
         part = k in ("build", "to_json")  # the target is on their sum, "write"
-        lines.append(
-            f"| {SCALE_LABELS.get(k, k)} | {'~' if st['extrapolated'] else ''}{st['time_s']:.2f} s | "
-            + ("(part of write) | | " if part else f"< {result['target_s']:g} s | {met(st['time_s'] < result['target_s'])} | ")
-            + f"{how} |"
-        )
+        if len(st.get("times_s", [])) > 1:
+            how += f", median of {len(st['times_s'])} [{min(st['times_s']):.2f}-{max(st['times_s']):.2f}]"
+        if part:
+            goal = "(part of write) | | "
+        elif k == "commit":
+            goal = "(no stated target; DESIGN: well under a few seconds) | | "
+        else:
+            goal = f"< {result['target_s']:g} s | {met(st['time_s'] < result['target_s'])} | "
+        lines.append(f"| {SCALE_LABELS.get(k, k)} | {'~' if st['extrapolated'] else ''}{st['time_s']:.2f} s | " + goal + f"{how} |")
     return "\n".join(lines)
 
 
@@ -480,8 +484,8 @@ def targets_markdown(
             rows.append(("resharded restore 4 -> 3: <= 1.15x same layout", fmt_size(s["same"]["requested_bytes"]), ratio(s["ratio"]), met(round(s["ratio"], 2) <= 1.15)))
     if scale:
         for k, st in scale["steps"].items():
-            if k in ("build", "to_json"):
-                continue  # the target is on their sum, "write"
+            if k in ("build", "to_json", "commit"):
+                continue  # the target is on their sum, "write"; the commit path has no stated target
             rows.append((
                 f"scale: {SCALE_LABELS.get(k, k)} < 2 s", f"{scale['ranks']:,} x {scale['tensors']:,}",
                 f"{'~' if st['extrapolated'] else ''}{st['time_s']:.2f} s", met(st["time_s"] < 2.0),

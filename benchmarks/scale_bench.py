@@ -15,7 +15,8 @@ file per rank. Times, each against the 2 s target of the performance issue:
   prediction from the last point exceeds 60 s (then extrapolated: t = a*R + b*R^2 through the
   two largest points, or a*R from one).
 
-Every step is first run at R/10 ranks. A step whose linear extrapolation from there exceeds 60 s
+At full size each step runs ``--repeats`` times (default 3) and the median is reported (all
+times are in the JSON). Every step is first run at R/10 ranks. A step whose linear extrapolation from there exceeds 60 s
 is not run at full size: its time is reported as that extrapolation (marked as such, a lower
 bound if the step is superlinear). ``--quick`` extrapolates every step from R/10. Raw JSON:
 ``<out>/scale_bench.json``.
@@ -143,7 +144,17 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return max(0.0, t2 / r2 - b * r2), b
 
 
-def run(ranks: int, tensors: int, commit_ranks: list[int], *, full_size: bool = True) -> dict[str, Any]:
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's record with each step's median time over ``runs`` (all times kept)."""
+    import statistics
+
+    out = dict(runs[0])
+    out["all_times_s"] = {k: [r["times_s"][k] for r in runs] for k in runs[0]["times_s"]}
+    out["times_s"] = {k: statistics.median(v) for k, v in out["all_times_s"].items()}
+    return out
+
+
+def run(ranks: int, tensors: int, commit_ranks: list[int], *, full_size: bool = True, repeats: int = 1) -> dict[str, Any]:
     small_r = max(1, ranks // 10)
     small = measure(small_r, tensors)
     print(f"scale: {small_r} ranks x {tensors} tensors: " + ", ".join(f"{k} {v:.2f} s" for k, v in small["times_s"].items()),
@@ -156,11 +167,12 @@ def run(ranks: int, tensors: int, commit_ranks: list[int], *, full_size: bool = 
     elif not full_size:
         full = {"times_s": {}}
     else:
-        full = measure(ranks, tensors, skip)
+        full = _median_of([measure(ranks, tensors, skip) for _ in range(repeats)])
     steps = {}
     for k in ("build", "to_json", "parse", "plan"):
         if k in full["times_s"]:
-            steps[k] = {"time_s": full["times_s"][k], "measured_at_ranks": ranks, "extrapolated": False}
+            steps[k] = {"time_s": full["times_s"][k], "measured_at_ranks": ranks, "extrapolated": False,
+                        "times_s": full.get("all_times_s", {}).get(k, [full["times_s"][k]])}  # fmt: skip
         else:
             steps[k] = {"time_s": predicted[k], "measured_at_ranks": small_r, "extrapolated": True, "scaling": "linear"}
     b, j = steps["build"], steps["to_json"]
@@ -170,14 +182,15 @@ def run(ranks: int, tensors: int, commit_ranks: list[int], *, full_size: bool = 
     }  # fmt: skip
     points = []
     for r in commit_ranks:
-        t = measure_commit(r, tensors)
+        ts = [measure_commit(r, tensors) for _ in range(repeats if r == ranks else 1)]
+        t = sorted(ts)[len(ts) // 2]
         points.append((r, t))
         print(f"scale: commit build_manifest at {r} ranks x {tensors} tensors: {t:.2f} s", file=sys.stderr, flush=True)
         later = [x for x in commit_ranks if x > r]
         if later and t * later[0] / r > MAX_RUN_S:
             break
     if points and points[-1][0] == ranks:
-        steps["commit"] = {"time_s": points[-1][1], "measured_at_ranks": ranks, "extrapolated": False}
+        steps["commit"] = {"time_s": points[-1][1], "measured_at_ranks": ranks, "extrapolated": False, "times_s": ts}
     elif points:
         a, b = _fit(points)
         steps["commit"] = {"time_s": a * ranks + b * ranks**2, "measured_at_ranks": points[-1][0], "extrapolated": True,
@@ -198,12 +211,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--commit-ranks", type=int, nargs="*", help="rank counts the commit step is measured at (default R/10 R)")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--quick", action="store_true", help="measure at ranks/10 only and extrapolate (commit too)")
+    ap.add_argument("--repeats", type=int, default=3, help="full-size runs of each step; the median is reported")
     args = ap.parse_args(argv)
     small_r = max(1, args.ranks // 10)
     default = [small_r] if args.quick else sorted({small_r, args.ranks})
     commit_ranks = args.commit_ranks if args.commit_ranks is not None else default
     t0 = time.time()
-    result = run(args.ranks, args.tensors, commit_ranks, full_size=not args.quick)
+    result = run(args.ranks, args.tensors, commit_ranks, full_size=not args.quick, repeats=args.repeats)
     import resource
 
     result.update(
