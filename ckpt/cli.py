@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from ckpt import executor
+from ckpt import executor, retirement
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptError,
@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="ckpt",
-        description="Inspect and verify ckpt checkpoints on a local disk or any fsspec store.",
+        description="Inspect, verify and retire ckpt checkpoints on a local disk or any fsspec store.",
         epilog="Exit codes: 0 ok, 1 verification found problems, 2 usage error, "
         "3 checkpoint not found, 4 other error. See docs/CLI.md.",
     )
@@ -170,6 +170,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     _common(ver)
     ver.set_defaults(func=_cmd_verify)
+
+    rm = sub.add_parser(
+        "rm",
+        help="retire committed checkpoints",
+        description="Retire checkpoints: delete each manifest first (the step ceases to exist), then "
+        "the data files no remaining checkpoint references.",
+    )
+    rm.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
+    rm.add_argument("steps", metavar="STEP", type=_step, nargs="+", help="the steps to retire")
+    rm.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
+    _common(rm)
+    rm.set_defaults(func=_cmd_rm)
     return parser
 
 
@@ -343,6 +355,21 @@ def _cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     print(lines[0])
     for line, s in zip(lines[1:], listed, strict=True):
         print(f"{line}  {invalid[s]}" if s in invalid else line)
+    return EXIT_OK
+
+
+def _cmd_rm(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    storage = _open(args.root, opts)
+    done = retirement.retire(storage, args.steps, dry_run=args.dry_run)  # every step read first
+    if args.json:
+        _print_json({"root": storage.url, "dry_run": args.dry_run, "retired": [
+            {"step": r.step, "files_deleted": list(r.files_deleted), "files_kept": list(r.files_kept)} for r in done
+        ]})  # fmt: skip
+        return EXIT_OK
+    verb, deleted = ("would retire", "would delete") if args.dry_run else ("retired", "deleted")
+    for r in done:
+        kept = f"; kept {_count(len(r.files_kept), 'file')} another checkpoint references" if r.files_kept else ""
+        print(f"{verb} step {r.step}: {deleted} {_count(len(r.files_deleted), 'data file')}{kept}")
     return EXIT_OK
 
 

@@ -435,3 +435,40 @@ def test_python_m_ckpt_in_a_subprocess(local_store: Store) -> None:
     assert p.returncode == 3
     assert p.stderr.startswith("ckpt: error: ")
     assert "Traceback" not in p.stderr
+
+
+# --- rm ----------------------------------------------------------------------------------------
+
+
+def test_rm_dry_run_deletes_nothing(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    for s in (1, 2, 3):
+        _save(store, s)
+    code, out, _ = _run(capsys, "rm", store.root, "1", "2", "--dry-run", *_opts(store))
+    assert code == 0
+    assert "would retire step 1: would delete 1 data file" in out
+    assert ckpt.list_steps(store.root, storage_options=store.opts) == [1, 2, 3]
+    assert ckpt.verify(store.root, 1, storage_options=store.opts).ok
+
+
+def test_rm_retires_manifest_and_data(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    ms = {s: _save(store, s) for s in (1, 2, 3)}
+    code, out, _ = _run(capsys, "rm", store.root, "2", "--json", *_opts(store))
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["retired"] == [{"step": 2, "files_deleted": sorted(ms[2].files), "files_kept": []}]
+    assert ckpt.list_steps(store.root, storage_options=store.opts) == [1, 3]
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(store.root, **store.opts)
+    for f in ms[2].files:
+        assert not fs.exists(f"{path}/{f}")
+    for s in (1, 3):
+        assert ckpt.verify(store.root, s, storage_options=store.opts).ok
+
+
+def test_rm_of_a_missing_step_exits_3_and_deletes_nothing(local_store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    _save(local_store, 1)
+    code, _, err = _run(capsys, "rm", local_store.root, "1", "7")
+    assert code == 3
+    assert "step 7" in err
+    assert ckpt.list_steps(local_store.root) == [1]
