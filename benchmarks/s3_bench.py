@@ -19,7 +19,9 @@ subprocess (2-rank cases: two, over gloo), the runs interleaved across methods:
 - ``ckpt-2r``: ``ckpt.distributed.save`` / ``ckpt.restore(target=...)`` on 2 ranks holding
   DTensor ``Shard(0)`` halves of every tensor;
 - ``dcp``: ``dcp.save`` / ``dcp.load`` with ``FsspecWriter`` / ``FsspecReader``, ``no_dist=True``;
-- ``dcp-2r``: the same on 2 ranks with the same DTensors.
+- ``dcp-2r``: the same on 2 ranks with the same DTensors;
+- ``ckpt-4r`` / ``dcp-4r``: the same on 4 ranks (not run unless named in ``--methods``: on a
+  2-core machine 4 ranks mostly measure the scheduler).
 
 Every method's timed part starts in a fresh process whose S3 client is not yet connected
 (s3fs creates it on the first request), so each pays that once, alike. ``sync_files=False`` for DCP: on an fsspec stream its fsync falls back to ``os.sync()`` of the
@@ -58,8 +60,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "ckpt-s3-bench"
 CREDENTIALS = {"moto": ("bench-key", "bench-secret"), "s3rver": ("S3RVER", "S3RVER")}  # s3rver checks its own
 N_TENSORS = 64
-METHODS = ("raw", "ckpt", "ckpt-2r", "dcp", "dcp-2r")
-WORLD = {"raw": 1, "ckpt": 1, "ckpt-2r": 2, "dcp": 1, "dcp-2r": 2}
+METHODS = ("raw", "ckpt", "ckpt-2r", "ckpt-4r", "dcp", "dcp-2r", "dcp-4r")
+DEFAULT_METHODS = ("raw", "ckpt", "ckpt-2r", "dcp", "dcp-2r")
+WORLD = {"raw": 1, "ckpt": 1, "ckpt-2r": 2, "ckpt-4r": 4, "dcp": 1, "dcp-2r": 2, "dcp-4r": 4}
 MiB = 1 << 20
 
 # --- the state -----------------------------------------------------------------------------------
@@ -190,7 +193,7 @@ def run_case(spec: dict[str, Any]) -> None:
             fs.pipe_file(f"{url}/state.safetensors", payload, chunksize=len(payload))  # one PutObject
         else:
             got = fs.cat_file(f"{url}/state.safetensors", max_concurrency=1)  # one GetObject
-    elif method in ("ckpt", "ckpt-2r"):
+    elif method.startswith("ckpt"):
         if phase == "save" and world == 1:
             ckpt.save(f"s3://{url}", state, step=1, storage_options=opts)
         elif phase == "save":
@@ -435,8 +438,9 @@ def build_report(cases: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "above 1: ckpt faster), against the targets of the performance issue:",
         "",
         "| endpoint | MiB | restore vs raw GET (>= 0.8x) | restore vs DCP 1 rank (>= 10x) | "
-        "save vs raw PUT (>= 0.8x) | save vs DCP 1 rank (>= 2x) | 2 ranks restore vs DCP | 2 ranks save vs DCP |",
-        "|---|---|---|---|---|---|---|---|",
+        "save vs raw PUT (>= 0.8x) | save vs DCP 1 rank (>= 2x) | 2 ranks restore vs DCP | 2 ranks save vs DCP "
+        "| 4 ranks restore vs DCP | 4 ranks save vs DCP |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ratio(ours: str, other: str, ep: str, size: int, phase: str, target: float | None) -> str:
@@ -453,6 +457,7 @@ def build_report(cases: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 ratio("ckpt", "raw", ep, size, "restore", 0.8), ratio("ckpt", "dcp", ep, size, "restore", 10.0),
                 ratio("ckpt", "raw", ep, size, "save", 0.8), ratio("ckpt", "dcp", ep, size, "save", 2.0),
                 ratio("ckpt-2r", "dcp-2r", ep, size, "restore", None), ratio("ckpt-2r", "dcp-2r", ep, size, "save", None),
+                ratio("ckpt-4r", "dcp-4r", ep, size, "restore", None), ratio("ckpt-4r", "dcp-4r", ep, size, "save", None),
             ]  # fmt: skip
             lines.append(f"| {ep} | {_fmt_mib(size)} | " + " | ".join(cells) + " |")
     if args.endpoint == "moto":
@@ -476,7 +481,7 @@ def main() -> None:
     ap.add_argument("--sizes-mib", type=float, nargs="+", default=None, help="state sizes (default 250; 64 with --quick)")
     ap.add_argument("--latency-ms", type=float, default=20.0, help="latency of the second proxy")
     ap.add_argument("--endpoint", choices=("moto", "s3rver"), default="moto")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     ap.add_argument("--case-timeout", type=float, default=900.0, help="seconds per case before it is killed")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
     ap.add_argument("--_serve-moto", action="store_true", help=argparse.SUPPRESS)
