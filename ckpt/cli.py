@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from ckpt import executor, retirement
+from ckpt import executor, garbage, retirement
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptError,
@@ -182,6 +182,19 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
     _common(rm)
     rm.set_defaults(func=_cmd_rm)
+
+    gc = sub.add_parser(
+        "gc",
+        help="delete garbage: failed attempts, temporary files, stale uploads",
+        description="Delete what no committed checkpoint references and nothing has touched for the "
+        "grace period: data of failed or abandoned saves, temporary files, stale multipart uploads.",
+    )
+    gc.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
+    gc.add_argument("--grace-hours", type=_hours, default=24.0,
+                    help="only collect what is older than this (default 24): longer than any save takes")  # fmt: skip
+    gc.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
+    _common(gc)
+    gc.set_defaults(func=_cmd_gc)
     return parser
 
 
@@ -218,6 +231,16 @@ def _step(text: str) -> int:
     if not text.isdigit() or not text.isascii():
         raise argparse.ArgumentTypeError(f"step must be a non-negative integer, not {text!r}")
     return int(text)
+
+
+def _hours(text: str) -> float:
+    try:
+        h = float(text)
+    except ValueError:
+        h = -1.0
+    if not 0 <= h < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of hours, not {text!r}")
+    return h
 
 
 def _positive(text: str) -> int:
@@ -370,6 +393,25 @@ def _cmd_rm(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     for r in done:
         kept = f"; kept {_count(len(r.files_kept), 'file')} another checkpoint references" if r.files_kept else ""
         print(f"{verb} step {r.step}: {deleted} {_count(len(r.files_deleted), 'data file')}{kept}")
+    return EXIT_OK
+
+
+def _cmd_gc(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    storage = _open(args.root, opts)
+    plan = garbage.collect(storage, grace_s=args.grace_hours * 3600.0, dry_run=args.dry_run)
+    if args.json:
+        _print_json({"root": storage.url, "dry_run": args.dry_run, "deleted": list(plan.delete),
+                     "deleted_bytes": plan.delete_bytes, "aborted_uploads": [u.key for u in plan.abort],
+                     "too_recent": list(plan.too_recent), "blocked_by": list(plan.blocked_by)})  # fmt: skip
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {_count(len(plan.delete), 'file')} ({human_size(plan.delete_bytes)})"
+          + (f", {'would abort' if args.dry_run else 'aborted'} {_count(len(plan.abort), 'stale upload')}" if plan.abort else ""))  # fmt: skip
+    if plan.too_recent:
+        print(f"kept {_count(len(plan.too_recent), 'unreferenced file')} younger than {args.grace_hours:g} h "
+              "(a save may still be writing them)")  # fmt: skip
+    for m in plan.blocked_by:
+        print(f"collected no data: {m} does not validate, so what it references is unknown")
     return EXIT_OK
 
 

@@ -1,0 +1,121 @@
+"""Garbage collection: the pure planner, then ``collect`` / ``ckpt gc`` on real backends."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from conftest import Store
+
+import ckpt
+from ckpt import garbage
+from ckpt.cli import main
+from ckpt.storage import Listed, Storage, Upload
+
+H = 3600.0
+NOW = 1_000_000.0
+
+
+def _f(path: str, age_h: float, size: int = 10) -> Listed:
+    return Listed(path, size, NOW - age_h * H)
+
+
+def test_unreferenced_attempts_go_only_when_their_newest_file_is_old() -> None:
+    listed = [
+        _f("steps/000000000001/manifest.json", 30),
+        _f("data/000000000001-aaa/00000-0.safetensors", 30),  # committed
+        _f("data/000000000002-bbb/00000-0.safetensors", 30),  # failed attempt, old
+        _f("data/000000000002-bbb/00001-0.safetensors", 26),
+        _f("data/000000000003-ccc/00000-0.safetensors", 30),  # in progress: one file is fresh
+        _f("data/000000000003-ccc/00001-0.safetensors", 0.1),
+        _f("LATEST", 30),
+        _f("notes.txt", 300),  # not ckpt's
+    ]
+    referenced = {"steps/000000000001/manifest.json", "data/000000000001-aaa/00000-0.safetensors"}
+    plan = garbage.plan_gc(listed, [], referenced, now=NOW, grace_s=24 * H)
+    assert plan.delete == ("data/000000000002-bbb/00000-0.safetensors", "data/000000000002-bbb/00001-0.safetensors")
+    assert plan.delete_bytes == 20
+    assert plan.too_recent == ("data/000000000003-ccc/00000-0.safetensors", "data/000000000003-ccc/00001-0.safetensors")
+
+
+def test_temp_files_and_stale_uploads() -> None:
+    listed = [
+        _f("steps/000000000004/.manifest.json.0a1b.tmp", 25),
+        _f(".LATEST.99ff.tmp", 1),
+        _f("steps/000000000005/manifest.json", 40),  # invalid or not: a manifest is never garbage
+    ]
+    uploads = [Upload("data/000000000006-x/00000-0.safetensors", "u1", NOW - 30 * H),
+               Upload("data/000000000007-y/00000-0.safetensors", "u2", NOW - 1 * H)]  # fmt: skip
+    plan = garbage.plan_gc(listed, uploads, set(), now=NOW, grace_s=24 * H)
+    assert plan.delete == ("steps/000000000004/.manifest.json.0a1b.tmp",)
+    assert plan.too_recent == (".LATEST.99ff.tmp",)
+    assert [u.upload_id for u in plan.abort] == ["u1"]
+
+
+def test_an_unreadable_manifest_blocks_data_collection() -> None:
+    listed = [_f("data/000000000002-bbb/00000-0.safetensors", 100), _f("steps/000000000003/.x.tmp", 100)]
+    plan = garbage.plan_gc(listed, [], set(), now=NOW, grace_s=H, unreadable=["steps/000000000009/manifest.json"])
+    assert plan.delete == ("steps/000000000003/.x.tmp",)
+    assert plan.blocked_by == ("steps/000000000009/manifest.json",)
+
+
+def _failed_attempt(store: Store, step: int) -> list[str]:
+    """Leave the shard files of an attempt that never committed (a crash before the commit)."""
+    a = ckpt.begin(store.root, step=step, storage_options=store.opts)
+    rep = ckpt.write_shards(a, {"w": torch.ones(64)}, storage_options=store.opts)
+    return sorted(rep["files"])
+
+
+def test_collect_deletes_failed_attempts_and_keeps_every_checkpoint(store: Store) -> None:
+    ckpt.save(store.root, {"w": torch.zeros(64)}, step=1, storage_options=store.opts)
+    orphans = _failed_attempt(store, 2)
+    st = Storage(store.root, store.opts)
+    assert all(st.exists(p) for p in orphans)
+    young = garbage.collect(st)  # default grace: a day; these files are seconds old
+    assert young.delete == ()
+    assert set(orphans) <= set(young.too_recent)
+    dry = garbage.collect(st, grace_s=0.0, now=time.time() + 1, dry_run=True)
+    assert dry.delete == tuple(orphans)
+    assert all(st.exists(p) for p in orphans)
+    done = garbage.collect(st, grace_s=0.0, now=time.time() + 1)
+    assert done.delete == tuple(orphans)
+    assert not any(st.exists(p) for p in orphans)
+    assert ckpt.list_steps(store.root, storage_options=store.opts) == [1]
+    assert ckpt.verify(store.root, 1, storage_options=store.opts).ok
+    ckpt.save(store.root, {"w": torch.ones(64)}, step=2, storage_options=store.opts)  # the step is free
+
+
+def test_ckpt_gc_cli(local_store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt.save(local_store.root, {"w": torch.zeros(64)}, step=1)
+    orphans = _failed_attempt(local_store, 2)
+    old = time.time() - 2 * 24 * H
+    for p in orphans:
+        os.utime(os.path.join(local_store.root, p), (old, old))
+    assert main(["gc", local_store.root, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would delete 1 file" in out
+    assert os.path.exists(os.path.join(local_store.root, orphans[0]))
+    assert main(["gc", local_store.root]) == 0
+    assert "deleted 1 file" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(local_store.root, os.path.dirname(orphans[0])))  # its directory too
+    assert ckpt.verify(local_store.root, 1).ok
+
+
+
+
+@pytest.mark.s3
+def test_stale_multipart_uploads_under_the_root_are_aborted(s3_store: Store) -> None:
+    st = Storage(s3_store.root, s3_store.opts)
+    bucket, key, _ = st.fs.split_path(st.path("data/000000000009-abc/00000-0.safetensors"))
+    mine = st.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+    other = st.fs.call_s3("create_multipart_upload", Bucket=bucket, Key="elsewhere/x")["UploadId"]  # not under the root
+    assert [u.upload_id for u in st.multipart_uploads()] == [mine]
+    # (moto reports a fixed Initiated time from 2010, so the grace period is exercised by the
+    # pure planner's test above, not here)
+    done = garbage.collect(st, grace_s=0.0, now=time.time() + 1)
+    assert [u.upload_id for u in done.abort] == [mine]
+    assert st.multipart_uploads() == []
+    left = st.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+    assert [u["UploadId"] for u in left] == [other]  # outside the root: never touched
