@@ -468,7 +468,7 @@ def _reshard_child(spec: dict[str, Any], specs: list[tuple[str, tuple[int, ...],
     read_bytes = 0
     for target in targets:
         reqs = [Request(k, Box(s.offsets, s.sizes)) for k, s in target.items()]
-        plan = plan_restore(m, reqs, verify=opts.verify, max_gap_bytes=opts.gap_bytes(local=True), read_chunk_bytes=opts.read_chunk_bytes)
+        plan = plan_restore(m, reqs, verify=opts.verify, max_gap_bytes=opts.gap_bytes(local=True), read_chunk_bytes=opts.chunk_bytes(local=True))
         read_bytes += plan.total_bytes
     for i in (0, len(specs) - 1):  # stitched back together, the readers hold the saved values
         key, shape, dtype = specs[i]

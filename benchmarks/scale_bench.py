@@ -117,7 +117,7 @@ def measure(ranks: int, tensors: int, skip: frozenset[str] = frozenset()) -> dic
         gap = opts.gap_bytes(local=False) if hasattr(opts, "gap_bytes") else opts.max_gap_bytes  # remote store
         reqs = [Request(k, Box((0, 0), (ROWS, COLS))) for k in m.tensors]
         out["times_s"]["plan"], plan = _timed(
-            lambda: plan_restore(m, reqs, verify=opts.verify, max_gap_bytes=gap, read_chunk_bytes=opts.read_chunk_bytes)
+            lambda: plan_restore(m, reqs, verify=opts.verify, max_gap_bytes=gap, read_chunk_bytes=opts.chunk_bytes(local=False))
         )
         out["plan_reads"] = len(plan.reads)
         out["plan_bytes"] = plan.total_bytes

@@ -46,6 +46,11 @@ class SaveOptions:
 # several MiB of transfer.
 LOCAL_MAX_GAP_BYTES = 64 << 10
 REMOTE_MAX_GAP_BYTES = 1 * MiB
+# Default read size. Local disk: 32 MiB pieces keep 8 threads busy. Object stores: each ranged
+# GET costs a round trip and, on some servers (moto), a pass over the object: at 250 MiB on moto,
+# 64 MiB reads were 1.17x raw GET throughput where 32 MiB ones were 0.87x (+20 ms: 0.88x, 0.66-0.88x).
+LOCAL_READ_CHUNK_BYTES = 32 * MiB
+REMOTE_READ_CHUNK_BYTES = 64 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +60,14 @@ class RestoreOptions:
     verify: bool = True  # check the crc32c of every block read (fail closed)
     # Coalesce two reads of one file whose gap is at most this; None: per backend (see below).
     max_gap_bytes: int | None = None
-    read_chunk_bytes: int = 32 * MiB  # split reads larger than this, for parallelism
+    # Split reads larger than this, for parallelism; None: per backend (see below).
+    read_chunk_bytes: int | None = None
     max_inflight_bytes: int = 512 * MiB  # bytes in flight (scratch and network buffers) at once
     num_threads: int = 8  # concurrent reads
 
     def __post_init__(self) -> None:
         for name in ("read_chunk_bytes", "max_inflight_bytes", "num_threads"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"RestoreOptions.{name} must be positive")
         if self.max_gap_bytes is not None and self.max_gap_bytes < 0:
             raise ValueError("RestoreOptions.max_gap_bytes must be >= 0")
@@ -71,3 +77,9 @@ class RestoreOptions:
         if self.max_gap_bytes is not None:
             return self.max_gap_bytes
         return LOCAL_MAX_GAP_BYTES if local else REMOTE_MAX_GAP_BYTES
+
+    def chunk_bytes(self, *, local: bool) -> int:
+        """The read size to use on a local disk or an object store."""
+        if self.read_chunk_bytes is not None:
+            return self.read_chunk_bytes
+        return LOCAL_READ_CHUNK_BYTES if local else REMOTE_READ_CHUNK_BYTES

@@ -127,7 +127,7 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
         requests,
         verify=options.verify,
         max_gap_bytes=options.gap_bytes(local=storage.is_local),
-        read_chunk_bytes=options.read_chunk_bytes,
+        read_chunk_bytes=options.chunk_bytes(local=storage.is_local),
     )
     bufs: dict[str, torch.Tensor] = {}
     finals: dict[str, torch.Tensor] = {}

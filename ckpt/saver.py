@@ -83,7 +83,10 @@ def write_shards(
         raise PlanError(f"rank {rank!r} is outside [0, {attempt.world_size})")
     if not isinstance(plain_tensors, Mapping) and plain_tensors not in ("exclusive", "replicated"):
         raise PlanError(f"plain_tensors must be 'exclusive', 'replicated' or a key -> ranks mapping, got {plain_tensors!r}")
-    storage = Storage(attempt.root, storage_options)
+    storage = Storage(
+        attempt.root, storage_options,
+        part_bytes=attempt.options.write_chunk_bytes, max_inflight_bytes=attempt.options.max_inflight_bytes,
+    )  # fmt: skip
     flat = state if isinstance(state, tree.Flat) else tree.flatten(state)  # a Flat: a staged snapshot
     opts = attempt.options
     everyone = tuple(range(attempt.world_size))
