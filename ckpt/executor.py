@@ -1,7 +1,8 @@
 """The executor: runs save and restore plans against a Storage, concurrently, under a byte budget.
 
 Save streams tensor memory straight into shard files (no serialization copy on local disks),
-computing the per-block and per-file crc32c as the bytes go by. Restore issues the planned
+computing the per-block crc32c as the bytes go by (one pass; the per-file CRC is combined from
+the blocks' CRCs). Restore issues the planned
 ranged reads in parallel, reading straight into destination memory where the copies of a read
 tile it (``preadv`` on local disks), verifies every block checksum, then scatters the rest.
 The first failure cancels the reads not yet started.
@@ -18,7 +19,7 @@ from typing import TypeVar
 import crc32c
 import torch
 
-from ckpt import ranges
+from ckpt import crc, ranges
 from ckpt.errors import ChecksumMismatchError, CkptError, CorruptCheckpointError
 from ckpt.restore_plan import ReadOp, RestorePlan
 from ckpt.save_plan import FilePlan
@@ -110,8 +111,9 @@ def write_files(
                 crcs = []
                 for off in range(0, len(view), block_bytes):
                     blk = view[off : off + block_bytes]
-                    crcs.append(crc32c.crc32c(blk))
-                    state["crc"] = crc32c.crc32c(blk, value=state["crc"])
+                    c = crc32c.crc32c(blk)  # one pass: the file's CRC is combined from the blocks'
+                    crcs.append(c)
+                    state["crc"] = crc.combine(state["crc"], c, len(blk), fast=len(blk) == block_bytes)
                     yield blk
                 block_crcs[item.key] = tuple(crcs)
 

@@ -1,0 +1,27 @@
+"""CRC-32C combine, against the crc32c package on real bytes."""
+
+from __future__ import annotations
+
+import os
+
+import crc32c
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ckpt.crc import combine
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.binary(max_size=300), b=st.binary(max_size=300), fast=st.booleans())
+def test_combine_equals_the_crc_of_the_concatenation(a: bytes, b: bytes, fast: bool) -> None:
+    assert combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b), fast=fast) == crc32c.crc32c(a + b)
+
+
+def test_a_file_crc_from_its_block_crcs() -> None:
+    data = os.urandom(5 * 65536 + 123)
+    block = 65536
+    whole = crc32c.crc32c(data[:17])  # a header
+    for off in range(17, len(data), block):
+        blk = data[off : off + block]
+        whole = combine(whole, crc32c.crc32c(blk), len(blk), fast=len(blk) == block)
+    assert whole == crc32c.crc32c(data)
