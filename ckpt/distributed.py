@@ -6,8 +6,9 @@ commits; the outcome goes back to every rank, so all ranks return the manifest's
 the same WorkerFailedError naming the failed ranks. Only byte tensors cross the process group
 (JSON, never pickle), on a dedicated gloo group whose timeout bounds every wait.
 
-Call it from the training thread: the commit path must not use the training process group from
-a background thread.
+``save`` uses a gloo group of its own (created collectively on first use), never the training
+process group. A caller that saves from a background thread (the CheckpointManager's async saves)
+passes a group it created for that thread alone with :func:`new_group`.
 """
 
 from __future__ import annotations
@@ -43,11 +44,31 @@ def _group(timeout_s: float) -> Any:
     return _GROUPS[key]
 
 
-def _timeout(group: Any) -> datetime.timedelta:
-    for (_, t), g in _GROUPS.items():
-        if g is group:
-            return datetime.timedelta(seconds=t)
-    return datetime.timedelta(minutes=30)
+def new_group(timeout_s: float) -> Any:
+    """A new gloo group over all ranks, for one thread's use (collective: every rank calls it at
+    the same point). Every wait on it ends within ``timeout_s``."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def rank_and_world() -> tuple[int, int] | None:
+    """This process's (rank, world size), or None without an initialized process group."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def agree(flags: list[int], group: Any) -> list[int]:
+    """The element-wise maximum of every rank's ``flags`` (collective, small)."""
+    t = torch.tensor(flags, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in t.tolist()]
+
+
+def broadcast_int(value: int, group: Any) -> int:
+    """Rank 0's ``value`` on every rank (collective)."""
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.broadcast(t, src=0, group=group)
+    return int(t.item())
 
 
 def _owned(data: bytes) -> torch.Tensor:
@@ -103,18 +124,23 @@ def save(
     user_metadata: dict[str, str] | None = None,
     storage_options: dict[str, Any] | None = None,
     timeout_s: float = 1800.0,
+    group: Any | None = None,
 ) -> int:
     """Save ``state`` of every rank as checkpoint ``step``; call on all ranks. Returns the step.
 
     ``plain_tensors="auto"`` (default) learns who holds which plain tensor with one small
     exchange of names, dtypes and shapes: a key several ranks hold is a replica, written once.
+    ``group``: a gloo group from :func:`new_group` to coordinate on (default: one ckpt creates
+    and caches per timeout); ``timeout_s`` bounds every wait on a peer either way.
     """
     if not dist.is_initialized():
         raise PlanError("ckpt.distributed.save needs an initialized torch.distributed process group")
     rank, world = dist.get_rank(), dist.get_world_size()
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        group = _group(timeout_s)
-        return _save(root, state, step, rank, world, group, plain_tensors, options, user_metadata, storage_options)
+        group = group if group is not None else _group(timeout_s)
+        return _save(root, state, step, rank, world, group, timeout, plain_tensors, options, user_metadata,
+                     storage_options)  # fmt: skip
     except CkptError:
         raise
     except RuntimeError as err:  # a collective failed (DistError too): a rank died or timed out
@@ -124,13 +150,14 @@ def save(
         ) from err
 
 
-def _save(root: str, state: object, step: int, rank: int, world: int, group: Any, plain_tensors: Any,
+def _save(root: str, state: object, step: int, rank: int, world: int, group: Any, timeout: datetime.timedelta,
+          plain_tensors: Any,
           options: SaveOptions | None, user_metadata: dict[str, str] | None,
           storage_options: dict[str, Any] | None) -> int:  # fmt: skip
     msg: bytes | None = None
     attempt: Attempt | None = None
     # Rank 0 learns here, by name, which ranks are gone (died or hung) before anything is written.
-    dist.monitored_barrier(group, timeout=_timeout(group), wait_all_ranks=True)
+    dist.monitored_barrier(group, timeout=timeout, wait_all_ranks=True)
     if rank == 0:
         try:
             attempt = saver.begin(root, step=step, world_size=world, options=options,
@@ -162,7 +189,7 @@ def _save(root: str, state: object, step: int, rank: int, world: int, group: Any
         mine = b"R" + strictjson.dumps(report)
     except Exception as err:
         mine = b"E" + f"{type(err).__name__}: {err}".encode()
-    dist.monitored_barrier(group, timeout=_timeout(group), wait_all_ranks=True)  # again: died while writing?
+    dist.monitored_barrier(group, timeout=timeout, wait_all_ranks=True)  # again: died while writing?
     gathered = _all_gather(mine, group)
     outcome = b""
     if rank == 0:

@@ -5,8 +5,16 @@ Async save: the training thread blocks only while the state's tensors are copied
 staging buffers (allocated once, reused by every save); a background thread then writes the
 shard files and commits. One save is in flight at a time: the next ``save`` waits for it (or is
 skipped, ``when_busy="skip"``). A background failure is raised by the next call of ``save``,
-``wait``, ``restore`` or ``close``: never silently dropped. The background thread uses no
-process group; this manager saves from one process (one writer).
+``wait``, ``restore`` or ``close``: never silently dropped.
+
+Several ranks (torchrun, Ray Train workers: any initialized torch.distributed world of more than
+one process) share one checkpoint per step: every rank constructs its manager at the same point
+and calls ``save``/``restore`` with the same steps. The manager then creates two gloo groups of
+its own: the background thread coordinates each save on one (``ckpt.distributed.save``: rank 0
+starts and commits, every rank writes its own shards), the training thread uses the other for
+two small agreements: one all-reduce per ``save`` call (has any rank been asked to stop? is any
+rank's previous save still in flight?) and the step to restore. The training process group is
+never used, from any thread. Retention runs on rank 0 only, after a commit.
 
     mgr = ckpt.CheckpointManager("s3://bucket/run", ckpt.ManagerOptions(save_every=100))
     start = (mgr.restore(state) or -1) + 1
@@ -17,6 +25,7 @@ process group; this manager saves from one process (one writer).
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -30,7 +39,7 @@ from typing import Any, Literal
 import torch
 
 from ckpt import restorer, retention, retirement, saver
-from ckpt.errors import CheckpointNotFoundError, CkptWarning, PlanError
+from ckpt.errors import CheckpointNotFoundError, CkptWarning, PlanError, WorkerFailedError
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.retention import RetentionPolicy
 from ckpt.staging import Staging
@@ -50,6 +59,10 @@ class ManagerOptions:
     # SystemExit(PREEMPTED_EXIT_CODE) if exit_on_stop, else returns (see stop_requested).
     stop_deadline_s: float = 120.0
     exit_on_stop: bool = True
+    # Several ranks: None = when torch.distributed is initialized with more than one process.
+    distributed: bool | None = None
+    plain_tensors: Literal["auto", "exclusive", "replicated"] = "auto"  # see ckpt.distributed.save
+    timeout_s: float = 1800.0  # bound on every wait for a peer rank (several ranks only)
 
     def __post_init__(self) -> None:
         if self.save_every < 1:
@@ -58,6 +71,8 @@ class ManagerOptions:
             raise ValueError("ManagerOptions.stop_deadline_s must be positive")
         if self.when_busy not in ("wait", "skip"):
             raise ValueError("ManagerOptions.when_busy must be 'wait' or 'skip'")
+        if self.timeout_s <= 0:
+            raise ValueError("ManagerOptions.timeout_s must be positive")
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a committed save; run again to resume
@@ -94,6 +109,15 @@ class CheckpointManager:
         self.skipped = 0  # saves skipped because one was in flight (when_busy="skip")
         self._stop = threading.Event()
         self._previous_handlers: dict[int, Any] = {}
+        self._ranks = _Ranks.join(self.options) if self.options.distributed is not False else None
+
+    @property
+    def rank(self) -> int:
+        return self._ranks.rank if self._ranks else 0
+
+    @property
+    def world_size(self) -> int:
+        return self._ranks.world if self._ranks else 1
 
     # --- saving --------------------------------------------------------------------------------
 
@@ -108,13 +132,20 @@ class CheckpointManager:
         self._check_open()
         if type(step) is not int or step < 0:
             raise PlanError(f"step must be a non-negative int, got {step!r}")
-        if self._stop.is_set():
+        wanted = force or self.should_save(step)
+        inflight = self._inflight
+        busy = wanted and inflight is not None and not inflight.done()
+        stop = self._stop.is_set()
+        if self._ranks is not None:  # every rank takes the same branch below
+            stop, busy = self._ranks.agree(stop, busy, step)
+            if stop:
+                self._stop.set()
+        if stop:
             return self._save_and_stop(step, state, metrics)
-        if not force and not self.should_save(step):
+        if not wanted:
             self._raise_finished()
             return False
-        inflight = self._inflight
-        if inflight is not None and not inflight.done() and self.options.when_busy == "skip":
+        if busy and self.options.when_busy == "skip":
             self.skipped += 1
             return False
         self.wait()  # the previous save is done (its staging buffers are free); raises its error
@@ -128,6 +159,14 @@ class CheckpointManager:
         staged = self._staging.last.bytes_copied if self._staging.last else 0
         self._inflight = self._pool.submit(self._write_async, step, snapshot, user_metadata, stall, staged)
         return True
+
+    def _async_save_options(self, staged: int) -> SaveOptions:
+        """The save options of an async save: upload bodies in flight (object stores) at most
+        1/8 of the staged bytes (at least two parts), so that staging plus uploads stay within
+        ~1.125x the state."""
+        opts = self.options.save_options
+        cap = max(2 * opts.write_chunk_bytes, staged // 8)
+        return dataclasses.replace(opts, max_inflight_bytes=min(opts.max_inflight_bytes, cap))
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; raise its error if it failed."""
@@ -146,15 +185,18 @@ class CheckpointManager:
 
     def _write_async(self, step: int, snapshot: object, meta: dict[str, str], stall: float, staged: int) -> SaveStats:
         t0 = time.perf_counter()
-        done = self._write(step, snapshot, meta, t0, staged_bytes=staged)
+        done = self._write(step, snapshot, meta, t0, staged_bytes=staged, save_options=self._async_save_options(staged))
         return SaveStats(step, stall, staged, done.write_s, done.retired)
 
-    def _write(self, step: int, state: object, meta: dict[str, str], t0: float, *, staged_bytes: int) -> SaveStats:
-        opts = self.options
-        saver.save(
-            self.root, state, step=step, options=opts.save_options, user_metadata=meta,
-            storage_options=self._storage_options,
-        )  # fmt: skip
+    def _write(self, step: int, state: object, meta: dict[str, str], t0: float, *, staged_bytes: int,
+               save_options: SaveOptions | None = None) -> SaveStats:  # fmt: skip
+        opts = save_options or self.options.save_options
+        if self._ranks is None:
+            saver.save(
+                self.root, state, step=step, options=opts, user_metadata=meta, storage_options=self._storage_options,
+            )  # fmt: skip
+        else:
+            self._ranks.save(self.root, state, step, self.options, opts, meta, self._storage_options)
         retired = self.apply_retention()
         elapsed = time.perf_counter() - t0
         return SaveStats(step, elapsed, staged_bytes, elapsed, tuple(retired))
@@ -211,8 +253,11 @@ class CheckpointManager:
     # --- retention -----------------------------------------------------------------------------
 
     def apply_retention(self, *, dry_run: bool = False) -> list[int]:
-        """Retire the committed checkpoints the retention policy does not keep; return them."""
+        """Retire the committed checkpoints the retention policy does not keep; return them.
+        With several ranks only rank 0 retires (the others return [])."""
         policy = self.options.retention
+        if self.rank != 0:
+            return []
         storage = Storage(self.root, self._storage_options)
         steps = restorer.list_steps(self.root, storage_options=self._storage_options)
         metrics: dict[int, float | None] = {}
@@ -240,7 +285,10 @@ class CheckpointManager:
         self._check_open()
         self.wait()
         if step is None:
-            step = self.latest_step()
+            if self._ranks is None:
+                step = self.latest_step()
+            else:  # rank 0 decides, so that no rank resumes from another step
+                step = self._ranks.share(self.latest_step() if self.rank == 0 else None)
             if step is None:
                 return None
         restored = restorer.restore(
@@ -284,6 +332,55 @@ class CheckpointManager:
     @property
     def staging_bytes(self) -> int:
         return self._staging.nbytes
+
+
+class _Ranks:
+    """The manager's view of a torch.distributed world: two gloo groups of its own, one per
+    thread (the training thread agrees on small flags; the background thread coordinates
+    saves)."""
+
+    def __init__(self, rank: int, world: int, timeout_s: float) -> None:
+        from ckpt import distributed
+
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self._dist = distributed
+        self._saves = distributed.new_group(timeout_s)  # background thread only
+        self._flags = distributed.new_group(timeout_s)  # training thread only
+
+    @classmethod
+    def join(cls, options: ManagerOptions) -> _Ranks | None:
+        from ckpt import distributed
+
+        rw = distributed.rank_and_world()
+        if rw is None or (options.distributed is None and rw[1] == 1):
+            if options.distributed:
+                raise PlanError("ManagerOptions(distributed=True) needs an initialized torch.distributed process group")
+            return None
+        return cls(*rw, options.timeout_s)
+
+    def agree(self, stop: bool, busy: bool, step: int) -> tuple[bool, bool]:
+        try:
+            s, b = self._dist.agree([int(stop), int(busy)], self._flags)
+        except RuntimeError as err:  # a peer died or stopped answering
+            raise WorkerFailedError(
+                f"rank {self.rank}: the ranks could not agree at step {step} (a rank died or did not "
+                f"call save() within {self.timeout_s:.0f} s): {err}"
+            ) from err
+        return bool(s), bool(b)
+
+    def share(self, step: int | None) -> int | None:
+        try:
+            got = self._dist.broadcast_int(-1 if step is None else step, self._flags)
+        except RuntimeError as err:
+            raise WorkerFailedError(f"rank {self.rank}: could not learn the step to restore from rank 0: {err}") from err
+        return None if got < 0 else got
+
+    def save(self, root: str, state: object, step: int, opts: ManagerOptions, save_options: SaveOptions,
+             meta: dict[str, str], storage_options: dict[str, Any] | None) -> None:  # fmt: skip
+        self._dist.save(
+            root, state, step=step, plain_tensors=opts.plain_tensors, options=save_options,
+            user_metadata=meta, storage_options=storage_options, timeout_s=self.timeout_s, group=self._saves,
+        )  # fmt: skip
 
 
 def _assign(target: object, restored: object) -> None:

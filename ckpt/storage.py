@@ -127,12 +127,12 @@ class Storage:
         # S3 writes (None: the module defaults): multipart part size, the largest single PutObject,
         # and the bytes of upload bodies in flight at once over all of this Storage's writes
         self.part_bytes = max(_S3_MIN_PART, part_bytes or S3_PART_BYTES)
+        inflight = max(max_inflight_bytes or S3_MAX_INFLIGHT_BYTES, self.part_bytes)
+        # a single PUT's body is one copy of the whole file: never more than the budget allows
         self.single_put_max_bytes = (
-            S3_SINGLE_PUT_MAX_BYTES if single_put_max_bytes is None else single_put_max_bytes
+            min(S3_SINGLE_PUT_MAX_BYTES, inflight) if single_put_max_bytes is None else single_put_max_bytes
         )
-        self._upload_budget = _Budget(
-            max(max_inflight_bytes or S3_MAX_INFLIGHT_BYTES, self.part_bytes)
-        )
+        self._upload_budget = _Budget(inflight)
 
     # --- paths -----------------------------------------------------------------------------
 

@@ -50,6 +50,8 @@ def serve() -> None:
                 mod, fn = req["run"].split(":")
                 getattr(importlib.import_module(mod), fn)(*req["args"])
                 code = 0
+            except SystemExit as stop:  # e.g. the manager's preemption exit code
+                code = stop.code if isinstance(stop.code, int) else 1
             except BaseException:
                 traceback.print_exc()
                 code = 1

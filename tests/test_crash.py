@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import Store
+import rank_loops
 from crash_loops import expected, train
 from forker import forker
 
@@ -38,7 +39,7 @@ def _child_env(store: Store) -> tuple[dict[str, str], str]:
     return env, json.dumps({"endpoint_url": store.opts["endpoint_url"], "skip_instance_cache": True})
 
 
-def _check_every_committed_step(store: Store) -> list[int]:
+def _check_every_committed_step(store: Store, expected: Any = expected) -> list[int]:
     opts = {k: v for k, v in store.opts.items() if k != "skip_instance_cache"}  # one client for all checks
     steps = ckpt.list_steps(store.root, storage_options=opts)
     for s in steps:
@@ -74,6 +75,41 @@ def test_sigkill_at_random_moments_of_async_saves(backend: str, request: pytest.
                 assert steps[-1] >= newest, f"trial {trial}: the newest step went back from {newest} to {steps[-1]}"
             newest = steps[-1] if steps else None
     assert kills == TRIALS
+    assert newest is not None
+    assert newest >= (20 if backend == "local" else 5)  # saves made progress across the kills
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_two_ranks_sigkilled_at_random_moments_of_async_saves(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
+    """A 2-rank job (gloo) saving every step asynchronously; one rank, chosen at random, is
+    SIGKILLed at a random moment, and the other a random moment later (as torchrun tears down a
+    job whose worker died). Every committed checkpoint holds exactly one step's state."""
+    store: Store = request.getfixturevalue(f"{backend}_store")
+    env, opts_json = _child_env(store)
+    rnd = random.Random(20261127)
+    window = (0.1, 1.0) if backend == "local" else (0.3, 2.5)
+    newest: int | None = None
+    with forker(env) as fk:
+        for trial in range(TRIALS):
+            init = str(tmp_path / f"init-{trial}")
+            pids = [fk.start("rank_loops:saving_loop", store.root, opts_json, trial, r, 2, init) for r in range(2)]
+            time.sleep(rnd.uniform(*window))
+            first = rnd.randrange(2)
+            os.kill(pids[first], signal.SIGKILL)
+            time.sleep(rnd.choice([0.0, rnd.uniform(0, 0.3)]))
+            if not _finished(pids[1 - first]):
+                os.kill(pids[1 - first], signal.SIGKILL)
+            statuses = [fk.reap(p) for p in pids]
+            assert statuses[first] == -signal.SIGKILL, f"trial {trial}: rank {first} exited by itself ({statuses})"
+            steps = _check_every_committed_step(store, rank_loops.expected)
+            if newest is not None:
+                assert steps, f"trial {trial}: every checkpoint is gone"
+                assert steps[-1] >= newest, f"trial {trial}: the newest step went back from {newest} to {steps[-1]}"
+            newest = steps[-1] if steps else None
+            if steps:
+                assert ckpt.read_manifest(store.root, steps[-1], storage_options=store.opts).world_size == 2
     assert newest is not None
     assert newest >= (20 if backend == "local" else 5)  # saves made progress across the kills
 

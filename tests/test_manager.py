@@ -228,3 +228,13 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_75(tmp_path: Any) -> 
     assert lines[0] == f"resumed {last} {last}"
     assert lines[1] == f"step {last + 1}"
     assert ckpt.latest_step(root) > last + 4
+
+
+def test_async_saves_bound_upload_buffers_to_an_eighth_of_the_state(tmp_path: Any) -> None:
+    MiB = 1 << 20
+    mgr = ckpt.CheckpointManager(str(tmp_path))
+    assert mgr._async_save_options(1024 * MiB).max_inflight_bytes == 128 * MiB
+    assert mgr._async_save_options(256 * MiB).max_inflight_bytes == 32 * MiB
+    assert mgr._async_save_options(1 * MiB).max_inflight_bytes == 32 * MiB  # two 16 MiB parts at least
+    assert mgr._async_save_options(1 << 40).max_inflight_bytes == 256 * MiB  # the SaveOptions cap
+    mgr.close()

@@ -102,6 +102,19 @@ def test_a_file_that_fits_one_put_is_one_request(proxy: LatencyProxy, bucket: st
     assert st.fs.cat_file(st.path("data/a.safetensors")) == data
 
 
+def test_a_file_bigger_than_the_upload_budget_goes_up_in_parts(proxy: LatencyProxy, bucket: str) -> None:
+    """A single PUT's body is one copy of the whole file: a file bigger than the bytes allowed in
+    flight is uploaded in parts instead, so the budget bounds memory."""
+    st = _storage(proxy.url, bucket, part_bytes=PART, max_inflight_bytes=2 * PART)
+    assert st.single_put_max_bytes == 2 * PART
+    st.exists("warm-up")
+    data = _data(2 * PART + 1)
+    proxy.reset()
+    st.write_file("data/b.safetensors", _chunks(data), size=len(data), fsync=False)
+    assert proxy.counts.get("PUT") == 3 and proxy.counts.get("POST") == 2  # 3 parts; create + complete
+    assert st.fs.cat_file(st.path("data/b.safetensors")) == data
+
+
 def test_multipart_upload_is_correct_and_concurrent(proxy: LatencyProxy, bucket: str) -> None:
     st = _storage(proxy.url, bucket, part_bytes=PART, single_put_max_bytes=PART)
     data = _data(6 * PART + 12345, seed=1)  # 7 parts, the last one short

@@ -1,0 +1,85 @@
+"""The CheckpointManager across ranks: two real processes over gloo (forked from a fork server
+that imported torch and ckpt once), each with its own shard of a state and a replicated tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from forker import forker
+from rank_loops import expected
+
+import ckpt
+from ckpt.manager import PREEMPTED_EXIT_CODE
+
+WORLD = 2
+
+
+def _run(name: str, root: str, tmp_path: Path) -> tuple[list[int], list[dict[str, Any]]]:
+    """Run scenario ``name`` on 2 ranks; return their exit statuses and what each saw."""
+    init = str(tmp_path / f"init-{uuid.uuid4().hex}")
+    outs = [str(tmp_path / f"{name}-{r}.json") for r in range(WORLD)]
+    with forker() as fk:
+        pids = [fk.start("rank_loops:scenario", name, root, r, WORLD, init, outs[r]) for r in range(WORLD)]
+        statuses = [fk.reap(p) for p in pids]
+    seen = []
+    for o in outs:
+        with open(o) as f:
+            seen.append(json.load(f))
+    return statuses, seen
+
+
+def test_two_ranks_save_async_keep_the_last_two_and_resume(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    statuses, seen = _run("train", root, tmp_path)
+    assert statuses == [0, 0], "a rank failed (its traceback is on stderr)"
+    assert [s["world"] for s in seen] == [2, 2]
+    assert [s["started"] for s in seen] == [None, None]
+    assert ckpt.list_steps(root) == [6, 8]  # saves every 2 steps, the last 2 kept (by rank 0)
+    assert [s["resumed"] for s in seen] == [8, 8]
+    for s in seen:  # each rank got its own shard of step 8 back, not the values changed after
+        assert s["restored_a"] == [8.0] and s["restored_b"] == [24] and s["restored_meta"] == {"step": 8}
+    m = ckpt.read_manifest(root, 8)
+    assert m.world_size == 2
+    for step in (6, 8):
+        back = ckpt.restore(root, step)
+        want = expected(step)
+        assert torch.equal(back["a"], want["a"]) and torch.equal(back["b"], want["b"]), f"step {step}"
+        assert ckpt.verify(root, step).ok
+
+
+def test_stop_asked_of_one_rank_saves_the_same_step_on_every_rank_and_exits(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    statuses, seen = _run("stop", root, tmp_path)
+    assert statuses == [PREEMPTED_EXIT_CODE, PREEMPTED_EXIT_CODE]
+    assert [s["last_step"] for s in seen] == [5, 5]
+    assert all("not_stopped" not in s for s in seen)
+    assert ckpt.list_steps(root) == [0, 4, 5]  # the final save of step 5 was off the every-4 policy
+    assert torch.equal(ckpt.restore(root, 5)["a"], expected(5)["a"])
+
+
+def test_a_failed_rank_fails_the_background_save_on_every_rank(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    statuses, seen = _run("fail", root, tmp_path)
+    assert statuses == [0, 0]
+    for s in seen:
+        assert s["raised"] is not None, f"rank {s['rank']}: the failed background save was not raised"
+        assert "rank 1" in s["raised"] and "No space left" in s["raised"], s["raised"]
+    assert seen[0]["steps"] == []  # nothing committed
+
+
+def test_distributed_true_without_a_process_group_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ckpt.PlanError, match="initialized torch.distributed"):
+        ckpt.CheckpointManager(str(tmp_path), ckpt.ManagerOptions(distributed=True))
+
+
+def test_one_process_needs_no_process_group(tmp_path: Path) -> None:
+    mgr = ckpt.CheckpointManager(str(tmp_path))
+    assert (mgr.rank, mgr.world_size) == (0, 1)
+    mgr.close()
+    assert os.listdir(tmp_path) == []
