@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 import pytest
+import rank_loops
 import torch
 from conftest import Store
-import rank_loops
 from crash_loops import expected, train
 from forker import forker
 

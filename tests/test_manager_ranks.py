@@ -43,13 +43,16 @@ def test_two_ranks_save_async_keep_the_last_two_and_resume(tmp_path: Path) -> No
     assert ckpt.list_steps(root) == [6, 8]  # saves every 2 steps, the last 2 kept (by rank 0)
     assert [s["resumed"] for s in seen] == [8, 8]
     for s in seen:  # each rank got its own shard of step 8 back, not the values changed after
-        assert s["restored_a"] == [8.0] and s["restored_b"] == [24] and s["restored_meta"] == {"step": 8}
+        assert s["restored_a"] == [8.0]
+        assert s["restored_b"] == [24]
+        assert s["restored_meta"] == {"step": 8}
     m = ckpt.read_manifest(root, 8)
     assert m.world_size == 2
     for step in (6, 8):
         back = ckpt.restore(root, step)
         want = expected(step)
-        assert torch.equal(back["a"], want["a"]) and torch.equal(back["b"], want["b"]), f"step {step}"
+        assert torch.equal(back["a"], want["a"]), f"step {step}"
+        assert torch.equal(back["b"], want["b"]), f"step {step}"
         assert ckpt.verify(root, step).ok
 
 
@@ -69,12 +72,13 @@ def test_a_failed_rank_fails_the_background_save_on_every_rank(tmp_path: Path) -
     assert statuses == [0, 0]
     for s in seen:
         assert s["raised"] is not None, f"rank {s['rank']}: the failed background save was not raised"
-        assert "rank 1" in s["raised"] and "No space left" in s["raised"], s["raised"]
+        assert "rank 1" in s["raised"], s["raised"]
+        assert "No space left" in s["raised"], s["raised"]
     assert seen[0]["steps"] == []  # nothing committed
 
 
 def test_distributed_true_without_a_process_group_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ckpt.PlanError, match="initialized torch.distributed"):
+    with pytest.raises(ckpt.PlanError, match=r"initialized torch\.distributed"):
         ckpt.CheckpointManager(str(tmp_path), ckpt.ManagerOptions(distributed=True))
 
 

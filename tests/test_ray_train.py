@@ -30,7 +30,8 @@ def test_ray_train_workers_resume_after_a_worker_is_killed(tmp_path: Path) -> No
     result = json.loads(done.stdout.splitlines()[-2])
     assert result["killed"], "the worker was never killed"
     starts = result["starts"]
-    assert len(starts) == 2 and starts[0] == 0, f"expected one restart, got starts {starts}"
+    assert len(starts) == 2, f"expected one restart, got starts {starts}"
+    assert starts[0] == 0
     assert 0 < starts[1] <= kill_at, f"the restarted workers did not resume from a checkpoint: {starts}"
     assert result["recomputed"] == kill_at - starts[1]  # the steps after the checkpoint, again
     assert result["mismatches"] == [], "a recomputed step gave another loss: the resume was not exact"
@@ -40,5 +41,6 @@ def test_ray_train_workers_resume_after_a_worker_is_killed(tmp_path: Path) -> No
     assert m.world_size == 2
     final = ckpt.restore(str(root), steps - 1)
     assert sorted(final["rng"]) == ["0", "1"]  # each rank's own RNG state under its rank
-    assert final["step"] == steps - 1 and final["loader"]["pos"] > 0
+    assert final["step"] == steps - 1
+    assert final["loader"]["pos"] > 0
     assert ckpt.verify(str(root), steps - 1).ok
