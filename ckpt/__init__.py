@@ -6,9 +6,12 @@ is the single commit point; restore reads exactly the bytes each reader needs.
 
 from __future__ import annotations
 
+from ckpt.adoption import adopt
 from ckpt.attempt import Attempt, Report
+from ckpt.copier import CopyOptions, CopyReport, copy
 from ckpt.errors import *  # noqa: F403  (the whole hierarchy is public)
 from ckpt.errors import __all__ as _errors_all
+from ckpt.hf_export import export_hf
 from ckpt.manager import CheckpointManager, ManagerOptions
 from ckpt.manifest import FORMAT_VERSION, Manifest
 from ckpt.options import RestoreOptions, SaveOptions
@@ -17,6 +20,7 @@ from ckpt.retention import RetentionPolicy
 from ckpt.saver import begin, commit, describe, holders, save, write_shards
 from ckpt.shard import Shard
 from ckpt.verifier import VerifyReport, verify
+from ckpt.zarr_archive import export_zarr, import_zarr  # zarr itself is imported on first use
 
 __version__ = "0.1.0"
 
@@ -24,6 +28,8 @@ __all__ = [
     "FORMAT_VERSION",
     "Attempt",
     "CheckpointManager",
+    "CopyOptions",
+    "CopyReport",
     "ManagerOptions",
     "Manifest",
     "Report",
@@ -32,10 +38,15 @@ __all__ = [
     "SaveOptions",
     "Shard",
     "VerifyReport",
+    "adopt",
     "begin",
     "commit",
+    "copy",
     "describe",
+    "export_hf",
+    "export_zarr",
     "holders",
+    "import_zarr",
     "latest_step",
     "list_steps",
     "read_manifest",

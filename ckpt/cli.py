@@ -8,6 +8,11 @@ Usage::
     ckpt [--storage-option KEY=VALUE]... ls ROOT [--json]
     ckpt [--storage-option KEY=VALUE]... show ROOT[@STEP] [--step N] [--json]
     ckpt [--storage-option KEY=VALUE]... verify ROOT[@STEP] [--step N | --all] [--threads N] [--json]
+    ckpt [--storage-option KEY=VALUE]... cp SRC[@STEP] DST [--step N]... [--src-opt KEY=VALUE]...
+         [--dst-opt KEY=VALUE]... [--threads N] [--limit-rate BYTES] [--quiet] [--json]
+    ckpt [--storage-option KEY=VALUE]... export --format zarr|hf ROOT[@STEP] DST [--prefix P] [--strip-prefix] [--max-shard-size 5GB]
+    ckpt [--storage-option KEY=VALUE]... import --format zarr SRC ROOT [--step N]
+    ckpt [--storage-option KEY=VALUE]... adopt DIR_OR_URL [--step N]
     ckpt --traceback COMMAND ...   (show the traceback of errors that are not ckpt's own)
 
 ``--storage-option`` may also follow the command. Values are parsed as JSON when they parse
@@ -195,6 +200,86 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
     _common(gc)
     gc.set_defaults(func=_cmd_gc)
+
+    cp = sub.add_parser(
+        "cp",
+        help="copy committed checkpoints to another root, verified and resumable",
+        description="Copy one, several or all committed checkpoints from SRC to DST (any two "
+        "fsspec roots): every crc32c is checked on the way, the manifest is committed last "
+        "(create-only), and a re-run after an interruption copies only what is missing.",
+    )
+    cp.add_argument("src", metavar="SRC[@STEP]", help="source root (path or fsspec URL)")
+    cp.add_argument("dst", metavar="DST", help="destination root (path or fsspec URL)")
+    cp.add_argument("--step", type=_step, action="append",
+                    help="a step to copy (repeatable; with SRC@STEP, the union; default: every step)")  # fmt: skip
+    cp.add_argument("--threads", type=_positive, help="files copied concurrently (default 8)")
+    cp.add_argument("--chunk-size", type=_byte_count, metavar="BYTES",
+                    help="bytes per read and write, e.g. 16M (default 16M)")  # fmt: skip
+    cp.add_argument("--max-inflight", type=_byte_count, metavar="BYTES",
+                    help="read buffers held at once over all files, e.g. 256M (default 256M)")  # fmt: skip
+    cp.add_argument("--limit-rate", type=_byte_count, metavar="BYTES",
+                    help="copy at most this many bytes per second, e.g. 50M (default: no limit)")  # fmt: skip
+    cp.add_argument("--no-check-existing", action="store_true",
+                    help="skip a destination file of the right size without re-reading its crc32c")  # fmt: skip
+    cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _common(cp)
+    for side in ("src", "dst"):
+        cp.add_argument(
+            f"--{side}-storage-option", f"--{side}-opt", dest=f"{side}_storage_options",
+            action="append", type=_storage_option, metavar="KEY=VALUE",
+            help=f"an fsspec storage option for {side.upper()} only (repeatable; overrides --storage-option)",
+        )  # fmt: skip
+    cp.set_defaults(func=_cmd_cp)
+
+    exp = sub.add_parser(
+        "export",
+        help="export a checkpoint as a Zarr v3 group or in the Hugging Face safetensors layout",
+        description="Export one checkpoint. --format zarr: one Zarr v3 group at DST (a compressed, "
+        "chunked array per tensor, plain data and metadata as attributes), readable by plain zarr. "
+        "--format hf: model.safetensors.index.json + model-0000i-of-0000n.safetensors at DST, "
+        "sharded tensors consolidated, tensors only.",
+    )
+    exp.add_argument("--format", required=True, choices=("zarr", "hf"), help="zarr or hf")
+    exp.add_argument("root", metavar="ROOT[@STEP]", help="checkpoint root (path or fsspec URL)")
+    exp.add_argument("dst", metavar="DST", help="destination directory or URL (must not hold an export)")
+    exp.add_argument("--step", type=_step, help="the step to export (default: the latest)")
+    exp.add_argument("--prefix", help="hf: export only tensors whose key starts with this, e.g. model/")
+    exp.add_argument("--strip-prefix", action="store_true", help="hf: remove --prefix from the names")
+    exp.add_argument("--rename", metavar="OLD=NEW", type=_rename,
+                     help="hf: replace a leading OLD of each name (after --strip-prefix) with NEW")  # fmt: skip
+    exp.add_argument("--separator", help="hf: join key segments with this instead of '/', e.g. '.'")
+    exp.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                     help="hf: the largest file, e.g. 5GB (10**9 units) or 2GiB (default 5GB)")  # fmt: skip
+    exp.add_argument("--level", type=int, default=3, help="zarr: zstd compression level (default 3)")
+    _common(exp)
+    _storage_option_arg_for(exp, "dst")
+    exp.set_defaults(func=_cmd_export, all=False)
+
+    imp = sub.add_parser(
+        "import",
+        help="commit a Zarr archive made by `ckpt export --format zarr` as a checkpoint",
+        description="Import a Zarr v3 group written by `ckpt export --format zarr` into ROOT as a "
+        "committed checkpoint (normal save path, create-only commit), bitwise identical.",
+    )
+    imp.add_argument("--format", required=True, choices=("zarr",), help="zarr")
+    imp.add_argument("src", metavar="SRC", help="the Zarr group (path or fsspec URL)")
+    imp.add_argument("root", metavar="ROOT", help="checkpoint root (path or fsspec URL)")
+    imp.add_argument("--step", type=_step, help="the step to commit (default: the exported one)")
+    _common(imp)
+    _storage_option_arg_for(imp, "src")
+    imp.set_defaults(func=_cmd_import)
+
+    adopt = sub.add_parser(
+        "adopt",
+        help="commit a manifest over existing safetensors files, without copying them",
+        description="Write a checkpoint manifest over a directory of safetensors files (a Hugging "
+        "Face export, a model.safetensors): headers are validated, every file is read once for "
+        "its crc32c values, nothing is copied or changed. ckpt never deletes adopted files.",
+    )
+    adopt.add_argument("root", metavar="DIR_OR_URL", help="the directory holding the files")
+    adopt.add_argument("--step", type=_step, default=0, help="the step to commit (default 0)")
+    _common(adopt)
+    adopt.set_defaults(func=_cmd_adopt)
     return parser
 
 
@@ -250,8 +335,8 @@ def _positive(text: str) -> int:
 
 
 def _split_root_at_step(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``ROOT@STEP`` is shorthand for ``ROOT --step STEP`` (show and verify)."""
-    if args.command not in ("show", "verify"):
+    """``ROOT@STEP`` is shorthand for ``ROOT --step STEP`` (show, verify and export)."""
+    if args.command not in ("show", "verify", "export"):
         return
     match = _ROOT_AT_STEP.fullmatch(args.root)
     if match is None:
@@ -617,3 +702,158 @@ def _verify_json_step(
         "blocks_checked": r.blocks_checked if r else 0,
         "problems": problems,
     }
+
+
+# --- cp ----------------------------------------------------------------------------------------
+
+_BYTE_COUNT = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
+
+
+def _byte_count(text: str) -> int:
+    """A positive byte count: ``1048576``, ``64K``, ``16M``, ``2G`` (binary units)."""
+    match = _BYTE_COUNT.fullmatch(text.strip())
+    if match is None or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive byte count such as 16M, not {text!r}")
+    return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
+
+
+def _cmd_cp(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    from tqdm import tqdm
+
+    from ckpt import copier
+
+    src_root, steps = args.src, list(args.step or [])
+    match = _ROOT_AT_STEP.fullmatch(src_root)
+    if match is not None:
+        src_root = match.group(1)
+        steps.append(int(match.group(2)))
+    src_opts = {**opts, **dict(args.src_storage_options or [])}
+    dst_opts = {**opts, **dict(args.dst_storage_options or [])}
+    _open(src_root, src_opts)  # an unknown protocol or a refused option: exit 4 with a clear line
+    _open(args.dst, dst_opts)
+    given = {"num_threads": args.threads, "chunk_bytes": args.chunk_size,
+             "max_inflight_bytes": args.max_inflight, "max_bytes_per_s": args.limit_rate}  # fmt: skip
+    options = copier.CopyOptions(
+        check_existing=not args.no_check_existing,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    bars: list[Any] = []  # the progress bar, made once the plan gives the total
+    lock = threading.Lock()
+
+    def sized(plan: copier.CopyPlan) -> None:
+        bars.append(tqdm(total=plan.bytes_to_copy + plan.bytes_to_check, unit="B", unit_scale=True,
+                         unit_divisor=1024, desc="cp", file=sys.stderr, leave=False,
+                         disable=args.quiet or not sys.stderr.isatty()))  # fmt: skip
+
+    def progress(n: int) -> None:
+        with lock:
+            bars[0].update(n)
+
+    try:
+        report = copier.copy(
+            src_root, args.dst, steps or None, src_storage_options=src_opts,
+            dst_storage_options=dst_opts, options=options, progress=progress, on_plan=sized,
+        )  # fmt: skip
+    finally:
+        for bar in bars:
+            bar.close()
+    if args.json:
+        _print_json(report.to_json())
+        return EXIT_OK
+    if report.steps_copied:
+        done = ", ".join(map(str, report.steps_copied))
+        print(f"copied step{'s' if len(report.steps_copied) > 1 else ''} {done} to {report.dst}: "
+              f"{_count(report.files_copied, 'file')} ({human_size(report.bytes_copied)}) in "
+              f"{report.seconds:.2f} s, {report.mb_per_s:.1f} MB/s")  # fmt: skip
+    if report.files_skipped:
+        print(f"skipped {_count(report.files_skipped, 'file')} already at the destination")
+    if report.files_replaced:
+        print(f"replaced {_count(report.files_replaced, 'incomplete file')} at the destination")
+    if report.steps_present:
+        present = ", ".join(map(str, report.steps_present))
+        print(f"already at the destination (identical manifest): step{'s' if len(report.steps_present) > 1 else ''} {present}")
+    return EXIT_OK
+
+
+# --- export, import, adopt ---------------------------------------------------------------------
+
+
+def _storage_option_arg_for(p: argparse.ArgumentParser, side: str) -> None:
+    p.add_argument(
+        f"--{side}-storage-option", dest=f"{side}_storage_options", action="append",
+        type=_storage_option, metavar="KEY=VALUE",
+        help=f"an fsspec storage option for {side.upper()} only (repeatable; overrides --storage-option)",
+    )  # fmt: skip
+
+
+def _rename(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old:
+        raise argparse.ArgumentTypeError(f"expected OLD=NEW, not {text!r}")
+    return old, new
+
+
+def _cmd_export(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    from ckpt import interop
+
+    dst_opts = {**opts, **dict(args.dst_storage_options or [])}
+    _open(args.root, opts)
+    if args.format == "zarr":
+        from ckpt.zarr_archive import export_zarr
+
+        z = export_zarr(args.root, args.dst, args.step, storage_options=opts,
+                        dst_storage_options=dst_opts, level=args.level)  # fmt: skip
+        doc: dict[str, Any] = {"format": "zarr", "step": z.step, "dst": args.dst, "num_tensors": z.num_tensors,
+                               "tensor_bytes": z.tensor_bytes, "seconds": round(z.seconds, 3)}  # fmt: skip
+        line = f"exported step {z.step} to {args.dst}: {_count(z.num_tensors, 'tensor')} ({human_size(z.tensor_bytes)}) in {z.seconds:.2f} s"
+    else:
+        from ckpt.hf_export import export_hf
+
+        try:
+            limit = interop.parse_size(args.max_shard_size)
+        except ValueError as err:
+            print(f"ckpt: error: --max-shard-size: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        h = export_hf(args.root, args.dst, args.step, storage_options=opts, dst_storage_options=dst_opts,
+                      max_shard_bytes=limit, prefix=args.prefix, strip_prefix=args.strip_prefix,
+                      rename=args.rename, separator=args.separator)  # fmt: skip
+        doc = {"format": "hf", "step": h.step, "dst": args.dst, "files": list(h.files),
+               "num_tensors": len(h.weight_map), "total_size": h.total_size,
+               "skipped_objects": list(h.skipped_objects), "seconds": round(h.seconds, 3)}  # fmt: skip
+        line = (f"exported step {h.step} to {args.dst}: {_count(len(h.weight_map), 'tensor')} "
+                f"({human_size(h.total_size)}) in {_count(len(h.files), 'file')}"
+                + (f"; skipped {_count(len(h.skipped_objects), 'non-tensor value')}" if h.skipped_objects else ""))  # fmt: skip
+    if args.json:
+        _print_json(doc)
+    else:
+        print(_clean(line))
+    return EXIT_OK
+
+
+def _cmd_import(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    from ckpt.zarr_archive import import_zarr
+
+    src_opts = {**opts, **dict(args.src_storage_options or [])}
+    _open(args.root, opts)
+    m = import_zarr(args.src, args.root, args.step, src_storage_options=src_opts, storage_options=opts)
+    if args.json:
+        _print_json({"root": args.root, "step": m.step, "num_tensors": len(m.tensors),
+                     "num_files": len(m.files), "total_bytes": m.total_bytes})  # fmt: skip
+    else:
+        print(_clean(f"imported step {m.step} into {args.root}: {_count(len(m.tensors), 'tensor')}, "
+                     f"{_count(len(m.files), 'file')} ({human_size(m.total_bytes)})"))  # fmt: skip
+    return EXIT_OK
+
+
+def _cmd_adopt(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    from ckpt.adoption import adopt
+
+    _open(args.root, opts)
+    m = adopt(args.root, step=args.step, storage_options=opts)
+    if args.json:
+        _print_json({"root": args.root, "step": m.step, "files": sorted(m.files),
+                     "num_tensors": len(m.tensors), "total_bytes": m.total_bytes})  # fmt: skip
+    else:
+        print(_clean(f"adopted {_count(len(m.files), 'file')} ({human_size(m.total_bytes)}, "
+                     f"{_count(len(m.tensors), 'tensor')}) under {args.root} as step {m.step}"))  # fmt: skip
+    return EXIT_OK

@@ -23,7 +23,7 @@ from ckpt.storage import Storage
 class Retired:
     step: int
     files_deleted: tuple[str, ...]
-    files_kept: tuple[str, ...]  # still referenced by a remaining checkpoint (or by one unreadable)
+    files_kept: tuple[str, ...]  # still referenced by a remaining checkpoint (or by one unreadable), or adopted
 
 
 def retire(storage: Storage, steps: Iterable[int], *, dry_run: bool = False) -> list[Retired]:
@@ -55,8 +55,10 @@ def retire(storage: Storage, steps: Iterable[int], *, dry_run: bool = False) -> 
 
 
 def _data(storage: Storage, m: Manifest, referenced: set[str], *, dry_run: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    gone = tuple(sorted(p for p in m.files if p not in referenced))
-    kept = tuple(sorted(p for p in m.files if p in referenced))
+    # Only ckpt's own data files (under data/) are ever deleted: files a manifest adopted
+    # (ckpt.adoption: a model directory's safetensors files, elsewhere under the root) are kept.
+    gone = tuple(sorted(p for p in m.files if p not in referenced and p.startswith("data/")))
+    kept = tuple(sorted(p for p in m.files if p in referenced or not p.startswith("data/")))
     if not dry_run:
         for p in gone:
             storage.delete(p)
