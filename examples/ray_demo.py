@@ -4,6 +4,9 @@
     python examples/ray_demo.py --root s3://bucket/run --endpoint-url http://127.0.0.1:9000
                                                 # any fsspec root; S3 credentials come from the
                                                 # workers' environment (AWS_* variables, roles)
+    python examples/ray_demo.py --address auto --root s3://bucket/run
+                                                # join a running cluster (also: RAY_ADDRESS set,
+                                                # as in a Ray job); its nodes must reach the root
 
 A two-layer MLP is tensor-parallel over Ray actors: each actor owns a slice of the hidden units
 (columns of W1, entries of b1, rows of W2) and the Adam moments of its slice; the output bias b2
@@ -134,15 +137,33 @@ def train(actors: list[Any], first: int, last: int, root: str | None, storage_op
     return losses
 
 
+def ray_init_kwargs(address: str | None) -> dict[str, Any]:
+    """``ray.init`` arguments: a private local instance sized for the demo (``make demo``) unless
+    ``address`` or ``RAY_ADDRESS`` names a running cluster to join, which Ray refuses to resize
+    ("When connecting to an existing cluster, num_cpus and num_gpus must not be provided")."""
+    common: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        return {"num_cpus": 4, **common, "object_store_memory": 100 << 20}
+    return {"address": address, **common}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="checkpoint root (directory or fsspec URL); default: a temp dir")
     parser.add_argument("--endpoint-url", help="S3 endpoint for s3:// roots (e.g. a local MinIO)")
+    parser.add_argument(
+        "--address",
+        help="a running Ray cluster to join (e.g. auto, HOST:6379); "
+        "default: RAY_ADDRESS if set, else start a local instance",
+    )
     args = parser.parse_args()
+    init_kwargs = ray_init_kwargs(args.address)
+    if "address" in init_kwargs and not args.root:
+        parser.error("joining a cluster needs --root on storage every node reaches (e.g. s3://...)")
     root = args.root or tempfile.mkdtemp(prefix="ckpt-ray-demo-")
     opts = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20)
+    ray.init(**init_kwargs)
     try:
         print(f"checkpoint root: {root}")
         print("1) reference: 4 actors, 20 steps, no interruption")

@@ -20,6 +20,7 @@ Pass non-secret fsspec settings with ``--storage-option key=value`` (e.g.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -87,13 +88,14 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_rng_state(target["rng"][str(rank)])
         loader = target["loader"]
         start = target["step"] + 1
-    log = Path(config["log_dir"]) / f"losses-{rank}.txt"
-    with log.open("a") as out:
-        out.write(f"start {start}\n")
+    # The loss log (to check the resume) needs a directory every worker and the driver share:
+    # a local run's temp dir; on a cluster, only if --log-dir names shared storage.
+    log_dir = Path(config["log_dir"]) if config["log_dir"] else None
+    with (log_dir / f"losses-{rank}.txt").open("a") if log_dir else contextlib.nullcontext() as out:
+        _log(out, f"start {start}")
         for step in range(start, config["steps"]):
-            if step == config["kill_at"] and rank == world - 1 and not (Path(config["log_dir"]) / "killed").exists():
-                (Path(config["log_dir"]) / "killed").touch()
-                out.flush()
+            if step == config["kill_at"] and rank == world - 1 and log_dir and not (log_dir / "killed").exists():
+                (log_dir / "killed").touch()
                 os.kill(os.getpid(), signal.SIGKILL)  # a worker lost mid-run (OOM kill, node loss)
             if loader["pos"] + BATCH * world > SAMPLES:
                 loader = {"epoch": loader["epoch"] + 1, "pos": 0}
@@ -104,12 +106,17 @@ def train_loop(config: dict[str, Any]) -> None:
             loss.backward()  # DDP averages the gradients over the training process group
             opt.step()
             sched.step()
-            out.write(f"{step} {loss.item().hex()}\n")
-            out.flush()
+            _log(out, f"{step} {loss.item().hex()}")
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "rng": {str(rank): torch.get_rng_state()}, "loader": loader, "step": step}  # fmt: skip
             mgr.save(step, state, force=step == config["steps"] - 1)  # and the last step
     mgr.close()  # waits for the save in flight
+
+
+def _log(out: Any, line: str) -> None:
+    if out is not None:
+        out.write(line + "\n")
+        out.flush()
 
 
 def run(root: str, *, workers: int = 2, steps: int = 40, save_every: int = 5, kill_at: int = -1, seed: int = 0,
@@ -119,7 +126,6 @@ def run(root: str, *, workers: int = 2, steps: int = 40, save_every: int = 5, ki
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    log_dir = log_dir or tempfile.mkdtemp(prefix="ckpt-ray-train-")
     config = {"root": root, "steps": steps, "save_every": save_every, "kill_at": kill_at, "seed": seed,
               "log_dir": log_dir, "storage_options": storage_options or {}}  # fmt: skip
     trainer = TorchTrainer(
@@ -128,12 +134,12 @@ def run(root: str, *, workers: int = 2, steps: int = 40, save_every: int = 5, ki
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False),
         run_config=ray.train.RunConfig(
             name="ckpt-ray-train",
-            storage_path=os.path.join(log_dir, "ray-results"),  # Ray Train's own bookkeeping only
+            storage_path=os.path.join(log_dir or tempfile.mkdtemp(prefix="ckpt-ray-train-"), "ray-results"),  # Ray Train's own bookkeeping only (written by the controller, on the driver's node)
             failure_config=ray.train.FailureConfig(max_failures=2),
         ),
     )
     trainer.fit()
-    return summarize(log_dir)
+    return summarize(log_dir) if log_dir else {}
 
 
 def summarize(log_dir: str) -> dict[str, Any]:
@@ -164,7 +170,8 @@ def main() -> int:
     p.add_argument("--save-every", type=int, default=5)
     p.add_argument("--kill-at", type=int, default=17, help="the last worker SIGKILLs itself at this step once (-1: never)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-dir", help="where the workers log their losses (default: a temporary directory)")
+    p.add_argument("--log-dir", help="where the workers log their losses, shared by every node (default: a "
+                   "temporary directory when Ray runs locally; none when joining a cluster)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a non-secret fsspec option for the root (repeatable)")  # fmt: skip
     p.add_argument("--address", help="a running Ray cluster to join (default: start a local one)")
@@ -174,14 +181,19 @@ def main() -> int:
 
     opts = dict(kv.split("=", 1) for kv in args.storage_option)
     root = args.root or tempfile.mkdtemp(prefix="ckpt-ray-train-root-")
+    joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    log_dir = args.log_dir or (None if joining else tempfile.mkdtemp(prefix="ckpt-ray-train-"))
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     try:
         result = run(root, workers=args.workers, steps=args.steps, save_every=args.save_every, kill_at=args.kill_at,
-                     seed=args.seed, log_dir=args.log_dir, storage_options=opts)  # fmt: skip
+                     seed=args.seed, log_dir=log_dir, storage_options=opts)  # fmt: skip
     finally:
         ray.shutdown()
+    import ckpt
+
+    result["latest_step"] = ckpt.latest_step(root, storage_options=opts or None)
     print(json.dumps({"root": root, **result}))
-    ok = not result["mismatches"] and result["steps"] == args.steps
+    ok = not result.get("mismatches") and result["latest_step"] == args.steps - 1
     print("ok: resumed runs recomputed identical losses" if ok else "FAILED", flush=True)
     return 0 if ok else 1
 

@@ -17,8 +17,8 @@ import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-EXAMPLE = ROOT / "examples" / "ray_demo.py"
-ENTRY = DEPLOY / "ray_cluster_entry.py"
+EXAMPLE = ROOT / "examples" / "ray_train.py"  # what every recipe runs
+DEMO = ROOT / "examples" / "ray_demo.py"
 BASE_IMAGE = "rayproject/ray:2.60.0-py311"
 
 KUBE = [DEPLOY / "kuberay" / n for n in ("serviceaccount.yaml", "rayjob.yaml", "raycluster.yaml")]
@@ -124,8 +124,9 @@ def _in_image(path: str) -> pathlib.Path:
 
 
 def _check_example_command(argv: list[str], flags: set[str]) -> tuple[str, dict[str, str]]:
-    """A command running the example through the cluster entry point: its script exists, every
-    flag it gives is one the example accepts; returns (script path, {flag: value})."""
+    """A command running the training example on a cluster: every flag it gives is one the
+    example accepts, given once with a value; the root is shared storage, no worker kills
+    itself, and --workers is a count. Returns (script path, {flag: value})."""
     assert argv[0] == "python", argv
     script = argv[1]
     given: dict[str, str] = {}
@@ -135,18 +136,39 @@ def _check_example_command(argv: list[str], flags: set[str]) -> tuple[str, dict[
         assert flag.startswith("--"), f"unexpected argument {flag!r} in {argv}"
         assert rest, f"{flag} has no value in {argv}"
         assert flag in flags, (
-            f"{flag} is not a flag of examples/ray_demo.py (it has {sorted(flags)})"
+            f"{flag} is not a flag of examples/ray_train.py (it has {sorted(flags)})"
         )
+        assert flag not in given, f"{flag} given twice in {argv}"
         given[flag] = rest.pop(0)
     assert "--root" in given
+    assert given["--root"].startswith("s3://"), "a local root exists on one node only"
+    assert given.get("--kill-at") == "-1", "a recipe runs without the simulated worker loss"
+    assert int(given["--workers"]) >= 1
     return script, given
+
+
+def _pod_cpus(pod: dict[str, Any]) -> int:
+    (c,) = pod["containers"]
+    return int(c["resources"]["limits"]["cpu"])
+
+
+def _worker_cpus(cluster: dict[str, Any]) -> int:
+    """CPUs Ray sees on a KubeRay cluster's workers at their initial size (KubeRay sets
+    num-cpus from the container's CPU limit unless rayStartParams does)."""
+    head = cluster["headGroupSpec"]["rayStartParams"]
+    assert head.get("num-cpus") == "0", "the head runs the driver, no training workers"
+    total = 0
+    for g in cluster["workerGroupSpecs"]:
+        cpus = g["rayStartParams"].get("num-cpus") or _pod_cpus(g["template"]["spec"])
+        total += int(g["replicas"]) * int(cpus)
+    return total
 
 
 # --- every file ------------------------------------------------------------------------------
 
 
 def test_every_deploy_file_parses_and_is_checked() -> None:
-    checked = {*KUBE, LAUNCHER, COMPOSE, POLICY, LIFECYCLE, DOCKERFILE, ENV_EXAMPLE, ENTRY,
+    checked = {*KUBE, LAUNCHER, COMPOSE, POLICY, LIFECYCLE, DOCKERFILE, ENV_EXAMPLE,
                DEPLOY / "Dockerfile.dockerignore", DEPLOY / ".gitignore", DEPLOY / "README.md"}  # fmt: skip
     present = {p for p in DEPLOY.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert present - checked == set(), "a new file under deploy/ needs a check in this test"
@@ -230,51 +252,55 @@ def test_env_example_holds_dev_only_placeholders_for_every_compose_variable() ->
     assert ".env" in (DEPLOY / ".gitignore").read_text().split()
 
 
-# --- the cluster entry point -----------------------------------------------------------------
+# --- joining a running cluster --------------------------------------------------------------
+
+# ray.init arguments Ray 2.60 refuses when connecting to a running cluster (ray/_private/worker.py)
+LOCAL_ONLY = {"num_cpus", "num_gpus", "resources", "labels", "object_store_memory",
+              "_system_config", "_enable_object_reconstruction", "_node_name"}  # fmt: skip
 
 
-def test_entry_wraps_the_example_and_passes_its_flags() -> None:
-    """The wrapper finds the real example and hands it the arguments: --help is the example's."""
-    out = subprocess.run(
-        [sys.executable, str(ENTRY), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    assert "--endpoint-url" in out
-    assert "ray_demo.py" in out
-    refused = subprocess.run(
-        [sys.executable, str(ENTRY), "--root", "/tmp/x"],
+def test_training_example_joins_a_running_cluster() -> None:
+    """ray_train.py's ray.init passes nothing that only sizes a new local instance, so in a Ray
+    job (RAY_ADDRESS set) or on a `ray start` node it joins the cluster."""
+    calls = re.findall(r"ray\.init\(([^)]*)\)", EXAMPLE.read_text())
+    assert calls
+    for kw in calls:
+        names = set(re.findall(r"(\w+)=", kw))
+        assert "address" in names
+        assert not names & LOCAL_ONLY, f"ray.init({kw}) is refused on a running cluster"
+
+
+def _load_demo() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ray_demo_under_test", DEMO)
+    assert spec
+    assert spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_demo_starts_its_own_ray_unless_told_to_join(monkeypatch: pytest.MonkeyPatch) -> None:
+    demo = _load_demo()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # `make demo`: a private local instance, sized as before
+    assert demo.ray_init_kwargs(None) == {"num_cpus": 4, "include_dashboard": False,
+                                          "log_to_driver": False, "object_store_memory": 100 << 20}  # fmt: skip
+    for address, env in (("auto", None), ("10.0.0.1:6379", None), (None, "10.0.0.1:6379")):
+        if env:
+            monkeypatch.setenv("RAY_ADDRESS", env)
+        kw = demo.ray_init_kwargs(address)
+        assert kw["address"] == address  # None: ray.init reads RAY_ADDRESS itself
+        assert not set(kw) & LOCAL_ONLY, kw
+    joining = subprocess.run(
+        [sys.executable, str(DEMO), "--address", "auto"],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert refused.returncode != 0
-    assert "shared storage" in refused.stderr
-
-
-def test_entry_makes_ray_init_join_a_running_cluster() -> None:
-    sys.path.insert(0, str(DEPLOY))
-    try:
-        import ray_cluster_entry
-    finally:
-        sys.path.remove(str(DEPLOY))
-    calls: list[dict[str, Any]] = []
-    init = ray_cluster_entry.connect_only(lambda *a, **kw: calls.append(kw))
-    # what examples/ray_demo.py passes, which Ray refuses when a cluster is running
-    init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20)
-    assert calls == [{"include_dashboard": False, "log_to_driver": False, "address": "auto"}]
-    src = EXAMPLE.read_text()
-    for kw in re.findall(r"ray\.init\(([^)]*)\)", src):
-        for name in re.findall(r"(\w+)=", kw):
-            assert name in ray_cluster_entry.LOCAL_ONLY or name in (
-                "include_dashboard",
-                "log_to_driver",
-                "address",
-            ), (
-                f"the example now passes ray.init({name}=...): check it is allowed on a running cluster"
-            )
+    assert joining.returncode != 0
+    assert "--root" in joining.stderr  # a temp dir on the driver is no root for a cluster
 
 
 # --- KubeRay ---------------------------------------------------------------------------------
@@ -317,22 +343,31 @@ def test_rayjob_runs_the_example_on_the_policy_bucket() -> None:
     job = _kube("RayJob")["spec"]
     argv = shlex.split(job["entrypoint"])
     script, given = _check_example_command(argv, _example_flags())
-    assert _in_image(script) == ENTRY
+    assert _in_image(script) == EXAMPLE
+    assert "--address" not in given  # the driver joins through RAY_ADDRESS, set by KubeRay
     bucket, prefix = _policy_scope()
     assert given["--root"].startswith(f"s3://{bucket}/{prefix}"), (
         "the root must be inside the IAM policy's prefix"
     )
+    # one Ray Train worker (1 CPU each) per worker CPU: all of them start at once
+    assert int(given["--workers"]) == _worker_cpus(job["rayClusterSpec"])
     env = yaml.safe_load(job["runtimeEnvYAML"])
     assert isinstance(env, dict)
     assert not any(SECRET_KEY.search(k) for k in env.get("env_vars", {}))
     assert job["shutdownAfterJobFinishes"] is True
 
 
-def test_raycluster_usage_names_the_entry_point() -> None:
+def test_raycluster_usage_runs_the_example() -> None:
     text = (DEPLOY / "kuberay" / "raycluster.yaml").read_text()
-    cmd = re.search(r"python (/\S+\.py) (--root \S+)", text)
+    cmd = re.search(r"python (/\S+\.py) (--root .+)$", text, re.MULTILINE)
     assert cmd
-    assert _in_image(cmd.group(1)) == ENTRY
+    script, given = _check_example_command(
+        ["python", cmd.group(1), *shlex.split(cmd.group(2))], _example_flags()
+    )
+    assert _in_image(script) == EXAMPLE
+    bucket, prefix = _policy_scope()
+    assert given["--root"].startswith(f"s3://{bucket}/{prefix}")
+    assert int(given["--workers"]) <= _worker_cpus(_kube("RayCluster")["spec"])
 
 
 # --- Dockerfile ------------------------------------------------------------------------------
@@ -349,7 +384,7 @@ def test_dockerfile_builds_ckpt_on_the_ray_image() -> None:
     for src in copied:
         assert (ROOT / src).exists(), f"the Dockerfile copies {src}, which is not in the repository"
     assert {"ckpt", "pyproject.toml", "examples"} <= set(copied)
-    assert "deploy/ray_cluster_entry.py" in copied
+    assert not any(src.startswith("deploy/") for src in copied)  # the examples run as they are
     runs = " ".join(arg for op, arg in ops if op == "RUN")
     assert 'pip install --no-cache-dir ".[s3]"' in runs
     assert "s3fs" in (ROOT / "pyproject.toml").read_text()  # the [s3] extra exists
@@ -382,15 +417,21 @@ def test_cluster_launcher_config() -> None:
     assert any(f"pip install --no-cache-dir {remote}'[s3]'" in c for c in cfg["setup_commands"])
     assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
     assert any("--address=$RAY_HEAD_IP:6379" in c for c in cfg["worker_start_ray_commands"])
-    # the usage line runs the entry point from the mounted repository with flags the example has
+    # the usage line runs the example from the mounted repository with flags it has
     m = re.search(r"'python (\S+) ([^']+)'", LAUNCHER.read_text())
     assert m
-    assert m.group(1) == f"{remote}/deploy/ray_cluster_entry.py"
+    assert m.group(1) == f"{remote}/examples/ray_train.py"
+    assert (ROOT / local / "examples" / "ray_train.py").resolve() == EXAMPLE
     _, given = _check_example_command(
         ["python", m.group(1), *shlex.split(m.group(2))], _example_flags()
     )
     bucket, prefix = _policy_scope()
     assert given["--root"].startswith(f"s3://{bucket}/{prefix}")
+    # one Ray Train worker per CPU of the workers the cluster starts with (the head has none)
+    assert types[cfg["head_node_type"]]["resources"] == {"CPU": 0}
+    vcpus = {"m6i.xlarge": 4, "m6i.2xlarge": 8, "m6i.4xlarge": 16}
+    start = sum(t["min_workers"] * vcpus[t["node_config"]["InstanceType"]] for t in workers)
+    assert int(given["--workers"]) == start
 
 
 # --- IAM -------------------------------------------------------------------------------------
@@ -499,12 +540,13 @@ def test_compose_runs_the_example_against_minio() -> None:
     assert len(built) == 1
     assert services["minio"]["image"].startswith("minio/minio:RELEASE.")  # pinned, not latest
 
-    # the bucket creator waits for MinIO and creates the bucket the demo uses
+    # the bucket creator waits for MinIO and creates the bucket the demo uses, the policy's
     mc = services["create-bucket"]
     assert mc["image"].startswith("minio/mc:")
     assert mc["depends_on"]["minio"]["condition"] == "service_healthy"
     made = re.search(r"mc mb (?:--ignore-existing )?local/([a-z0-9.-]+)", " ".join(mc["command"]))
     assert made
+    assert made.group(1) == _policy_scope()[0]  # the same placeholder bucket everywhere
     assert "http://minio:9000" in " ".join(mc["command"])
 
     # the head listens where the worker points
@@ -526,9 +568,25 @@ def test_compose_runs_the_example_against_minio() -> None:
     assert re.fullmatch(r"--address=http://ray-head:\d+", addr)
     argv = cmd[cmd.index("--") + 1 :]
     script, given = _check_example_command(argv, _example_flags())
-    assert _in_image(script) == ENTRY
-    assert given["--root"].startswith(f"s3://{made.group(1)}/")
-    assert re.fullmatch(r"http://minio:9000", given["--endpoint-url"])
+    assert _in_image(script) == EXAMPLE
+    assert given["--root"].startswith(f"s3://{made.group(1)}/{_policy_scope()[1]}")
+    assert given["--storage-option"] == "endpoint_url=http://minio:9000"
+    cpus = re.search(r"--num-cpus=(\d+)", worker_cmd)
+    assert cpus
+    assert int(given["--workers"]) <= int(cpus.group(1)), "more Ray Train workers than CPUs"
+    assert "--num-cpus=0" in head_cmd  # the driver alone on the head
+    # the workers (on ray-worker) write the loss logs the driver (on ray-head) reads, and Ray
+    # Train's run state goes under the log dir: one volume, same path, on both nodes
+    log_dir = given["--log-dir"]
+    for svc in (head, worker):
+        mounts = [v.split(":")[:2] for v in svc["volumes"]]
+        assert any(
+            name in compose["volumes"] and f"{log_dir}/".startswith(f"{path}/")
+            for name, path in mounts
+        ), f"--log-dir {log_dir} is not on a shared volume"
+    assert any(op == "RUN" and log_dir in arg for op, arg in _dockerfile()), (
+        "the image must create the log dir (a new volume takes its owner)"
+    )
     assert demo["depends_on"]["create-bucket"]["condition"] == "service_completed_successfully"
 
     # every Ray node gets the MinIO credentials from variables (read from .env), never literals
