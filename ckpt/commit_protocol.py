@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,15 @@ import numpy as np
 from ckpt import manifest as manifest_mod
 from ckpt import strictjson, tree
 from ckpt.attempt import Attempt, Report
-from ckpt.errors import CheckpointExistsError, MissingShardError, PlanError, ShardSizeMismatchError
-from ckpt.executor import run_all
+from ckpt.errors import (
+    CheckpointExistsError,
+    CkptWarning,
+    MissingShardError,
+    PlanError,
+    ShardSizeMismatchError,
+    StorageError,
+)
+from ckpt.executor import bounded, run_all
 from ckpt.manifest import I64, FileEntry, Manifest, ShardTable, TensorEntry
 from ckpt.storage import Storage
 
@@ -226,7 +234,7 @@ def _merge_trees(by_rank: dict[int, Report]) -> tuple[Any, dict[str, Any]]:
     return skeleton, objects
 
 
-def check_files(storage: Storage, m: Manifest, *, num_threads: int) -> None:
+def check_files(storage: Storage, m: Manifest, *, num_threads: int, timeout_s: float | None = None) -> None:
     """Every file the manifest names exists with the reported size (one stat each)."""
 
     def check(path: str) -> None:
@@ -239,30 +247,45 @@ def check_files(storage: Storage, m: Manifest, *, num_threads: int) -> None:
                 f"{storage.where(path)}: {size} bytes on storage, the writer reported {m.files[path].size}"
             )
 
-    run_all(check, sorted(m.files), num_threads=num_threads)
+    run_all(check, sorted(m.files), num_threads=num_threads, timeout_s=timeout_s,
+            what=lambda p: f"{storage.where(p)}: stat")  # fmt: skip
 
 
-def publish(storage: Storage, m: Manifest, *, fsync: bool, update_latest: bool) -> None:
+def publish(
+    storage: Storage, m: Manifest, *, fsync: bool, update_latest: bool, timeout_s: float | None = None
+) -> None:
     """THE commit point: create the manifest only if absent. A lost-response retry that finds
-    our own attempt there counts as success; anyone else's is CheckpointExistsError."""
+    our own attempt there counts as success; anyone else's is CheckpointExistsError.
+
+    With ``timeout_s``, a manifest write that does not answer in time raises StorageTimeoutError:
+    the outcome is then unknown (the abandoned write may still land and commit the step)."""
     rel = manifest_path(m.step)
-    if not storage.put_if_absent(rel, m.to_json(), fsync=fsync):
-        existing = manifest_mod.parse(storage.read(rel), where=storage.where(rel), expected_step=m.step)
+    data = m.to_json()
+    where = storage.where(rel)
+    if not bounded(lambda: storage.put_if_absent(rel, data, fsync=fsync), timeout_s=timeout_s, what=f"{where}: create-only write"):
+        blob = bounded(lambda: storage.read(rel), timeout_s=timeout_s, what=f"{where}: read")
+        existing = manifest_mod.parse(blob, where=where, expected_step=m.step)
         if existing.attempt != m.attempt:
             raise CheckpointExistsError(
                 f"{storage.url}: step {m.step} was committed by attempt {existing.attempt} "
                 f"(ours: {m.attempt}); our data is garbage for gc"
             )
     if update_latest:
-        _update_latest(storage, m.step, fsync=fsync)
+        try:
+            _update_latest(storage, m.step, fsync=fsync, timeout_s=timeout_s)
+        except StorageError as err:  # the step is committed; LATEST is only a hint (FORMAT 9.4)
+            warnings.warn(f"step {m.step} is committed, but the LATEST hint was not updated: {err}", CkptWarning, stacklevel=3)
 
 
-def _update_latest(storage: Storage, step: int, *, fsync: bool) -> None:
+def _update_latest(storage: Storage, step: int, *, fsync: bool, timeout_s: float | None = None) -> None:
     """LATEST is a hint for humans and other tools; ckpt itself always lists ``steps/``."""
+    where = storage.where(LATEST)
     try:
-        current = strictjson.loads(storage.read(LATEST), what=LATEST, error=ValueError, max_bytes=4096)
+        blob = bounded(lambda: storage.read(LATEST), timeout_s=timeout_s, what=f"{where}: read")
+        current = strictjson.loads(blob, what=LATEST, error=ValueError, max_bytes=4096)
         if isinstance(current, dict) and type(current.get("step")) is int and current["step"] >= step:
             return
     except (ValueError, OSError):
         pass  # missing or damaged hint: rewrite it
-    storage.put(LATEST, strictjson.dumps({"step": step}), fsync=fsync)
+    hint = strictjson.dumps({"step": step})
+    bounded(lambda: storage.put(LATEST, hint, fsync=fsync), timeout_s=timeout_s, what=f"{where}: write")

@@ -16,6 +16,7 @@ __all__ = [
     "ChecksumMismatchError",
     "CkptError",
     "CkptWarning",
+    "ConditionalWriteUnsupportedError",
     "CorruptCheckpointError",
     "HeaderError",
     "IntegrityMetadataError",
@@ -35,6 +36,7 @@ __all__ = [
     "ShardSizeMismatchError",
     "StateError",
     "StorageError",
+    "StorageTimeoutError",
     "TargetMismatchError",
     "TensorSizeError",
     "UnsafePathError",
@@ -175,6 +177,18 @@ class TargetMismatchError(CkptError, ValueError):
 
 class StorageError(CkptError, OSError):
     """The storage backend failed (after retries). Carries the operation and the path."""
+
+
+class StorageTimeoutError(StorageError, TimeoutError):
+    """A storage operation did not finish within ``io_timeout_s``; names the file and the
+    operation. The thread running it cannot be stopped from Python: it is abandoned (a daemon
+    thread) and may still complete later."""
+
+
+class ConditionalWriteUnsupportedError(PlanError):
+    """The object store ignores ``If-None-Match: *`` (the conditional-write probe failed), so
+    concurrent commits could overwrite each other; refused unless the user declares single-writer
+    use with ``SaveOptions(allow_non_atomic_commit=True)``."""
 
 
 class WorkerFailedError(CkptError):

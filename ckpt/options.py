@@ -33,10 +33,13 @@ class SaveOptions:
     fsync: bool = True  # local disks: fsync shard files and directories before the commit
     update_latest: bool = True  # write the LATEST hint after a commit
     allow_non_atomic_commit: bool = False  # permit backends without a create-only primitive
+    # Each storage operation (a file write, a stat, the manifest commit, LATEST) must end within
+    # this many seconds, else StorageTimeoutError; the hung call's thread is abandoned.
+    io_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         for name in ("block_bytes", "max_file_bytes", "parallel_files", "min_file_bytes", "write_chunk_bytes",
-                     "max_inflight_bytes", "num_threads", "split_bytes"):  # fmt: skip
+                     "max_inflight_bytes", "num_threads", "split_bytes", "io_timeout_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"SaveOptions.{name} must be positive")
 
@@ -64,9 +67,12 @@ class RestoreOptions:
     read_chunk_bytes: int | None = None
     max_inflight_bytes: int = 512 * MiB  # bytes in flight (scratch and network buffers) at once
     num_threads: int = 8  # concurrent reads
+    # Each storage operation (a manifest or data read, a stat, a listing) must end within this
+    # many seconds, else StorageTimeoutError; the hung call's thread is abandoned.
+    io_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        for name in ("read_chunk_bytes", "max_inflight_bytes", "num_threads"):
+        for name in ("read_chunk_bytes", "max_inflight_bytes", "num_threads", "io_timeout_s"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"RestoreOptions.{name} must be positive")
         if self.max_gap_bytes is not None and self.max_gap_bytes < 0:
@@ -83,3 +89,32 @@ class RestoreOptions:
         if self.read_chunk_bytes is not None:
             return self.read_chunk_bytes
         return LOCAL_READ_CHUNK_BYTES if local else REMOTE_READ_CHUNK_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How ckpt retries a transient storage failure (object stores; docs/s3.md).
+
+    A request that fails with a transient error (503 SlowDown, 500 InternalError, 409
+    ConditionalRequestConflict, a reset connection, a body cut short, a timeout) is tried again up
+    to ``attempts`` times in all, sleeping a random time in ``[0, min(max_s, base_s * 2**i))``
+    before retry ``i + 1`` (exponential backoff with full jitter), and never past ``deadline_s``
+    seconds after the first try. Permanent errors (403, 404, 400, a 412 that is not our own
+    write) are never retried. Pass one as ``storage_options={"ckpt_retry": RetryPolicy(...)}``.
+    """
+
+    attempts: int = 8  # tries in all, the first included
+    base_s: float = 0.1  # the backoff before the first retry is drawn from [0, base_s)
+    max_s: float = 10.0  # cap on one backoff
+    deadline_s: float = 300.0  # no retry starts later than this after the first try
+
+    def __post_init__(self) -> None:
+        if type(self.attempts) is not int or self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be an integer >= 1")
+        for name in ("base_s", "max_s", "deadline_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"RetryPolicy.{name} must be >= 0")
+
+    def backoff(self, retry: int, rand: float) -> float:
+        """The sleep before retry number ``retry`` (0-based), given ``rand`` uniform in [0, 1)."""
+        return rand * min(self.max_s, self.base_s * (2.0 ** min(retry, 60)))

@@ -23,6 +23,7 @@ from ckpt.errors import (
     ManifestTooLargeError,
     MissingShardError,
     ShardSizeMismatchError,
+    StorageError,
     TargetMismatchError,
 )
 from ckpt.manifest import Manifest
@@ -46,10 +47,11 @@ def latest_step(root: str, *, storage_options: dict[str, Any] | None = None) -> 
     return None if m is None else m.step
 
 
-def _latest(storage: Storage) -> Manifest | None:
-    for step in reversed(storage.step_dirs()):
+def _latest(storage: Storage, *, timeout_s: float | None = None) -> Manifest | None:
+    steps = executor.bounded(storage.step_dirs, timeout_s=timeout_s, what=f"{storage.where('steps')}: listing")
+    for step in reversed(steps):
         try:
-            return read_step(storage, step)
+            return read_step(storage, step, timeout_s=timeout_s)
         except ManifestError as err:
             warnings.warn(f"skipping step {step}: {err}", CkptWarning, stacklevel=3)
         except CheckpointNotFoundError:
@@ -62,30 +64,35 @@ def read_manifest(root: str, step: int | None = None, *, storage_options: dict[s
     return resolve_step(Storage(root, storage_options), step)
 
 
-def resolve_step(storage: Storage, step: int | None) -> Manifest:
+def resolve_step(storage: Storage, step: int | None, *, timeout_s: float | None = None) -> Manifest:
     """``step``'s manifest, or the newest one that validates when ``step`` is None (newer
-    invalid ones are skipped with a CkptWarning: they are not checkpoints)."""
+    invalid ones are skipped with a CkptWarning: they are not checkpoints). ``timeout_s``
+    bounds each storage operation (StorageTimeoutError)."""
     if step is not None:
-        return read_step(storage, step)
-    m = _latest(storage)
+        return read_step(storage, step, timeout_s=timeout_s)
+    m = _latest(storage, timeout_s=timeout_s)
     if m is None:
         raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
     return m
 
 
-def read_step(storage: Storage, step: int) -> Manifest:
+def read_step(storage: Storage, step: int, *, timeout_s: float | None = None) -> Manifest:
     """The validated manifest of ``step``: CheckpointNotFoundError if absent, a ManifestError if
-    it does not validate. The size is checked before anything is read."""
+    it does not validate. The size is checked before anything is read. ``timeout_s`` bounds
+    each storage operation (StorageTimeoutError)."""
     rel = commit_mod.manifest_path(step)
+    where = storage.where(rel)
     try:
-        size = storage.size(rel)
+        size = executor.bounded(lambda: storage.size(rel), timeout_s=timeout_s, what=f"{where}: stat")
         if size > manifest_mod.MAX_MANIFEST_BYTES:
             raise ManifestTooLargeError(
-                f"{storage.where(rel)}: {size} bytes is over the {manifest_mod.MAX_MANIFEST_BYTES}-byte manifest cap"
+                f"{where}: {size} bytes is over the {manifest_mod.MAX_MANIFEST_BYTES}-byte manifest cap"
             )
-        data = storage.read(rel)
+        data = executor.bounded(lambda: storage.read(rel), timeout_s=timeout_s, what=f"{where}: read")
     except MissingShardError:  # absent, or retired between the stat and the read
         raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint for step {step}") from None
+    if len(data) < size:  # manifests are never rewritten: fewer bytes than stat said is a failed read
+        raise StorageError(f"{where}: short read: got {len(data)} of its {size} bytes")
     return manifest_mod.parse(data, where=storage.where(rel), expected_step=step)
 
 
@@ -109,7 +116,7 @@ def restore(
     """
     opts = options or RestoreOptions()
     storage = Storage(root, storage_options)
-    m = resolve_step(storage, step)
+    m = resolve_step(storage, step, timeout_s=opts.io_timeout_s)
     return restore_manifest(storage, m, target=target, options=opts)
 
 
@@ -120,7 +127,7 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
     wanted = {key: _destination(key, m, sel.destinations.get(key)) for key in sel.tensor_keys}
     # Stat the files of the requested tensors before planning: a plan is as big as the bytes
     # the manifest claims, so a lying manifest (a 4 TiB tensor over a small file) stops here.
-    _check_sizes(storage, m, sel.tensor_keys, options.num_threads)
+    _check_sizes(storage, m, sel.tensor_keys, options.num_threads, options.io_timeout_s)
     requests = [Request(k, box) for k, (box, _) in wanted.items()]
     plan = plan_restore(
         m,
@@ -144,6 +151,7 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
         [executor.byte_view(bufs[k]) for k in sel.tensor_keys],
         num_threads=options.num_threads,
         max_inflight_bytes=options.max_inflight_bytes,
+        timeout_s=options.io_timeout_s,
     )
     for key, t in finals.items():
         if bufs[key] is not t:
@@ -181,7 +189,7 @@ def _destination(key: str, m: Manifest, dest: object) -> tuple[regions.Box, torc
     return box, t
 
 
-def _check_sizes(storage: Storage, m: Manifest, keys: list[str], num_threads: int) -> None:
+def _check_sizes(storage: Storage, m: Manifest, keys: list[str], num_threads: int, timeout_s: float | None = None) -> None:
     """One stat per file holding the requested tensors: truncated or extended files fail before
     any read."""
     users: dict[str, list[str]] = {}
@@ -202,4 +210,5 @@ def _check_sizes(storage: Storage, m: Manifest, keys: list[str], num_threads: in
                 f"truncated or extended (keys {users.get(path, [])[:5]})"
             )
 
-    executor.run_all(check, sorted(users), num_threads=num_threads)
+    executor.run_all(check, sorted(users), num_threads=num_threads, timeout_s=timeout_s,
+                     what=lambda p: f"{storage.where(p)}: stat")  # fmt: skip

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ckpt import commit_protocol
 from ckpt.errors import CheckpointNotFoundError, ManifestError
+from ckpt.executor import DEFAULT_IO_TIMEOUT_S, bounded
 from ckpt.manifest import Manifest
 from ckpt.restorer import read_step
 from ckpt.storage import Storage
@@ -26,16 +27,20 @@ class Retired:
     files_kept: tuple[str, ...]  # still referenced by a remaining checkpoint (or by one unreadable), or adopted
 
 
-def retire(storage: Storage, steps: Iterable[int], *, dry_run: bool = False) -> list[Retired]:
-    """Retire ``steps`` (committed checkpoints under ``storage``), oldest first."""
+def retire(
+    storage: Storage, steps: Iterable[int], *, dry_run: bool = False, timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
+) -> list[Retired]:
+    """Retire ``steps`` (committed checkpoints under ``storage``), oldest first. ``timeout_s``
+    bounds each storage operation (StorageTimeoutError)."""
     doomed = sorted(set(steps))
-    manifests = {s: read_step(storage, s) for s in doomed}
-    remaining = [s for s in storage.step_dirs() if s not in manifests]
+    manifests = {s: read_step(storage, s, timeout_s=timeout_s) for s in doomed}
+    listed = bounded(storage.step_dirs, timeout_s=timeout_s, what=f"{storage.where('steps')}: listing")
+    remaining = [s for s in listed if s not in manifests]
     referenced: set[str] = set()
     unreadable = False
     for s in remaining:
         try:
-            referenced.update(read_step(storage, s).files)
+            referenced.update(read_step(storage, s, timeout_s=timeout_s).files)
         except CheckpointNotFoundError:
             continue  # a directory without a manifest: not a checkpoint
         except ManifestError:
@@ -44,25 +49,32 @@ def retire(storage: Storage, steps: Iterable[int], *, dry_run: bool = False) -> 
     for s in doomed:
         m = manifests[s]
         if not dry_run:
-            storage.delete(commit_protocol.manifest_path(s))  # the step ceases to exist here
-            storage.delete(posixpath.dirname(commit_protocol.manifest_path(s)), recursive=True)
+            rel = commit_protocol.manifest_path(s)
+            _delete(storage, rel, timeout_s=timeout_s)  # the step ceases to exist here
+            _delete(storage, posixpath.dirname(rel), recursive=True, timeout_s=timeout_s)
         if unreadable:
             out.append(Retired(s, (), tuple(sorted(m.files))))
             continue
-        gone, kept = _data(storage, m, referenced, dry_run=dry_run)
+        gone, kept = _data(storage, m, referenced, dry_run=dry_run, timeout_s=timeout_s)
         out.append(Retired(s, gone, kept))
     return out
 
 
-def _data(storage: Storage, m: Manifest, referenced: set[str], *, dry_run: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _delete(storage: Storage, rel: str, *, recursive: bool = False, timeout_s: float | None) -> None:
+    bounded(lambda: storage.delete(rel, recursive=recursive), timeout_s=timeout_s, what=f"{storage.where(rel)}: delete")
+
+
+def _data(
+    storage: Storage, m: Manifest, referenced: set[str], *, dry_run: bool, timeout_s: float | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     # Only ckpt's own data files (under data/) are ever deleted: files a manifest adopted
     # (ckpt.adoption: a model directory's safetensors files, elsewhere under the root) are kept.
     gone = tuple(sorted(p for p in m.files if p not in referenced and p.startswith("data/")))
     kept = tuple(sorted(p for p in m.files if p in referenced or not p.startswith("data/")))
     if not dry_run:
         for p in gone:
-            storage.delete(p)
+            _delete(storage, p, timeout_s=timeout_s)
         for d in sorted({posixpath.dirname(p) for p in gone}):
             if not any(posixpath.dirname(k) == d for k in kept):
-                storage.delete(d, recursive=True)  # the attempt's directory (local disks)
+                _delete(storage, d, recursive=True, timeout_s=timeout_s)  # the attempt's directory (local disks)
     return gone, kept

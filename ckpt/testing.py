@@ -1,27 +1,81 @@
 """Test kit, shipped so users can test their own setups: a recording, fault-injecting fsspec
-file system.
+file system (the TensorStore file-hook / DCP ``FaultyStorageWriter`` pattern).
 
-``FaultyFileSystem`` wraps any fsspec file system (``target_protocol`` + ``target_options``)
-and records every call ckpt makes through it (operation, path, byte range). A :class:`Recorder`
-holds the log and the fault rules; pass it in ``storage_options``::
+``FaultyFileSystem`` (protocol ``faulty://``) wraps any fsspec file system (``target_protocol``
++ ``target_options``) and records every call made through it (operation, path, byte range,
+bytes moved). A :class:`Recorder` holds the log and the fault rules; pass it in
+``storage_options``::
 
-    rec = Recorder()
-    opts = {"target_protocol": "memory", "recorder": rec}
-    ckpt.save("faulty://bucket/run", state, step=1, storage_options=opts)
+    rec = Recorder(rules=[Rule("pipe_file", path_contains="manifest.json", kill=True)])
+    opts = {"target_protocol": "file", "recorder": rec}
+    ckpt.save("faulty:///tmp/run", state, step=1, storage_options=opts)  # dies at the commit
     rec.calls_of("cat_file")  # the ranged reads that were made
 
-Rules can raise an error, or truncate what a read returns, for calls matching an operation
-and a path substring, after the first ``skip`` matches.
+A :class:`Rule` matches calls by operation (``"*"``: any), path substring, an optional writer
+rank and an optional predicate, lets the first ``skip`` matches through, then fires at most
+``times`` times. When it fires it applies, in this order:
+
+- ``delay_s``: sleep that long;
+- ``gate``: block until the event is set; ``hang=True``: block until :meth:`Recorder.release`
+  (a hung storage call; tests release it at teardown so abandoned threads end);
+- ``kill=True``: ``os.kill(os.getpid(), SIGKILL)``: the process dies at that exact operation;
+- ``error``: raise it (an exception instance, or a zero-argument callable returning one, so
+  that concurrent calls do not share one exception object);
+- ``truncate_to``: a read (``cat_file``, ``open`` for reading) returns at most this many bytes;
+  a write (``pipe_file``) stores only the first ``truncate_to`` bytes and reports success (a torn
+  write on a backend without atomic writes).
+
+``after=True`` applies the kill or the error *after* the operation took effect (the write
+landed, then the process died or the response was lost).
+
+Ranks: a data file ``data/<step>-<attempt>/<rank:05d>-<k>.safetensors`` belongs to the writer
+``rank``; any other path (manifest, LATEST, listings) belongs to ``Recorder.rank``, the rank of
+the process that owns the recorder (None by default). ``Rule(rank=r)`` fires only on calls whose
+rank is ``r``, so one recorder shared by several in-process writers can fault a single rank's
+files, and a per-process recorder (``Recorder(rank=r)``) can fault everything that process does.
+
+Wrapped operations: ``pipe_file``, ``cat_file``, ``_open`` (``open``), ``info``, ``size``,
+``exists``, ``isfile``, ``isdir``, ``find``, ``ls``, ``rm``, ``rm_file``, ``rmdir``, ``mkdir``,
+``makedirs``, ``cp_file``, ``mv``, ``put_file``, ``get_file``, ``touch``, ``modified``,
+``created``. Other :class:`AbstractFileSystem` methods are built on these and so pass through the
+hooks too.
+
+Atomic create: ckpt commits with a create-only write that must be exclusive *and* all-or-nothing.
+``ckpt_atomic_create`` is True for ``memory`` (create-only writes then hold the process-wide
+memory lock ckpt uses) and ``s3``. Other targets report False (fsspec's generic create is
+exists-then-write: neither exclusive nor all-or-nothing), so ckpt refuses to commit unless
+``SaveOptions(allow_non_atomic_commit=True)``. ``atomic_create=True`` over a local target
+(``file``/``local``) makes the wrapper write a temporary file in the same directory and
+``os.link`` it to the final name for a create (``EEXIST``: lost) or ``os.replace`` it for an
+overwrite: no reader ever sees a partial file and a kill leaves at most a ``.*.tmp`` file; it
+then counts as atomic. (Over any other target ``atomic_create=`` only sets the claim.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import re
+import signal
 import threading
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
+
+_RANK_FILE = re.compile(r"/data/[^/]+/(\d{5,})-\d+\.safetensors$")
+
+
+def rank_of(path: str) -> int | None:
+    """The writer rank a data file path belongs to (None for any other path)."""
+    m = _RANK_FILE.search(path)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,18 +85,38 @@ class Call:
     start: int | None = None
     end: int | None = None
     nbytes: int | None = None  # bytes moved (written or returned)
+    rank: int | None = None  # the data file's writer, else the recorder's rank
 
 
 @dataclass
 class Rule:
     op: str  # operation name, or "*" for any
     path_contains: str = ""
-    error: BaseException | None = None  # raise this
-    truncate_to: int | None = None  # reads return at most this many bytes
+    error: BaseException | Callable[[], BaseException] | None = None  # raise this
+    truncate_to: int | None = None  # reads return / writes store at most this many bytes
     skip: int = 0  # let this many matching calls through first
     times: int = 1 << 30  # then fire at most this often
     fired: int = 0
     gate: threading.Event | None = None  # block the call until this is set (then apply the rest)
+    rank: int | None = None  # fire only on calls of this rank (see the module docstring)
+    delay_s: float = 0.0  # sleep this long first
+    hang: bool = False  # block until Recorder.release() (then apply the rest)
+    kill: bool = False  # SIGKILL this process at the operation
+    after: bool = False  # kill / raise after the operation took effect instead of before
+    when: Callable[[Call], bool] | None = None  # an extra predicate on the call
+
+    def matches(self, call: Call) -> bool:
+        return (
+            self.op in ("*", call.op)
+            and self.path_contains in call.path
+            and (self.rank is None or self.rank == call.rank)
+            and (self.when is None or self.when(call))
+        )
+
+    def make_error(self) -> BaseException | None:
+        if self.error is None or isinstance(self.error, BaseException):
+            return self.error
+        return self.error()
 
 
 @dataclass
@@ -50,17 +124,21 @@ class Recorder:
     calls: list[Call] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    rank: int | None = None  # this process's rank: the rank of calls on non-data paths
+    injected: list[tuple[Call, Rule]] = field(default_factory=list)  # every fault that fired
+    released: threading.Event = field(default_factory=threading.Event)  # ends every hang
 
     def record(self, call: Call) -> Rule | None:
         with self.lock:
             self.calls.append(call)
             for rule in self.rules:
-                if rule.op in ("*", call.op) and rule.path_contains in call.path:
+                if rule.matches(call):
                     if rule.skip > 0:
                         rule.skip -= 1
                         continue
                     if rule.fired < rule.times:
                         rule.fired += 1
+                        self.injected.append((call, rule))
                         return rule
         return None
 
@@ -71,6 +149,10 @@ class Recorder:
     def clear(self) -> None:
         with self.lock:
             self.calls.clear()
+
+    def release(self) -> None:
+        """Unblock every call hung by a ``hang`` rule, now and from now on."""
+        self.released.set()
 
 
 class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
@@ -84,57 +166,207 @@ class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
         target_protocol: str = "memory",
         target_options: dict[str, Any] | None = None,
         recorder: Recorder | None = None,
+        atomic_create: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.target = fsspec.filesystem(target_protocol, **(target_options or {}))
         self.recorder = recorder if recorder is not None else Recorder()
-        # ckpt's commit is only as atomic as the target's create-only write
-        self.ckpt_atomic_create = target_protocol in ("memory", "s3", "s3a")
+        self._memory = target_protocol == "memory"
+        # ckpt's commit is only as atomic as the target's create-only write (module docstring)
+        auto = self._memory or target_protocol in ("s3", "s3a")
+        self.ckpt_atomic_create = auto if atomic_create is None else atomic_create
+        # a local target is made atomic by the wrapper itself, on request
+        self._local = isinstance(self.target, LocalFileSystem) and self.ckpt_atomic_create
+
+    # --- the hook ----------------------------------------------------------------------------
+
+    def _call(self, op: str, path: str, start: int | None = None, end: int | None = None,
+              nbytes: int | None = None) -> Call:  # fmt: skip
+        rank = rank_of(path)
+        return Call(op, path, start, end, nbytes, self.recorder.rank if rank is None else rank)
 
     def _hook(self, call: Call) -> Rule | None:
+        """Record ``call``; apply the part of a firing rule that acts before the operation."""
         rule = self.recorder.record(call)
-        if rule is not None and rule.gate is not None:
+        if rule is None:
+            return None
+        if rule.delay_s > 0:
+            time.sleep(rule.delay_s)
+        if rule.gate is not None:
             rule.gate.wait()
-        if rule is not None and rule.error is not None:
-            raise rule.error
+        if rule.hang:
+            self.recorder.released.wait()
+        if not rule.after:
+            _fire(rule)
         return rule
 
+    def _done(self, rule: Rule | None) -> None:
+        """Apply the part of a firing rule that acts after the operation took effect."""
+        if rule is not None and rule.after:
+            _fire(rule)
+
+    # --- writes ------------------------------------------------------------------------------
+
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
-        self._hook(Call("pipe_file", path, nbytes=len(value)))
-        self.target.pipe_file(path, value, mode=mode, **kwargs)
+        rule = self._hook(self._call("pipe_file", path, nbytes=len(value)))
+        if rule is not None and rule.truncate_to is not None:
+            value = bytes(value[: rule.truncate_to])
+        if self._local:
+            self._pipe_local(path, value, create=mode == "create")
+        elif self._memory and mode == "create":
+            from ckpt.storage import _MEMORY_LOCK  # ckpt's memory:// create-only lock
+
+            with _MEMORY_LOCK:
+                self.target.pipe_file(path, value, mode=mode, **kwargs)
+        else:
+            self.target.pipe_file(path, value, mode=mode, **kwargs)
+        self._done(rule)
+
+    def _pipe_local(self, path: str, value: bytes, *, create: bool) -> None:
+        """All-or-nothing local write: a temporary file, then link (create) or replace."""
+        full = self.target._strip_protocol(path)
+        d = os.path.dirname(full)
+        os.makedirs(d, exist_ok=True)
+        tmp = f"{d}/.{os.path.basename(full)}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "xb") as f:
+                f.write(value)
+            if create:
+                os.link(tmp, full)  # FileExistsError: somebody created it first
+            else:
+                os.replace(tmp, full)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _open(self, path: str, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
+              cache_options: Any = None, **kwargs: Any) -> Any:  # fmt: skip
+        rule = self._hook(self._call("open", path))
+        f = self.target.open(path, mode, block_size=block_size, autocommit=autocommit,
+                             cache_options=cache_options, **kwargs)  # fmt: skip
+        if rule is not None and rule.truncate_to is not None and "r" in mode:
+            data = f.read()[: rule.truncate_to]
+            f.close()
+            f = io.BytesIO(data)
+        self._done(rule)
+        return f
+
+    def touch(self, path: str, truncate: bool = True, **kwargs: Any) -> None:
+        rule = self._hook(self._call("touch", path))
+        self.target.touch(path, truncate=truncate, **kwargs)
+        self._done(rule)
+
+    def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
+        rule = self._hook(self._call("mkdir", path))
+        self.target.mkdir(path, create_parents=create_parents, **kwargs)
+        self._done(rule)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        rule = self._hook(self._call("makedirs", path))
+        self.target.makedirs(path, exist_ok=exist_ok)
+        self._done(rule)
+
+    def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
+        rule = self._hook(self._call("cp_file", path2))
+        self.target.cp_file(path1, path2, **kwargs)
+        self._done(rule)
+
+    def mv(self, path1: str, path2: str, recursive: bool = False, maxdepth: int | None = None, **kwargs: Any) -> None:
+        rule = self._hook(self._call("mv", path2))
+        self.target.mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)
+        self._done(rule)
+
+    def put_file(self, lpath: str, rpath: str, **kwargs: Any) -> None:
+        rule = self._hook(self._call("put_file", rpath))
+        self.target.put_file(lpath, rpath, **kwargs)
+        self._done(rule)
+
+    def get_file(self, rpath: str, lpath: str, **kwargs: Any) -> None:
+        rule = self._hook(self._call("get_file", rpath))
+        self.target.get_file(rpath, lpath, **kwargs)
+        self._done(rule)
+
+    # --- reads -------------------------------------------------------------------------------
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        rule = self._hook(Call("cat_file", path, start, end))
+        rule = self._hook(self._call("cat_file", path, start, end))
         data: bytes = self.target.cat_file(path, start=start, end=end, **kwargs)
         if rule is not None and rule.truncate_to is not None:
             data = data[: rule.truncate_to]
+        self._done(rule)
         return data
 
     def size(self, path: str) -> int:
-        self._hook(Call("size", path))
-        return int(self.target.size(path))
+        rule = self._hook(self._call("size", path))
+        out = int(self.target.size(path))
+        self._done(rule)
+        return out
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        self._hook(Call("info", path))
+        rule = self._hook(self._call("info", path))
         out: dict[str, Any] = self.target.info(path, **kwargs)
+        self._done(rule)
         return out
 
     def exists(self, path: str, **kwargs: Any) -> bool:
-        self._hook(Call("exists", path))
-        return bool(self.target.exists(path, **kwargs))
+        rule = self._hook(self._call("exists", path))
+        out = bool(self.target.exists(path, **kwargs))
+        self._done(rule)
+        return out
+
+    def isfile(self, path: str) -> bool:
+        rule = self._hook(self._call("isfile", path))
+        out = bool(self.target.isfile(path))
+        self._done(rule)
+        return out
+
+    def isdir(self, path: str) -> bool:
+        rule = self._hook(self._call("isdir", path))
+        out = bool(self.target.isdir(path))
+        self._done(rule)
+        return out
+
+    def modified(self, path: str) -> Any:
+        rule = self._hook(self._call("modified", path))
+        out = self.target.modified(path)
+        self._done(rule)
+        return out
+
+    def created(self, path: str) -> Any:
+        rule = self._hook(self._call("created", path))
+        out = self.target.created(path)
+        self._done(rule)
+        return out
 
     def find(self, path: str, *args: Any, **kwargs: Any) -> Any:
-        self._hook(Call("find", path))
-        return self.target.find(path, *args, **kwargs)
+        rule = self._hook(self._call("find", path))
+        out = self.target.find(path, *args, **kwargs)
+        self._done(rule)
+        return out
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> Any:
-        self._hook(Call("ls", path))
-        return self.target.ls(path, detail=detail, **kwargs)
+        rule = self._hook(self._call("ls", path))
+        out = self.target.ls(path, detail=detail, **kwargs)
+        self._done(rule)
+        return out
+
+    # --- deletes -----------------------------------------------------------------------------
 
     def rm(self, path: str, recursive: bool = False, maxdepth: int | None = None) -> None:
-        self._hook(Call("rm", path))
+        rule = self._hook(self._call("rm", path))
         self.target.rm(path, recursive=recursive, maxdepth=maxdepth)
+        self._done(rule)
+
+    def rm_file(self, path: str) -> None:
+        rule = self._hook(self._call("rm_file", path))
+        self.target.rm_file(path)
+        self._done(rule)
+
+    def rmdir(self, path: str) -> None:
+        rule = self._hook(self._call("rmdir", path))
+        self.target.rmdir(path)
+        self._done(rule)
 
     def invalidate_cache(self, path: str | None = None) -> None:
         self.target.invalidate_cache(path)
@@ -143,6 +375,15 @@ class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
     def _strip_protocol(cls, path: str) -> str:
         path = path[len("faulty://") :] if path.startswith("faulty://") else path
         return path.rstrip("/")
+
+
+def _fire(rule: Rule) -> None:
+    if rule.kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)  # the signal is delivered asynchronously; never go on
+    err = rule.make_error()
+    if err is not None:
+        raise err
 
 
 fsspec.register_implementation("faulty", FaultyFileSystem, clobber=True)

@@ -1,0 +1,392 @@
+"""The fault matrix (reliability.md 5.1 items 1-4, 17): every storage operation of a save and of a
+restore, times every fault kind, through ``ckpt.testing.FaultyFileSystem`` over a local directory.
+
+Save: two writers (ranks 0 and 1, in one process, or in a forked child for kills) save step 3 of
+a root that already holds the committed steps 1 and 2, then retention retires step 1. Faults hit
+the begin check, each shard file write of each rank, the commit's stats, the manifest write, the
+LATEST read and write, and each retention delete. Restore: the newest step is restored with a
+fault at the listing, the manifest stat and read, and each data stat and read of each rank.
+
+Fault kinds: ``oserror`` (EIO), ``transient`` (ConnectionResetError), ``lost`` (the operation took
+effect, then the error: a lost response), ``delay``, ``hang`` (until released, with a short
+``io_timeout_s``), ``truncate`` (short reads; torn shard writes), ``kill`` (SIGKILL of the
+process at that operation, in a child forked from tests/forker.py).
+
+After each: every committed step restores bitwise and verifies; the new step is listed only if
+its manifest was written, and then restores to exactly its data; a failure is a typed ckpt error
+naming the file; no call outlives its timeout. A summary (faults injected, operations covered)
+is printed at the end of the module.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import signal
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckpt
+from ckpt import retirement
+from ckpt.storage import Storage
+from ckpt.testing import Call, Recorder, Rule
+
+TIMEOUT_S = 0.4  # io_timeout_s of the faulted operations in hang cases
+SAVE_OPTS = ckpt.SaveOptions(parallel_files=2, min_file_bytes=1, num_threads=2, fsync=False, io_timeout_s=TIMEOUT_S)
+RESTORE_OPTS = ckpt.RestoreOptions(num_threads=2, io_timeout_s=TIMEOUT_S, read_chunk_bytes=256)
+NEW = 3  # the step the faulted save writes; steps 1 and 2 are committed before
+
+
+def rank_state(step: int, rank: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(step * 10 + rank)
+    part: dict[str, Any] = {"a": torch.randn(64, generator=g), "b": torch.randint(0, 1 << 30, (48,), generator=g)}
+    return {f"r{rank}": part, "meta": {"step": step}} if rank == 0 else {f"r{rank}": part}
+
+
+def full_state(step: int) -> dict[str, Any]:
+    return {**rank_state(step, 0), **rank_state(step, 1)}
+
+
+def save_step(root: str, step: int, opts: dict[str, Any] | None, options: ckpt.SaveOptions = SAVE_OPTS) -> None:
+    """A two-writer save: begin, write_shards of rank 0 and rank 1, commit."""
+    a = ckpt.begin(root, step=step, world_size=2, options=options, storage_options=opts)
+    reports = [ckpt.write_shards(a, rank_state(step, r), rank=r, storage_options=opts) for r in (0, 1)]
+    ckpt.commit(a, reports, storage_options=opts)
+
+
+def save_and_retire(root: str, opts: dict[str, Any] | None) -> None:
+    """The faulted workload: save step NEW, then retire step 1 (keep the newest two)."""
+    save_step(root, NEW, opts)
+    retirement.retire(Storage(root, opts), [1], timeout_s=TIMEOUT_S)
+
+
+# --- operation points ---------------------------------------------------------------------------
+
+
+def _ends(suffix: str) -> Callable[[Call], bool]:
+    return lambda c: bool(re.search(suffix, c.path))
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    op: str
+    path_contains: str = ""
+    rank: int | None = None
+    suffix: str | None = None  # regex the path must match
+    names: str = ""  # what the error message must contain
+    stage: str = "pre"  # save: pre (before the commit), latest_read, latest_write, retire_manifest, retire_data
+
+    def rule(self, **kw: Any) -> Rule:
+        when = _ends(self.suffix) if self.suffix else None
+        return Rule(self.op, path_contains=self.path_contains, rank=self.rank, when=when, times=1, **kw)
+
+
+SAVE_POINTS = [
+    Point("begin_exists", "exists", "steps/000000000003/manifest.json", names="manifest.json"),
+    *[
+        Point(f"shard_write_r{r}_f{k}", "pipe_file", f"-{k}.safetensors", rank=r, names=f"{r:05d}-{k}.safetensors")
+        for r in (0, 1) for k in (0, 1)
+    ],
+    Point("commit_stat_r1", "size", "-1.safetensors", rank=1, names="00001-1.safetensors"),
+    Point("manifest_write", "pipe_file", "manifest.json", names="manifest.json"),
+    Point("latest_read", "cat_file", "LATEST", stage="latest_read"),
+    Point("latest_write", "pipe_file", "LATEST", names="LATEST", stage="latest_write"),
+    Point("retire_manifest_rm", "rm", "steps/000000000001/manifest.json", names="manifest.json", stage="retire_manifest"),
+    Point("retire_stepdir_rm", "rm", suffix=r"/steps/000000000001$", names="steps/000000000001", stage="retire_data"),
+    *[
+        Point(f"retire_data_rm_r{r}", "rm", "data/000000000001-", rank=r, names=f"{r:05d}-", stage="retire_data")
+        for r in (0, 1)
+    ],
+    Point("retire_datadir_rm", "rm", suffix=r"/data/000000000001-[0-9a-f]+$", names="data/000000000001-", stage="retire_data"),
+]
+RESTORE_POINTS = [
+    Point("listing", "find", "steps", names="steps"),
+    Point("manifest_stat", "size", "manifest.json", names="manifest.json"),
+    Point("manifest_read", "cat_file", "manifest.json", names="manifest.json"),
+    *[Point(f"data_stat_r{r}", "size", ".safetensors", rank=r, names=f"{r:05d}-") for r in (0, 1)],
+    *[Point(f"data_read_r{r}", "cat_file", ".safetensors", rank=r, names=f"{r:05d}-") for r in (0, 1)],
+]
+_BY_NAME = {("save", p.name): p for p in SAVE_POINTS} | {("restore", p.name): p for p in RESTORE_POINTS}
+
+KINDS = ["oserror", "transient", "lost", "delay", "hang", "truncate", "kill"]
+
+
+def fault_rule(phase: str, point_name: str, kind: str) -> Rule:
+    p = _BY_NAME[(phase, point_name)]
+    if kind == "oserror":
+        return p.rule(error=lambda: OSError(errno.EIO, "injected I/O error"))
+    if kind == "transient":
+        return p.rule(error=lambda: ConnectionResetError(errno.ECONNRESET, "injected connection reset"))
+    if kind == "lost":
+        return p.rule(error=lambda: OSError(errno.EIO, "injected lost response"), after=True)
+    if kind == "delay":
+        return p.rule(delay_s=0.05)
+    if kind == "hang":  # released at teardown; then it fails rather than landing late
+        return p.rule(hang=True, error=lambda: OSError(errno.EIO, "released hang"))
+    if kind == "truncate":
+        return p.rule(truncate_to=7)
+    if kind == "kill":
+        return p.rule(kill=True)
+    raise AssertionError(kind)
+
+
+def applies(phase: str, p: Point, kind: str) -> bool:
+    if kind == "truncate":  # short reads; torn writes of shard files (a torn manifest needs a non-atomic backend)
+        return p.op == "cat_file" if phase == "restore" else p.name.startswith("shard_write")
+    if kind == "lost":  # a write or delete that landed, its response lost
+        return phase == "save" and p.op in ("pipe_file", "rm")
+    return True
+
+
+SAVE_CASES = [(p.name, k) for p in SAVE_POINTS for k in KINDS if applies("save", p, k)]
+RESTORE_CASES = [(p.name, k) for p in RESTORE_POINTS for k in KINDS if applies("restore", p, k)]
+
+
+# --- bookkeeping ----------------------------------------------------------------------------------
+
+STATS: Counter[str] = Counter()
+COVERED: set[tuple[str, str]] = set()
+KINDS_SEEN: set[str] = set()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    line = (
+        f"fault matrix: {STATS['cases']} cases, {STATS['faults']} faults injected "
+        f"({STATS['kills']} kills), {len(COVERED)} storage operations covered "
+        f"({sum(1 for ph, _ in COVERED if ph == 'save')} save, {sum(1 for ph, _ in COVERED if ph == 'restore')} restore), "
+        f"{len(KINDS_SEEN)} fault kinds"
+    )
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # shown in every run, not only with -rA
+            tr.write_line("")
+            tr.write_line(line)
+    out = os.environ.get("CKPT_FAULT_MATRIX_SUMMARY")
+    if out:
+        Path(out).write_text(line + "\n")
+
+
+def _count(phase: str, point: str, kind: str, injected: int) -> None:
+    assert injected >= 1, f"{phase} {point} {kind}: the fault never fired (the operation was not reached)"
+    STATS["cases"] += 1
+    STATS["faults"] += injected
+    STATS["kills"] += kind == "kill"
+    COVERED.add((phase, point))
+    KINDS_SEEN.add(kind)
+
+
+# --- the committed-state template -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root holding the committed steps 1 and 2 (written once, copied per case)."""
+    root = tmp_path_factory.mktemp("template") / "run"
+    for step in (1, 2):
+        save_step(str(root), step, None)
+    return root
+
+
+@pytest.fixture
+def root_dir(template: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "run"
+    shutil.copytree(template, d)
+    return d
+
+
+def faulty(d: Path, rule: Rule | None) -> tuple[str, dict[str, Any], Recorder]:
+    rec = Recorder(rules=[rule] if rule else [])
+    return f"faulty://{d}", {"target_protocol": "file", "atomic_create": True, "recorder": rec}, rec
+
+
+def assert_step(root: str, step: int, *, newest: bool = False) -> None:
+    """``step`` restores bitwise to its state and verifies (no faults: the plain local root)."""
+    back = ckpt.restore(root, None if newest else step)
+    want = full_state(step)
+    assert back["meta"] == want["meta"], f"step {step}: got the state of step {back['meta']}"
+    for r in (0, 1):
+        for k in ("a", "b"):
+            got, exp = back[f"r{r}"][k], want[f"r{r}"][k]
+            assert got.dtype == exp.dtype, f"step {step} r{r}.{k}"
+            assert got.shape == exp.shape, f"step {step} r{r}.{k}"
+            assert got.numpy().tobytes() == exp.numpy().tobytes(), f"step {step} r{r}.{k}: not bitwise equal"
+    report = ckpt.verify(root, step)
+    assert report.ok, f"step {step}: {report}"
+
+
+def check_invariants(d: Path, *, new_committed: bool, old_retired: bool | None) -> None:
+    """Committed steps intact; the new step listed iff its manifest was written; newest exact."""
+    root = str(d)
+    steps = ckpt.list_steps(root)
+    assert (NEW in steps) == new_committed, f"steps {steps}: step {NEW} should {'' if new_committed else 'not '}be listed"
+    assert 2 in steps, f"steps {steps}: the committed step 2 is lost"
+    if old_retired is not None:
+        assert (1 not in steps) == old_retired, f"steps {steps}: step 1 retired should be {old_retired}"
+    for s in steps:
+        assert_step(root, s)
+    assert_step(root, max(steps), newest=True)
+
+
+def assert_typed(err: BaseException, names: str) -> None:
+    assert isinstance(err, ckpt.CkptError), f"{type(err).__name__} is not a ckpt error: {err}"
+    assert names in str(err), f"the error does not name {names!r}: {err}"
+
+
+# --- save -----------------------------------------------------------------------------------------
+
+
+def _save_expectation(p: Point, kind: str) -> tuple[bool, bool, bool | None, str | None]:
+    """(raises, new step committed, step 1 retired (None: either), warning expected)."""
+    failing = kind in ("oserror", "transient", "lost", "hang", "truncate")
+    if p.stage == "pre":
+        landed = kind == "lost" and p.name == "manifest_write"  # committed, then the response was lost
+        return failing, landed or not failing, not failing, None
+    if p.stage == "latest_read":  # a hint: a failed read is rewritten
+        return False, True, True, None
+    if p.stage == "latest_write":  # committed; the hint not updated is a warning
+        return False, True, True, "LATEST hint was not updated" if failing else None
+    if p.stage == "retire_manifest":
+        return failing, True, (kind == "lost") if failing else True, None
+    return failing, True, True, None  # retire_data: the manifest is gone already
+
+
+@pytest.mark.parametrize(("point", "kind"), [c for c in SAVE_CASES if c[1] != "kill"])
+def test_save_fault(point: str, kind: str, root_dir: Path) -> None:
+    p = _BY_NAME[("save", point)]
+    root, opts, rec = faulty(root_dir, fault_rule("save", point, kind))
+    t0 = time.monotonic()
+    raised: BaseException | None = None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                save_and_retire(root, opts)
+            except Exception as err:  # checked below
+                raised = err
+        elapsed = time.monotonic() - t0
+        assert elapsed < 10 * TIMEOUT_S + 5, f"took {elapsed:.1f} s: a wait outlived its timeout"
+        # a transient error may be retried by the storage layer (then it is as if nothing failed)
+        msgs = [str(w.message) for w in caught if issubclass(w.category, ckpt.CkptWarning)]
+        outcome = "delay" if kind == "transient" and raised is None and not msgs else kind
+        raises, committed, retired, warning = _save_expectation(p, outcome)
+        if raises:
+            assert raised is not None, f"{point} {kind}: the save did not fail"
+            assert_typed(raised, p.names)
+            if kind == "hang":
+                assert isinstance(raised, ckpt.StorageTimeoutError), repr(raised)
+        elif raised is not None:
+            raise raised
+        if warning:
+            assert any(warning in m for m in msgs), msgs
+        else:
+            assert not msgs, msgs
+        _count("save", point, kind, len(rec.injected))
+        check_invariants(root_dir, new_committed=committed, old_retired=retired)
+    finally:
+        rec.release()
+
+
+# --- restore --------------------------------------------------------------------------------------
+
+_RESTORE_ERRORS: dict[str, type[BaseException]] = {
+    "oserror": ckpt.StorageError,
+    "transient": ckpt.StorageError,
+    "hang": ckpt.StorageTimeoutError,
+    "truncate": ckpt.CkptError,  # a short read: ShardSizeMismatchError (data) or StorageError (manifest)
+}
+
+
+@pytest.mark.parametrize(("point", "kind"), [c for c in RESTORE_CASES if c[1] != "kill"])
+def test_restore_fault(point: str, kind: str, root_dir: Path) -> None:
+    p = _BY_NAME[("restore", point)]
+    root, opts, rec = faulty(root_dir, fault_rule("restore", point, kind))
+    t0 = time.monotonic()
+    try:
+        if kind == "delay":
+            back = ckpt.restore(root, options=RESTORE_OPTS, storage_options=opts)
+            assert back["meta"] == {"step": 2}
+            assert torch.equal(back["r1"]["a"], full_state(2)["r1"]["a"])
+        else:
+            failed: BaseException | None = None
+            try:
+                back = ckpt.restore(root, options=RESTORE_OPTS, storage_options=opts)
+            except Exception as err:  # never an older step, never partial data
+                failed = err
+            if failed is None:  # only a transient error may be retried away
+                assert kind == "transient", f"{point} {kind}: the restore did not fail"
+                assert back["meta"] == {"step": 2}
+            else:
+                assert isinstance(failed, _RESTORE_ERRORS[kind]), repr(failed)
+                assert_typed(failed, p.names)
+        elapsed = time.monotonic() - t0
+        assert elapsed < 10 * TIMEOUT_S + 5, f"took {elapsed:.1f} s: a wait outlived its timeout"
+        _count("restore", point, kind, len(rec.injected))
+        check_invariants(root_dir, new_committed=False, old_retired=False)
+    finally:
+        rec.release()
+
+
+# --- kills (real processes) -----------------------------------------------------------------------
+
+
+def child_save(root_dir: str, point: str, after: bool) -> None:
+    """In a forked child: the faulted save of step NEW plus retention, dying at ``point``."""
+    rule = fault_rule("save", point, "kill")
+    rule.after = after
+    root, opts, _ = faulty(Path(root_dir), rule)
+    save_and_retire(root, opts)
+
+
+def child_restore(root_dir: str, point: str) -> None:
+    root, opts, _ = faulty(Path(root_dir), fault_rule("restore", point, "kill"))
+    ckpt.restore(root, options=RESTORE_OPTS, storage_options=opts)
+
+
+@pytest.fixture(scope="module")
+def fork_server() -> Iterator[Any]:
+    from forker import forker
+
+    with forker() as fk:
+        yield fk
+
+
+_KILL_CASES = [(p, False) for p, k in SAVE_CASES if k == "kill"] + [("manifest_write", True), ("latest_write", True)]
+
+
+@pytest.mark.parametrize(("point", "after"), _KILL_CASES)
+def test_save_killed(point: str, after: bool, root_dir: Path, fork_server: Any) -> None:
+    p = _BY_NAME[("save", point)]
+    pid = fork_server.start("test_fault_matrix:child_save", str(root_dir), point, after)
+    status = fork_server.reap(pid)
+    assert status == -signal.SIGKILL, f"the child was not killed at {point} (exit {status})"
+    _count("save", point, "kill", 1)
+    committed = p.stage != "pre" or (after and point == "manifest_write")
+    retired = p.stage == "retire_data" or (after and p.stage == "retire_manifest")
+    check_invariants(root_dir, new_committed=committed, old_retired=retired)
+    # a retry after the crash works: the same step if it was not committed, else the next one
+    step = NEW + 1 if committed else NEW
+    save_step(str(root_dir), step, None)
+    assert_step(str(root_dir), step, newest=True)
+
+
+@pytest.mark.parametrize("point", [p for p, k in RESTORE_CASES if k == "kill"])
+def test_restore_killed(point: str, root_dir: Path, fork_server: Any) -> None:
+    pid = fork_server.start("test_fault_matrix:child_restore", str(root_dir), point)
+    status = fork_server.reap(pid)
+    assert status == -signal.SIGKILL, f"the child was not killed at {point} (exit {status})"
+    _count("restore", point, "kill", 1)
+    check_invariants(root_dir, new_committed=False, old_retired=False)
