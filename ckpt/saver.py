@@ -16,7 +16,7 @@ from ckpt import attempt as attempt_mod
 from ckpt import commit_protocol as commit_mod
 from ckpt import dtypes, executor, layout, save_plan, tree
 from ckpt.attempt import Attempt, Report
-from ckpt.errors import CheckpointExistsError, PlanError
+from ckpt.errors import CheckpointExistsError, ConditionalWriteUnsupportedError, PlanError
 from ckpt.manifest import Manifest
 from ckpt.options import SaveOptions
 from ckpt.shard import Shard, dtensor_layout, is_dtensor
@@ -53,7 +53,17 @@ def begin(
             "concurrent commits could overwrite each other. Pass "
             "SaveOptions(allow_non_atomic_commit=True) if only one job ever writes this root."
         )
-    if storage.exists(commit_mod.manifest_path(step)):
+    if storage.is_s3 and not a.options.allow_non_atomic_commit and not executor.bounded(
+        storage.conditional_writes_work, timeout_s=a.options.io_timeout_s, what=f"{storage.url}: conditional-write probe"
+    ):
+        raise ConditionalWriteUnsupportedError(
+            f"{storage.url}: the S3 endpoint {storage.endpoint()} ignores If-None-Match on PutObject "
+            "(a second create-only PUT of a probe key succeeded instead of failing with 412), so two "
+            "writers committing the same step could overwrite each other's manifest. Pass "
+            "SaveOptions(allow_non_atomic_commit=True) if only one job ever writes this root (docs/s3.md)."
+        )
+    rel = commit_mod.manifest_path(step)
+    if executor.bounded(lambda: storage.exists(rel), timeout_s=a.options.io_timeout_s, what=f"{storage.where(rel)}: exists"):
         raise CheckpointExistsError(f"{storage.url}: step {step} is already committed")
     return a
 
@@ -141,10 +151,12 @@ def write_shards(
         min_file_bytes=opts.min_file_bytes,
     )
     written = executor.write_files(
-        storage, plan.files, tensors, block_bytes=opts.block_bytes, num_threads=opts.num_threads, fsync=opts.fsync
+        storage, plan.files, tensors, block_bytes=opts.block_bytes, num_threads=opts.num_threads, fsync=opts.fsync,
+        timeout_s=opts.io_timeout_s,
     )
     if opts.fsync and plan.files:
-        storage.sync_dirs([save_plan.data_dir(attempt.step, attempt.attempt), "data", ""])
+        dirs = [save_plan.data_dir(attempt.step, attempt.attempt), "data", ""]
+        executor.bounded(lambda: storage.sync_dirs(dirs), timeout_s=opts.io_timeout_s, what=f"{storage.where(dirs[0])}: fsync")
     shards = []
     for fp, wf in zip(plan.files, written, strict=True):
         for item, br in fp.items:
@@ -218,8 +230,9 @@ def commit(
     storage = Storage(attempt.root, storage_options)
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     m = commit_mod.build_manifest(attempt, reports, created=created)
-    commit_mod.check_files(storage, m, num_threads=attempt.options.num_threads)
-    commit_mod.publish(storage, m, fsync=attempt.options.fsync, update_latest=attempt.options.update_latest)
+    opts = attempt.options
+    commit_mod.check_files(storage, m, num_threads=opts.num_threads, timeout_s=opts.io_timeout_s)
+    commit_mod.publish(storage, m, fsync=opts.fsync, update_latest=opts.update_latest, timeout_s=opts.io_timeout_s)
     return m
 
 

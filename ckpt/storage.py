@@ -10,6 +10,13 @@ Commit primitives (DESIGN section 4):
 - s3: ``PutObject`` with ``If-None-Match: *`` (s3fs ``mode="create"``);
 - memory: ``mode="create"`` under a process-wide lock.
 Other backends have no create-only primitive we trust; they need ``allow_non_atomic_commit``.
+
+Retries (docs/s3.md): on S3, ckpt owns the retry layer. Every request goes through
+:meth:`Storage._call_s3` (or :meth:`Storage._retrying`), which retries transient errors with
+exponential backoff and full jitter under a :class:`~ckpt.options.RetryPolicy`; s3fs's and
+botocore's own retries are turned off for ckpt's client so the two layers never multiply. A
+create-only write whose reply was lost and whose retry meets 412 reads the object back: our
+own bytes there are our success, anything else a conflict.
 """
 
 from __future__ import annotations
@@ -20,15 +27,20 @@ import concurrent.futures
 import contextlib
 import datetime
 import errno
+import hashlib
 import io
+import itertools
+import logging
 import os
+import random
 import re
 import stat
 import threading
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -40,6 +52,10 @@ from ckpt.errors import (
     StorageError,
     UnsafePathError,
 )
+from ckpt.options import RetryPolicy
+
+T = TypeVar("T")
+log = logging.getLogger("ckpt.storage")
 
 _MEMORY_LOCK = threading.Lock()  # memory:// is one process-wide dict; make create-only atomic
 _S3_MIN_PART = 5 << 20  # S3's minimum multipart part size
@@ -55,7 +71,27 @@ S3_PART_BYTES = 16 * _MiB
 S3_PARTS_PER_FILE = 4
 S3_SINGLE_PUT_MAX_BYTES = 128 * _MiB
 S3_MAX_INFLIGHT_BYTES = 256 * _MiB
-_S3_READ_RETRIES = 3  # a ranged GET whose body fails mid-stream is read again (from its start)
+S3_MAX_REQUESTS = 64  # requests in flight at once per Storage (storage_options "ckpt_max_requests")
+_S3_RESTARTS = 2  # a multipart upload S3 discarded (409 on completion) is started over this often
+# S3 answers that are worth another try: throttling, server errors, a conditional write that
+# raced another one (409 ConditionalRequestConflict: "retry the request")
+_RETRY_CODES = frozenset(
+    {
+        "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
+        "ThrottlingException", "RequestLimitExceeded", "TooManyRequests", "ConditionalRequestConflict",
+        "OperationAborted",
+    }
+)  # fmt: skip
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+# Retries done in this process, by "operation: reason" (observability and tests), and the
+# backoffs slept (the most recent ones).
+RETRIES: collections.Counter[str] = collections.Counter()
+BACKOFFS: collections.deque[float] = collections.deque(maxlen=10_000)
+_RETRIES_LOCK = threading.Lock()
+# The conditional-write probe's verdicts, per (endpoint, bucket), for this process
+_PROBED: dict[tuple[str, str], bool] = {}
+_PROBE_LOCK = threading.Lock()
+PROBE_DIR = "_ckpt_probe"
 
 
 class _Budget:
@@ -109,8 +145,29 @@ class Storage:
         part_bytes: int | None = None,
         single_put_max_bytes: int | None = None,
         max_inflight_bytes: int | None = None,
+        retry: RetryPolicy | None = None,
+        max_requests: int | None = None,
     ) -> None:
-        self.fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        opts = dict(storage_options or {})
+        # ckpt's own knobs ride in storage_options (so every entry point takes them); fsspec never sees them
+        self.retry = _retry_policy(opts.pop("ckpt_retry", None), retry)
+        self.max_requests = int(max_requests or opts.pop("ckpt_max_requests", None) or S3_MAX_REQUESTS)
+        opts.pop("ckpt_max_requests", None)
+        if self.max_requests < 1:
+            raise ValueError("ckpt_max_requests must be >= 1")
+        own_retries = False
+        if fsspec.core.split_protocol(root)[0] in ("s3", "s3a"):
+            config = dict(opts.get("config_kwargs") or {})
+            if "retries" not in config:  # the caller did not choose botocore's retries: ckpt owns them
+                config["retries"] = {"mode": "standard", "total_max_attempts": 1}
+                opts["config_kwargs"] = config
+                own_retries = True
+        self.fs, path = fsspec.core.url_to_fs(root, **opts)
+        if own_retries:
+            # s3fs's retry loop off too (this instance is ckpt's: its config differs from the
+            # caller's own); botocore's off by the config above
+            self.fs.retries = 1
+        self._slots = asyncio.Semaphore(self.max_requests)  # requests in flight (bound on first use)
         self.protocol: str = (
             self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         )
@@ -163,25 +220,168 @@ class Storage:
                 f"{self.where(rel)}: {op} failed: {type(err).__name__}: {err}"
             ) from err
 
+    # --- S3 requests, retried (docs/s3.md) ------------------------------------------------
+
+    async def _retrying(
+        self, op: str, attempt: Callable[[], Awaitable[T]], tries: list[str] | None = None
+    ) -> T:
+        """Run ``attempt`` (one request, made afresh each time) until it succeeds, retrying
+        transient failures under the policy; each try holds one of the Storage's request
+        slots, the backoff sleeps hold none. ``tries`` collects the reasons of failed tries (a
+        create-only write uses them to know its first try may have landed)."""
+        t0 = time.monotonic()
+        for i in itertools.count():
+            try:
+                async with self._slots:
+                    return await attempt()
+            except Exception as err:
+                reason = transient(err)
+                delay = self._backoff(reason, i, t0)
+                if reason is None or delay is None:
+                    raise
+                if tries is not None:
+                    tries.append(reason)
+                with _RETRIES_LOCK:
+                    RETRIES[f"{op}: {reason}"] += 1
+                    BACKOFFS.append(delay)
+                log.debug("%s: %s failed (%s), retry %d in %.3f s", self.url, op, reason, i + 1, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, reason: str | None, i: int, t0: float) -> float | None:
+        """The sleep before retry ``i + 1``, or None when the policy allows no more."""
+        if reason is None or i + 1 >= self.retry.attempts:
+            return None
+        delay = self.retry.backoff(i, random.random())
+        if time.monotonic() - t0 + delay > self.retry.deadline_s:
+            return None
+        return delay
+
+    async def _call_s3(self, method: str, tries: list[str] | None = None, **kwargs: Any) -> Any:
+        """One S3 API call through s3fs, retried; a file-like ``Body`` is rewound for each try."""
+        body = kwargs.get("Body")
+
+        async def once() -> Any:
+            if body is not None and hasattr(body, "seek"):
+                body.seek(0)
+            return await self.fs._call_s3(method, **kwargs)
+
+        return await self._retrying(method, once, tries)
+
+    def call_s3(self, method: str, tries: list[str] | None = None, **kwargs: Any) -> Any:
+        """:meth:`_call_s3` from a thread outside the file system's event loop."""
+        return fsspec.asyn.sync(self.fs.loop, self._call_s3, method, tries, **kwargs)
+
+    def _retry_sync(self, op: str, fn: Callable[[], T]) -> T:
+        """A blocking s3fs method (a listing, a recursive delete) retried like a request."""
+        t0 = time.monotonic()
+        for i in itertools.count():
+            try:
+                return fn()
+            except Exception as err:
+                reason = transient(err)
+                delay = self._backoff(reason, i, t0)
+                if reason is None or delay is None:
+                    raise
+                with _RETRIES_LOCK:
+                    RETRIES[f"{op}: {reason}"] += 1
+                    BACKOFFS.append(delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _s3_get(self, bucket: str, key: str) -> bytes:
+        """A whole object in one GetObject, retried (a body cut short is read again)."""
+
+        async def once() -> bytes:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            body = resp["Body"]
+            try:
+                data: bytes = await body.read()
+            finally:
+                body.close()
+            return data
+
+        return await self._retrying("get_object", once)
+
+    def _s3_holds(self, bucket: str, key: str, data: io.BytesIO | bytes) -> bool:
+        """Whether the object at ``key`` is exactly ``data`` (the lost-response check): one
+        HeadObject when its ETag is the MD5 of ``data`` (a plain PutObject's), else its bytes."""
+        want = data.getvalue() if isinstance(data, io.BytesIO) else data
+        try:
+            head = self.call_s3("head_object", Bucket=bucket, Key=key)
+            if int(head.get("ContentLength", -1)) != len(want):
+                return False
+            if str(head.get("ETag", "")).strip('"') == hashlib.md5(want, usedforsecurity=False).hexdigest():
+                return True
+            got: bytes = fsspec.asyn.sync(self.fs.loop, self._s3_get, bucket, key)
+        except FileNotFoundError:
+            return False
+        return got == want
+
+    # --- the conditional-write probe ---------------------------------------------------------
+
+    def endpoint(self) -> str:
+        """The S3 endpoint this Storage talks to (for messages and the probe's cache)."""
+        ep = getattr(self.fs, "endpoint_url", None) or (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
+        return str(ep or "https://s3.amazonaws.com")
+
+    def conditional_writes_work(self) -> bool:
+        """Whether the endpoint honours ``If-None-Match: *`` on PutObject (S3 only; True for
+        the other backends). Probed once per endpoint and bucket per process: a create-only PUT
+        of a fresh key under ``<root>/_ckpt_probe/``, then the same again, which must get 412;
+        the key is deleted after. Three requests."""
+        if not self.is_s3:
+            return True
+        bucket, _, _ = self.fs.split_path(self.root + "/")
+        cache_key = (self.endpoint(), bucket)
+        with _PROBE_LOCK:
+            if cache_key in _PROBED:
+                return _PROBED[cache_key]
+        rel = f"{PROBE_DIR}/{uuid.uuid4().hex}"
+        _, key, _ = self.fs.split_path(self.path(rel))
+        with self._errors("conditional-write probe", rel):
+            self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(b"1"), IfNoneMatch="*")
+            try:
+                self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(b"2"), IfNoneMatch="*")
+                works = False  # the second create-only write replaced the first
+            except Exception as err:
+                if not _precondition_failed(err):
+                    raise
+                works = True
+            finally:
+                with contextlib.suppress(Exception):  # a probe key left behind is harmless
+                    self.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": [{"Key": key}], "Quiet": True})
+        with _PROBE_LOCK:
+            _PROBED[cache_key] = works
+        return works
+
     # --- writes ----------------------------------------------------------------------------
 
     def write_file(
-        self, rel: str, chunks: Iterable[memoryview | bytes], *, size: int, fsync: bool
+        self,
+        rel: str,
+        chunks: Iterable[memoryview | bytes] | Callable[[], Iterable[memoryview | bytes]],
+        *,
+        size: int,
+        fsync: bool,
     ) -> None:
         """Create ``rel`` from ``chunks`` (``size`` bytes in all). Never overwrites; never
         publishes a partial object on failure (local partial files are removed, S3 multipart
-        uploads aborted)."""
+        uploads aborted). ``chunks`` may be a function giving the data afresh on each call: an
+        S3 multipart upload that S3 discarded (409 on its completion) is then started over."""
         full = self.path(rel)
         try:
             with self._errors("write", rel):
-                if self.is_local:
-                    self._write_local(full, chunks, fsync=fsync)
-                elif self.is_s3 and size <= self.single_put_max_bytes:
-                    self._write_s3_single(full, chunks, size)
-                elif self.is_s3:
+                if self.is_s3 and size > self.single_put_max_bytes:
                     self._write_s3_multipart(full, chunks, size)
+                    return
+                data = chunks() if callable(chunks) else chunks
+                if self.is_local:
+                    self._write_local(full, data, fsync=fsync)
+                elif self.is_s3:
+                    self._write_s3_single(full, data, size)
                 else:
-                    self.fs.pipe_file(full, b"".join(chunks), mode="create")
+                    self.fs.pipe_file(full, b"".join(data), mode="create")
         except StorageError as err:
             if isinstance(err.__cause__, FileExistsError):
                 raise StorageError(
@@ -207,7 +407,10 @@ class Storage:
         os.close(fd)
 
     def _write_s3_single(self, full: str, chunks: Iterable[memoryview | bytes], size: int) -> None:
-        """One create-only PutObject; its body is the one copy of the file's bytes."""
+        """One create-only PutObject; its body is the one copy of the file's bytes. A 412 is
+        checked against the object there (its ETag, else its bytes): a try whose reply was lost
+        may have landed, and its retry (ours, or aiohttp's own one-shot retry of an idempotent
+        request on a reused connection) then meets our own write, which is our success."""
         bucket, key, _ = self.fs.split_path(full)
         self._upload_budget.acquire(size)
         try:
@@ -215,25 +418,49 @@ class Storage:
             body, got = data.take(size)
             if got != size or not data.exhausted():
                 raise ValueError(f"the data is not the {size} bytes announced")
-            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+            try:
+                self.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+            except Exception as err:
+                if not (_precondition_failed(err) and self._s3_holds(bucket, key, body)):
+                    raise
+                log.info("%s: a retried create-only PUT met its own earlier write", self.url)
         finally:
             self._upload_budget.release(size)
         self.fs.invalidate_cache(full)
 
     def _write_s3_multipart(
-        self, full: str, chunks: Iterable[memoryview | bytes], size: int
+        self,
+        full: str,
+        source: Iterable[memoryview | bytes] | Callable[[], Iterable[memoryview | bytes]],
+        size: int,
     ) -> None:
-        """A multipart upload, parts uploaded concurrently on the file system's event loop while
-        this thread fills the next one; completed create-only. On any failure (the data
-        source, a part, the completion, an interrupt) the parts in flight are waited for and the
-        upload is aborted: nothing becomes visible, no part is left stored."""
+        """A multipart upload (see :meth:`_multipart_once`), started over when S3 discarded it
+        after a 409 on its completion and ``source`` can give the data again."""
+        for restart in itertools.count():
+            try:
+                self._multipart_once(full, source() if callable(source) else source, size)
+                return
+            except _UploadGone as gone:
+                if not callable(source) or restart >= _S3_RESTARTS:
+                    raise StorageError(
+                        f"{full}: S3 discarded the multipart upload ({gone}) and the data cannot be "
+                        "read again here; the save must be retried"
+                    ) from gone.__cause__
+                with _RETRIES_LOCK:
+                    RETRIES["multipart upload: restarted"] += 1
+
+    def _multipart_once(self, full: str, chunks: Iterable[memoryview | bytes], size: int) -> None:
+        """One multipart upload, parts uploaded concurrently on the file system's event loop while
+        this thread fills the next one (each part retried on its own); completed create-only.
+        On any failure (the data source, a part, the completion, an interrupt) the parts in
+        flight are waited for and the upload is aborted: nothing becomes visible, no part is
+        left stored. A completion whose reply was lost (its retry meets 412 or NoSuchUpload) is
+        ours if the object has our size and the ETag our parts make."""
         bucket, key, _ = self.fs.split_path(full)
         part = max(self.part_bytes, -(-size // _S3_MAX_PARTS))
         n_parts = -(-size // part)
         data = _Chunks(chunks)
-        upload_id: str = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)[
-            "UploadId"
-        ]
+        upload_id: str = self.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
         pending: collections.deque[concurrent.futures.Future[dict[str, Any]]] = collections.deque()
         etags: list[str] = []
         try:
@@ -247,7 +474,7 @@ class Storage:
                     if got != n:
                         raise ValueError(f"the data ends before the {size} bytes announced")
                     fut = asyncio.run_coroutine_threadsafe(
-                        self.fs._call_s3(
+                        self._call_s3(
                             "upload_part",
                             Bucket=bucket,
                             Key=key,
@@ -267,26 +494,52 @@ class Storage:
                 raise ValueError(f"the data is longer than the {size} bytes announced")
             while pending:
                 etags.append(pending.popleft().result()["ETag"])
-            self.fs.call_s3(
-                "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id, IfNoneMatch="*",
-                MultipartUpload={"Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]},
-            )  # fmt: skip
+            tries: list[str] = []
+            try:
+                self.call_s3(
+                    "complete_multipart_upload", tries, Bucket=bucket, Key=key, UploadId=upload_id, IfNoneMatch="*",
+                    MultipartUpload={"Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]},
+                )  # fmt: skip
+            except Exception as err:
+                status, code = _s3_error(err)
+                gone = code == "NoSuchUpload" or (status == 404 and not isinstance(err, FileExistsError))
+                if (gone or _precondition_failed(err)) and self._s3_is_upload(bucket, key, size, etags):
+                    log.info("%s: a retried completion met its own earlier one", self.url)
+                elif tries and gone:
+                    raise _UploadGone(f"NoSuchUpload after {', '.join(tries)}") from err
+                else:
+                    raise
         except BaseException:
             # let the parts in flight end: none may land after the abort
             concurrent.futures.wait(pending)
             with contextlib.suppress(Exception):  # the original error is the one to report
-                self.fs.call_s3(
-                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id
-                )
+                self.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
             raise
         self.fs.invalidate_cache(full)
+
+    def _s3_is_upload(self, bucket: str, key: str, size: int, etags: list[str]) -> bool:
+        """Whether the object at ``key`` is the completion of our parts: our size and the ETag
+        S3 gives a multipart object (the MD5 of the parts' MD5s, then ``-<parts>``). Under
+        SSE-KMS part ETags are no MD5s and this says False: the write then fails closed."""
+        try:
+            head = self.call_s3("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        try:
+            digests = b"".join(bytes.fromhex(e.strip('"')) for e in etags)
+        except ValueError:
+            return False
+        want = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(etags)}"
+        return int(head.get("ContentLength", -1)) == size and str(head.get("ETag", "")).strip('"') == want
 
     def _releaser(self, n: int) -> Any:
         """A done-callback giving ``n`` bytes back to the upload budget."""
         return lambda _fut: self._upload_budget.release(n)
 
     def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
-        """Create ``rel`` holding ``data`` only if it does not exist. True if we created it."""
+        """Create ``rel`` holding ``data`` only if it does not exist. True if we created it,
+        or if what is there is byte for byte ``data``: on S3 that is our own write whose reply
+        was lost (a retry met 412), on the other backends an identical commit."""
         full = self.path(rel)
         try:
             with self._errors("create-only write", rel):
@@ -295,6 +548,17 @@ class Storage:
                 if self.protocol == "memory":
                     with _MEMORY_LOCK:
                         self.fs.pipe_file(full, data, mode="create")
+                    return True
+                if self.is_s3:
+                    bucket, key, _ = self.fs.split_path(full)
+                    try:
+                        self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data), IfNoneMatch="*")
+                    except Exception as err:
+                        if not _precondition_failed(err):
+                            raise
+                        return self._s3_holds(bucket, key, data)
+                    finally:
+                        self.fs.invalidate_cache(full)
                     return True
                 self.fs.pipe_file(full, data, mode="create")
                 return True
@@ -332,6 +596,10 @@ class Storage:
                 os.replace(tmp, full)
                 if fsync:
                     _fsync_dir(d)
+            elif self.is_s3:
+                bucket, key, _ = self.fs.split_path(full)
+                self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data))
+                self.fs.invalidate_cache(full)
             else:
                 self.fs.pipe_file(full, data)
 
@@ -366,7 +634,8 @@ class Storage:
         """Read a small whole file (a manifest, a hint); callers check ``size`` first."""
         with self._errors("read", rel):
             if self.is_s3:  # one GetObject (s3fs would HEAD first for the size otherwise)
-                blob: bytes = self.fs.cat_file(self.path(rel), max_concurrency=1)
+                bucket, key, _ = self.fs.split_path(self.path(rel))
+                blob: bytes = fsspec.asyn.sync(self.fs.loop, self._s3_get, bucket, key)
                 return blob
             if not self.is_local:
                 data: bytes = self.fs.cat_file(self.path(rel))
@@ -414,32 +683,24 @@ class Storage:
         self, rel: str, start: int, buffers: list[memoryview], total: int
     ) -> int:
         """One ranged GetObject streamed straight into ``buffers`` (one copy: from the HTTP
-        client's receive chunks into place); the bytes read. A body that fails mid-stream is
-        read again from the start of the range, a few times."""
-        from s3fs.core import S3_RETRYABLE_ERRORS
-
+        client's receive chunks into place); the bytes read. A request that fails, or a body
+        that breaks off or is cut short, is tried again from the start of the range (retry
+        policy); the restorer checks the CRC of what lands."""
         if total == 0:
             return 0
         bucket, key, _ = self.fs.split_path(self.path(rel))
-        retryable = (
-            *S3_RETRYABLE_ERRORS,
-            _botocore_streaming_error(),
-            ConnectionError,
-            asyncio.TimeoutError,
-        )
-        for attempt in range(_S3_READ_RETRIES):
+
+        async def once() -> int:
             resp = await self.fs._call_s3(
                 "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{start + total - 1}"
             )
             body = resp["Body"]
             try:
                 return await _stream_into(body, buffers)
-            except retryable:
-                if attempt + 1 == _S3_READ_RETRIES:
-                    raise
             finally:
                 body.close()
-        raise AssertionError("unreachable")
+
+        return await self._retrying("get_object", once)
 
     def _preadv(self, rel: str, start: int, buffers: list[memoryview], total: int) -> None:
         fd = self._open_local(rel)
@@ -465,6 +726,9 @@ class Storage:
         with self._errors("stat", rel):
             if self.is_local:
                 return os.stat(self.path(rel), follow_symlinks=False).st_size
+            if self.is_s3:  # one HeadObject
+                bucket, key, _ = self.fs.split_path(self.path(rel))
+                return int(self.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
             return int(self.fs.size(self.path(rel)))
 
     def exists(self, rel: str) -> bool:
@@ -476,7 +740,7 @@ class Storage:
             if self.is_s3:
                 bucket, key, _ = self.fs.split_path(self.path(rel))
                 try:
-                    self.fs.call_s3("head_object", Bucket=bucket, Key=key)
+                    self.call_s3("head_object", Bucket=bucket, Key=key)
                 except FileNotFoundError:
                     return False
                 return True
@@ -495,7 +759,7 @@ class Storage:
                 )
             self.fs.invalidate_cache(base)
             try:  # one listing when steps/ exists (an exists() first would cost two more requests)
-                found = self.fs.find(base)
+                found = self._retry_sync("listing", lambda: self.fs.find(base))
             except FileNotFoundError:
                 found = []
         steps = set()
@@ -520,7 +784,7 @@ class Storage:
                 return sorted(out, key=lambda f: f.path)
             self.fs.invalidate_cache(self.root)
             try:
-                found = self.fs.find(self.root, detail=True)
+                found = self._retry_sync("listing", lambda: self.fs.find(self.root, detail=True))
             except FileNotFoundError:
                 return []
         prefix = self.root.rstrip("/") + "/"
@@ -539,7 +803,7 @@ class Storage:
         with self._errors("listing uploads", ""):
             kw: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
             while True:
-                page = self.fs.call_s3("list_multipart_uploads", **kw)
+                page = self.call_s3("list_multipart_uploads", **kw)
                 for u in page.get("Uploads", []):
                     out.append(Upload(u["Key"][len(key) :], u["UploadId"], u["Initiated"].timestamp()))
                 if not page.get("IsTruncated"):
@@ -549,7 +813,7 @@ class Storage:
     def abort_upload(self, upload: Upload) -> None:
         bucket, key, _ = self.fs.split_path(self.path(upload.key))
         with self._errors("abort upload", upload.key):
-            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
+            self.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
 
     def remove_empty_dir(self, rel: str) -> None:
         """Remove the directory ``rel`` if it is empty (local disks; object stores have none)."""
@@ -561,11 +825,99 @@ class Storage:
         try:
             with self._errors("delete", rel):
                 full = self.path(rel)
-                found = os.path.lexists(full) if self.is_local else self.fs.exists(full)
-                if found:  # a file or a directory
-                    self.fs.rm(full, recursive=recursive)
+                if self.is_local:
+                    if os.path.lexists(full):  # a file or a directory
+                        self.fs.rm(full, recursive=recursive)
+                    return
+
+                def rm() -> None:
+                    if self.fs.exists(full):  # a file or a directory
+                        self.fs.rm(full, recursive=recursive)
+
+                self._retry_sync("delete", rm)
         except MissingShardError:
             pass
+
+
+class _UploadGone(Exception):
+    """S3 discarded a multipart upload before its completion took (409, then NoSuchUpload)."""
+
+
+def _retry_policy(given: object, override: RetryPolicy | None) -> RetryPolicy:
+    if override is not None:
+        return override
+    if given is None:
+        return RetryPolicy()
+    if isinstance(given, RetryPolicy):
+        return given
+    if isinstance(given, dict):
+        return RetryPolicy(**given)
+    raise ValueError(f"storage_options['ckpt_retry'] must be a ckpt.RetryPolicy or a dict of its fields, got {given!r}")
+
+
+def _s3_error(err: BaseException) -> tuple[int | None, str]:
+    """The HTTP status and S3 error code behind an error (s3fs wraps botocore's ClientError in
+    a builtin exception with the ClientError as its cause); (None, "") when there is none."""
+    e: BaseException | None = err
+    for _ in range(8):
+        if e is None:
+            break
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict) and isinstance(resp.get("Error"), dict):
+            status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            return (status if isinstance(status, int) else None), str(resp["Error"].get("Code") or "")
+        e = e.__cause__ or e.__context__
+    return None, ""
+
+
+def _precondition_failed(err: BaseException) -> bool:
+    """A 412: the object a create-only write targets exists."""
+    status, code = _s3_error(err)
+    return isinstance(err, FileExistsError) or status == 412 or code == "PreconditionFailed"
+
+
+_TRANSPORT: tuple[type[BaseException], ...] | None = None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Errors of the connection rather than of the request: reset, refused, timed out, a body
+    that broke off or was cut short, a reply that does not parse (throttling proxies)."""
+    global _TRANSPORT
+    if _TRANSPORT is None:
+        import http.client
+        import importlib
+
+        found: list[type[BaseException]] = [ConnectionError, TimeoutError, http.client.IncompleteRead]
+        for mod, names in (
+            ("aiohttp", ("ClientError",)),
+            ("botocore.exceptions", ("HTTPClientError", "ConnectionError", "ResponseStreamingError", "ResponseParserError")),
+            ("fsspec.exceptions", ("FSTimeoutError",)),
+        ):
+            with contextlib.suppress(ImportError):
+                m = importlib.import_module(mod)
+                found.extend(getattr(m, n) for n in names if hasattr(m, n))
+        _TRANSPORT = tuple(found)
+    return _TRANSPORT
+
+
+def transient(err: BaseException) -> str | None:
+    """Why ``err`` is worth another try ("503 SlowDown", "ServerDisconnectedError"...), or None
+    if it is permanent (403, 404, 400, 412, a bug). An S3 answer decides by its status and code;
+    otherwise the error or one of its causes must be a transport error."""
+    status, code = _s3_error(err)
+    if status is not None or code:
+        if status in _RETRY_STATUS or code in _RETRY_CODES:
+            return f"{status} {code}".strip()
+        return None
+    transport = _transport_errors()
+    e: BaseException | None = err
+    for _ in range(8):
+        if e is None:
+            return None
+        if isinstance(e, transport):
+            return type(e).__name__
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class _Chunks:
