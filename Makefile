@@ -20,12 +20,12 @@ demo: $(STAMP)
 	$(BIN)/python examples/ray_demo.py
 
 test: $(STAMP)
-	$(BIN)/ruff check ckpt tests examples benchmarks
+	$(BIN)/ruff check ckpt tests examples benchmarks fuzz
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check ckpt tests examples benchmarks
+	$(BIN)/ruff check ckpt tests examples benchmarks fuzz
 	$(BIN)/ruff format --check ckpt tests examples benchmarks
 	$(BIN)/mypy
 

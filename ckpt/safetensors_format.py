@@ -174,7 +174,19 @@ def _entry(name: str, info: object, where: str) -> Entry:
     if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int and 0 <= o < 2**64 for o in offs)):
         raise HeaderError(f"{at}: data_offsets {strictjson.show(offs)} are not two non-negative integers")
     begin, end = offs
-    need = math.prod(shape) * dt.itemsize  # Python ints: no wrap-around, however large
+    # The reference's checked u64 arithmetic: numel = prod(shape), then numel * bits, each
+    # refused once it passes 2**64 - 1 (in order, so [2**40, 2**40, 0] is refused too). Stopping
+    # there also keeps the product small: a long list of huge dimensions is not multiplied out.
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel >= 2**64:
+            raise HeaderError(
+                f"{at}: shape {strictjson.show(shape)} has more than 2**64 - 1 elements (the product overflows)"
+            )
+    if numel * dt.itemsize * 8 >= 2**64:
+        raise HeaderError(f"{at}: shape {strictjson.show(shape)} of {dt.code} holds more than 2**64 - 1 bits")
+    need = numel * dt.itemsize
     if end < begin or end - begin != need:
         raise HeaderError(
             f"{at}: data_offsets [{begin}, {end}) hold {end - begin} bytes, "

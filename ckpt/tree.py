@@ -65,8 +65,10 @@ class Flat:
 
 def encode_value(value: object, path: str) -> Json:
     """Encode plain data as tagged JSON; refuse anything else naming ``path``."""
-    if value is None or isinstance(value, bool | str):
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        return _text(value, path)
     if isinstance(value, np.generic):
         if value.dtype.kind not in _NP_KINDS or value.dtype.itemsize > 8:
             raise StateError(f"key {path!r}: numpy scalar of dtype {value.dtype} cannot be saved")
@@ -99,9 +101,23 @@ def encode_value(value: object, path: str) -> Json:
     )
 
 
+def _text(s: str, path: str) -> str:
+    """``s`` if it is Unicode text; a lone surrogate ("\\ud800", e.g. from ``os.fsdecode``)
+    cannot be written as UTF-8 JSON, and would fail later with a bare UnicodeEncodeError."""
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise StateError(
+                f"key {path!r}: the string {s[:40]!r} holds a lone UTF-16 surrogate at index {err.start}; "
+                "only Unicode text can be saved"
+            ) from None
+    return s
+
+
 def _encode_key(k: object, path: str) -> Json:
     if type(k) is str:
-        return k
+        return _text(k, path)
     if type(k) is int:
         return encode_value(k, path)
     raise StateError(f"key {path!r}: dict key {k!r} of type {type(k).__name__}; only str and int keys can be saved")
@@ -128,9 +144,16 @@ def decode_value(j: Json, where: str) -> object:
         if tag == "$tuple" and isinstance(body, list):
             return tuple(decode_value(v, where) for v in body)
         if tag == "$np" and isinstance(body, list) and len(body) == 2 and body[0] in _NP_DTYPES:
+            # What the writer stores: the scalar's exact ``.item()``, a bool, int or float as
+            # the dtype's kind says. Anything else (1e300 as float16, 1.5 as int64) is not a
+            # saved value: refused, not rounded (nor warned about) into another one.
             inner = decode_value(body[1], where)
-            if type(inner) in (bool, int, float):
-                return np.dtype(body[0]).type(cast("float", inner))
+            dt = np.dtype(body[0])
+            if type(inner) is {"b": bool, "i": int, "u": int, "f": float}[dt.kind]:
+                with np.errstate(all="ignore"):
+                    scalar = dt.type(cast("float", inner))
+                if scalar.item() == inner or (type(inner) is float and math.isnan(inner)):
+                    return scalar
         if tag in ("$dict", "$odict") and isinstance(body, list):
             out: dict[object, object] = {} if tag == "$dict" else OrderedDict()
             for pair in body:

@@ -380,6 +380,13 @@ MANIFEST_CASES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any] | byte
     ("09-5000-digit-int", _big_digits(5000), errors.ManifestParseError, "invalid JSON: Exceeds the limit .* for integer string conversion"),
     ("09-4000-digit-int", _big_digits(4000), errors.ManifestSchemaError, r"step: expected an integer in \[0, 2\*\*63\), found 9999999999"),
     ("09-5000-digit-tagged-int", _set("objects/step", {"$int": "9" * 5000}), errors.ManifestSchemaError, "object 'step': malformed"),
+    # found by tests/test_fuzz.py: a numpy scalar tag whose value its dtype cannot hold was
+    # rounded (1e300 -> inf, 1.5 -> 1, 5 -> True), with a RuntimeWarning, instead of refused
+    ("07-np-float16-overflow", _set("objects/step", {"$np": ["<f2", 1e300]}), errors.ManifestSchemaError, r"object 'step': malformed tagged value .*\$np"),
+    ("07-np-int-from-float", _set("objects/step", {"$np": ["<i8", 1.5]}), errors.ManifestSchemaError, r"object 'step': malformed tagged value .*\$np"),
+    ("07-np-bool-from-int", _set("objects/step", {"$np": ["|b1", 5]}), errors.ManifestSchemaError, r"object 'step': malformed tagged value .*\$np"),
+    ("07-np-uint-from-bool", _set("objects/step", {"$np": ["<u8", True]}), errors.ManifestSchemaError, r"object 'step': malformed tagged value .*\$np"),
+    ("07-np-inexact-float16", _set("objects/step", {"$np": ["<f2", 0.1]}), errors.ManifestSchemaError, r"object 'step': malformed tagged value .*\$np"),
     ("09-offset-2-63", _set("shard:w/offsets", [2**63, 0]), errors.ManifestSchemaError, r"tensor 'w': shards\.offsets\[0\]: expected an integer in \[0, 2\*\*63\), found 9223372036854775808"),
     ("09-size-2-64", _set("shard:w/sizes", [3, 2**64]), errors.ManifestSchemaError, r"tensor 'w': shards\.sizes\[1\]: expected an integer in \[0, 2\*\*63\), found 18446744073709551616"),
     ("09-range-2-63", lambda m: _set("shard:w/byte_range", [shard_of(m, "w")["byte_range"][0], 2**63])(m), errors.InvalidByteRangeError, r"tensor 'w': shards\.byte_range\[1\]: expected an integer, found 9223372036854775808"),
@@ -823,7 +830,12 @@ HEADER_CASES: list[tuple[str, bytes, type[Exception], str]] = [
     ("25-polyglot-tail", st_file({"a": _t("U8", [1], 0, 1)}, b"x" + b"PK\x05\x06" + b"\0" * 18), errors.HeaderError, r"unindexed bytes after the last tensor"),
     # 26
     ("26-size-mismatch", st_file({"a": _t("F32", [2], 0, 4)}, b"xxxx"), errors.HeaderError, r"tensor 'a': data_offsets \[0, 4\) hold 4 bytes, shape \[2\] of F32 needs 8"),
-    ("26-overflow", st_file({"a": _t("F32", [2, 2**64 - 2], 0, 8)}, b"x" * 8), errors.HeaderError, r"needs 147573952589676412912"),
+    ("26-overflow", st_file({"a": _t("F32", [2, 2**64 - 2], 0, 8)}, b"x" * 8), errors.HeaderError, r"shape \[2, 18446744073709551614\] has more than 2\*\*64 - 1 elements \(the product overflows\)"),
+    # found by tests/test_fuzz.py: the product of many huge dimensions was multiplied out in
+    # full (quadratic time) and its thousands of digits then failed to print (a bare ValueError)
+    ("26-many-huge-dims", st_file(b'{"a":{"dtype":"U8","shape":[' + b",".join([b"18446744073709551615"] * 100_000) + b'],"data_offsets":[0,1]}}', b"x"), errors.HeaderError, r"tensor 'a': shape \[18446744073709551615, .*\.\.\. has more than 2\*\*64 - 1 elements"),
+    ("26-overflow-before-a-zero", st_file({"a": _t("U8", [2**40, 2**40, 0], 0, 0)}), errors.HeaderError, "the product overflows"),
+    ("26-bits-overflow", st_file({"a": _t("F32", [2**61], 0, 2**63)}), errors.HeaderError, r"shape \[2305843009213693952\] of F32 holds more than 2\*\*64 - 1 bits"),
     ("26-shape-bool", st_file({"a": _t("U8", [True], 0, 1)}, b"x"), errors.HeaderError, r"shape \[true\] is not a list of non-negative integers"),
     ("26-shape-negative", st_file({"a": _t("U8", [-1], 0, 1)}, b"x"), errors.HeaderError, r"shape \[-1\] is not a list"),
     # 28
@@ -1105,3 +1117,17 @@ def test_a_damaged_newest_manifest_is_skipped_not_restored(tmp_path: Path) -> No
         assert ckpt.latest_step(root) == 1
     with pytest.raises(errors.ManifestError):
         ckpt.restore(root, step=2)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{"s": "\ud800"}, {"\udcff": 1}, {"t": torch.ones(1), "m": {"x\udc80": torch.ones(1)}}, {"o": {"k": ["ok", "\ud83d"]}}],
+    ids=["value", "object-key", "tensor-key", "nested"],
+)
+def test_a_lone_surrogate_in_the_state_is_a_state_error(state: dict[str, Any], tmp_path: Path) -> None:
+    """Found by tests/test_fuzz.py: a str holding a lone UTF-16 surrogate (e.g. from
+    os.fsdecode of a non-UTF-8 file name) failed deep in the save with a bare UnicodeEncodeError;
+    it is now refused up front, naming the key."""
+    with pytest.raises(errors.StateError, match="lone UTF-16 surrogate"):
+        ckpt.save(str(tmp_path), state, step=STEP)
+    assert not list(tmp_path.glob("steps/*/manifest.json"))
