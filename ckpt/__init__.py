@@ -14,7 +14,8 @@ from ckpt.errors import __all__ as _errors_all
 from ckpt.hf_export import export_hf
 from ckpt.manager import CheckpointManager, ManagerOptions
 from ckpt.manifest import FORMAT_VERSION, Manifest
-from ckpt.options import RestoreOptions, SaveOptions
+from ckpt.options import RestoreOptions, RetryPolicy, SaveOptions
+from ckpt.redaction import install as _install_redaction
 from ckpt.restorer import latest_step, list_steps, read_manifest, restore
 from ckpt.retention import RetentionPolicy
 from ckpt.saver import begin, commit, describe, holders, save, write_shards
@@ -23,6 +24,8 @@ from ckpt.verifier import VerifyReport, verify
 from ckpt.zarr_archive import export_zarr, import_zarr  # zarr itself is imported on first use
 
 __version__ = "0.1.0"
+
+_install_redaction()  # botocore/s3fs DEBUG logs name credentials: redact them (ckpt.redaction)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -35,6 +38,7 @@ __all__ = [
     "Report",
     "RestoreOptions",
     "RetentionPolicy",
+    "RetryPolicy",
     "SaveOptions",
     "Shard",
     "VerifyReport",

@@ -239,9 +239,10 @@ def coordinator(root: str, *, storage_options: dict[str, Any] | None = None, nam
     """The named Coordinator actor for ``root`` (created on first use)."""
     import hashlib
 
+    opts = check_no_credentials(storage_options)  # refused here, before Ray serializes them
     name = "ckpt-coordinator-" + hashlib.sha256(root.encode()).hexdigest()[:16]
     return Coordinator.options(name=name, get_if_exists=True, namespace=namespace, lifetime="detached").remote(
-        root, storage_options
+        root, opts
     )
 
 
