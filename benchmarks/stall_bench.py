@@ -1,7 +1,7 @@
 """Training stall of an async save vs a sync save of the same state, local disk and S3 (moto).
 
     python -m benchmarks.stall_bench [--out bench-out] [--runs 5] [--size-mib 1024]
-                                     [--s3-size-mib 256] [--backends local s3] [--quick]
+                                     [--s3-size-mib 1024] [--backends local s3] [--quick]
 
 Each case runs in its own fresh process on the local benchmark's deterministic state (193
 tensors, bf16/fp32, ``benchmarks.local_bench.state_specs``). A case makes ``SAVES`` consecutive
@@ -18,8 +18,11 @@ saves). The stall is the time the training thread is blocked in ``save()``. Peak
 kernel's RSS high-water mark is reset before the first save; ``extra`` = peak - RSS before it
 (the state exists by then), so async's extra includes its staging copy of the state.
 
+Before the saves, the case calls ``mgr.restore(state)`` as a training loop does to resume (there
+is nothing to restore yet): the storage client is built there, outside the measured peak.
+
 S3: the program starts moto on 127.0.0.1 (port 0) as ``benchmarks.s3_bench`` does; the S3 size
-defaults to 256 MiB (moto is CPU-bound on 2 cores). Raw JSON: ``<out>/stall_bench.json``.
+defaults to 1 GiB, as the issue asks (``--s3-size-mib`` for less: moto is CPU-bound on 2 cores). Raw JSON: ``<out>/stall_bench.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     opts = ckpt.ManagerOptions(async_save=spec["mode"] == "async", retention=ckpt.RetentionPolicy(keep_last=1))
     mgr = ckpt.CheckpointManager(spec["root"], opts, storage_options=spec.get("storage_options"))
+    # A training loop asks for the checkpoint to resume from before it trains: that first call
+    # builds the storage client (botocore loads its service model), memory the saves don't add.
+    mgr.restore(state)
     reset_peak()
     before = rss_now()
     stalls, totals = [], []
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--runs", type=int, help="runs per case (default 5; --quick: 2)")
     ap.add_argument("--size-mib", type=int, help="local state size (default 1024; --quick: 64)")
-    ap.add_argument("--s3-size-mib", type=int, help="S3 state size (default 256; --quick: 32)")
+    ap.add_argument("--s3-size-mib", type=int, help="S3 state size (default 1024; --quick: 32)")
     ap.add_argument("--backends", nargs="+", default=["local", "s3"], choices=["local", "s3"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     runs = args.runs or (2 if args.quick else 5)
     sizes = {"local": (args.size_mib or (64 if args.quick else 1024)) * MiB,
-             "s3": (args.s3_size_mib or (32 if args.quick else 256)) * MiB}  # fmt: skip
+             "s3": (args.s3_size_mib or (32 if args.quick else 1024)) * MiB}  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
     records: dict[tuple[str, str], dict[str, Any]] = {}

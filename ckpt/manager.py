@@ -163,7 +163,7 @@ class CheckpointManager:
     def _async_save_options(self, staged: int) -> SaveOptions:
         """The save options of an async save: upload bodies in flight (object stores) at most
         1/8 of the staged bytes (at least two parts), so that staging plus uploads stay within
-        ~1.125x the state."""
+        ~1.15x the state (measured: BENCHMARKS.md, stall)."""
         opts = self.options.save_options
         cap = max(2 * opts.write_chunk_bytes, staged // 8)
         return dataclasses.replace(opts, max_inflight_bytes=min(opts.max_inflight_bytes, cap))

@@ -31,6 +31,7 @@ import hashlib
 import io
 import itertools
 import logging
+import mmap
 import os
 import random
 import re
@@ -303,10 +304,10 @@ class Storage:
 
         return await self._retrying("get_object", once)
 
-    def _s3_holds(self, bucket: str, key: str, data: io.BytesIO | bytes) -> bool:
+    def _s3_holds(self, bucket: str, key: str, data: _Body | io.BytesIO | bytes) -> bool:
         """Whether the object at ``key`` is exactly ``data`` (the lost-response check): one
         HeadObject when its ETag is the MD5 of ``data`` (a plain PutObject's), else its bytes."""
-        want = data.getvalue() if isinstance(data, io.BytesIO) else data
+        want = data if isinstance(data, bytes) else data.getvalue()
         try:
             head = self.call_s3("head_object", Bucket=bucket, Key=key)
             if int(head.get("ContentLength", -1)) != len(want):
@@ -920,6 +921,63 @@ def transient(err: BaseException) -> str | None:
     return None
 
 
+# Upload bodies: private anonymous memory, faulted in by the kernel in one go where it can
+# (MAP_POPULATE, Linux: 1 GiB to moto went from 9.3 s to 8.5 s; plain mmap faulting page by page
+# was 10 s). Elsewhere, or on Windows (no flags), the platform default.
+_MAP_FLAGS: dict[str, int] = (
+    {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)}
+    if hasattr(mmap, "MAP_ANONYMOUS")
+    else {}
+)
+
+
+class _Body(io.RawIOBase):
+    """A request body in memory of its own (an anonymous mapping): a seekable, readable file
+    that botocore can checksum and rewind and aiohttp streams in pieces."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self._map = mmap.mmap(-1, max(n, 1), **_MAP_FLAGS)
+        self.view = memoryview(self._map)[:n]
+        self._size = n
+        self._pos = 0
+
+    def truncate_to(self, n: int) -> None:
+        self._size = min(self._size, n)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def getvalue(self) -> bytes:
+        return bytes(self.view[: self._size])
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        k = max(0, min(len(buf), self._size - self._pos))
+        memoryview(buf).cast("B")[:k] = self.view[self._pos : self._pos + k]
+        self._pos += k
+        return k
+
+    def close(self) -> None:
+        if not self.closed:
+            self.view.release()
+            self._map.close()
+        super().close()
+
+
 class _Chunks:
     """The data of a file as it comes (chunks of any size), cut into bodies of any size: a chunk
     that straddles two bodies is split (as views), its rest kept for the next."""
@@ -928,13 +986,16 @@ class _Chunks:
         self._source = iter(chunks)
         self._rest = memoryview(b"")
 
-    def take(self, n: int) -> tuple[io.BytesIO, int]:
+    def take(self, n: int) -> tuple[_Body, int]:
         """The next ``n`` bytes (fewer: the data ended) as a request body, and their count.
-        One copy of the chunks, into a ``BytesIO`` that owns its buffer: botocore streams a
-        file-like body as it is and aiohttp sends it in pieces, while a ``bytes`` body would be
+        One copy of the chunks, into a :class:`_Body`: anonymous memory mapped for this body
+        alone and unmapped when it is dropped. (A ``BytesIO`` grown to a part's size comes from
+        the allocator, whose dynamic mmap threshold soon serves 16 MiB blocks from its arenas
+        and keeps them: ~85 MiB more peak RSS on a 1 GiB save. A ``bytes`` body would be
         wrapped in a ``BytesIO`` sharing it, which copies it whole when aiohttp asks for its
-        buffer, and a ``bytearray`` is joined and copied several times (3x the client CPU)."""
-        body = io.BytesIO()
+        buffer.)"""
+        body = _Body(n)
+        view = body.view
         got = 0
         while got < n:
             if not self._rest:
@@ -944,10 +1005,10 @@ class _Chunks:
                 self._rest = memoryview(chunk).cast("B")
                 continue
             k = min(len(self._rest), n - got)
-            body.write(self._rest[:k])
+            view[got : got + k] = self._rest[:k]
             self._rest = self._rest[k:]
             got += k
-        body.seek(0)
+        body.truncate_to(got)
         return body, got
 
     def exhausted(self) -> bool:
