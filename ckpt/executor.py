@@ -202,7 +202,9 @@ def write_files(
                     yield blk
                 block_crcs[item.key] = tuple(crcs)
 
-        storage.write_file(fp.path, chunks(), size=fp.size, fsync=fsync)
+        # the function, not one generator: an S3 upload that must start over reads the data again
+        # (each run of chunks() recomputes the checksums from scratch)
+        storage.write_file(fp.path, chunks, size=fp.size, fsync=fsync)
         results[fp.path] = WrittenFile(fp.path, fp.size, state["crc"], block_crcs)
 
     run_all(write_one, plans, num_threads=num_threads, timeout_s=timeout_s,

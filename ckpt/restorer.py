@@ -26,6 +26,7 @@ from ckpt.errors import (
     StorageError,
     TargetMismatchError,
 )
+from ckpt.executor import DEFAULT_IO_TIMEOUT_S
 from ckpt.manifest import Manifest
 from ckpt.options import RestoreOptions
 from ckpt.restore_plan import Request, plan_restore
@@ -33,17 +34,24 @@ from ckpt.shard import Shard, dtensor_layout, is_dtensor
 from ckpt.storage import Storage
 
 
-def list_steps(root: str, *, storage_options: dict[str, Any] | None = None) -> list[int]:
-    """Steps with a manifest present, ascending (one listing; manifests are not parsed)."""
-    return Storage(root, storage_options).step_dirs()
+def list_steps(
+    root: str, *, storage_options: dict[str, Any] | None = None, io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
+) -> list[int]:
+    """Steps with a manifest present, ascending (one listing; manifests are not parsed).
+    ``io_timeout_s`` bounds the listing (StorageTimeoutError); None waits as long as it takes."""
+    storage = Storage(root, storage_options)
+    return executor.bounded(storage.step_dirs, timeout_s=io_timeout_s, what=f"{storage.where('steps')}: listing")
 
 
-def latest_step(root: str, *, storage_options: dict[str, Any] | None = None) -> int | None:
+def latest_step(
+    root: str, *, storage_options: dict[str, Any] | None = None, io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
+) -> int | None:
     """The newest step whose manifest exists and validates; None if there is none.
 
     A newer manifest that fails validation is skipped with a CkptWarning (it is not a checkpoint).
+    ``io_timeout_s`` bounds each storage call.
     """
-    m = _latest(Storage(root, storage_options))
+    m = _latest(Storage(root, storage_options), timeout_s=io_timeout_s)
     return None if m is None else m.step
 
 
@@ -59,9 +67,16 @@ def _latest(storage: Storage, *, timeout_s: float | None = None) -> Manifest | N
     return None
 
 
-def read_manifest(root: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None) -> Manifest:
-    """The parsed, validated manifest of ``step`` (default: the latest)."""
-    return resolve_step(Storage(root, storage_options), step)
+def read_manifest(
+    root: str,
+    step: int | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S,
+) -> Manifest:
+    """The parsed, validated manifest of ``step`` (default: the latest); ``io_timeout_s``
+    bounds each storage call."""
+    return resolve_step(Storage(root, storage_options), step, timeout_s=io_timeout_s)
 
 
 def resolve_step(storage: Storage, step: int | None, *, timeout_s: float | None = None) -> Manifest:

@@ -36,6 +36,7 @@ from ckpt.errors import (
     ShardSizeMismatchError,
     UnsafePathError,
 )
+from ckpt.executor import DEFAULT_IO_TIMEOUT_S
 from ckpt.manifest import Manifest, ShardEntry
 from ckpt.storage import Storage
 
@@ -109,19 +110,22 @@ def verify(
     num_threads: int = 8,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Callable[[int], None] | None = None,
+    io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S,
 ) -> VerifyReport:
     """Re-read and check every byte of checkpoint ``step`` (default: the latest) under ``root``.
 
     Raises CheckpointNotFoundError if there is no such checkpoint and a ManifestError if its
     manifest does not validate; problems in the data files are collected in the report (call
     ``raise_if_failed()`` on it to turn them into an error). ``progress`` is called with the
-    number of bytes just checked, from worker threads.
+    number of bytes just checked, from worker threads. ``io_timeout_s`` bounds the manifest's
+    reads and the check of each file (StorageTimeoutError); None waits as long as it takes.
     """
     storage = Storage(root, storage_options)
-    m = restorer.resolve_step(storage, step)
+    m = restorer.resolve_step(storage, step, timeout_s=io_timeout_s)
     return verify_manifest(
-        storage, m, num_threads=num_threads, chunk_bytes=chunk_bytes, progress=progress
-    )
+        storage, m, num_threads=num_threads, chunk_bytes=chunk_bytes, progress=progress,
+        io_timeout_s=io_timeout_s,
+    )  # fmt: skip
 
 
 def verify_manifest(
@@ -131,6 +135,7 @@ def verify_manifest(
     num_threads: int = 8,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Callable[[int], None] | None = None,
+    io_timeout_s: float | None = None,
 ) -> VerifyReport:
     """Check every file of an already parsed manifest (see :func:`verify`)."""
     if chunk_bytes <= 0 or num_threads <= 0:
@@ -145,7 +150,8 @@ def verify_manifest(
         results[path] = _check_file(storage, m, path, shards[path], chunk_bytes, progress)
 
     paths = sorted(m.files)
-    executor.run_all(check, paths, num_threads=num_threads)
+    executor.run_all(check, paths, num_threads=num_threads, timeout_s=io_timeout_s,
+                     what=lambda p: f"{storage.where(p)}: verify")  # fmt: skip
     findings: list[Problem] = []
     for path in paths:
         findings.extend(sorted(results[path].problems, key=lambda p: _SEVERITY.get(p.error, 9)))
