@@ -283,9 +283,14 @@ def _update_latest(storage: Storage, step: int, *, fsync: bool, timeout_s: float
     try:
         blob = bounded(lambda: storage.read(LATEST), timeout_s=timeout_s, what=f"{where}: read")
         current = strictjson.loads(blob, what=LATEST, error=ValueError, max_bytes=4096)
-        if isinstance(current, dict) and type(current.get("step")) is int and current["step"] >= step:
-            return
+        hinted = current.get("step") if isinstance(current, dict) else None
+        if type(hinted) is int and (
+            hinted == step
+            or (hinted > step and bounded(lambda: storage.exists(manifest_path(hinted)), timeout_s=timeout_s,
+                                          what=f"{storage.where(manifest_path(hinted))}: exists"))
+        ):  # fmt: skip
+            return  # a newer committed step is named already
     except (ValueError, OSError):
-        pass  # missing or damaged hint: rewrite it
+        pass  # missing or damaged hint, or one naming a step that is not there: rewrite it
     hint = strictjson.dumps({"step": step})
     bounded(lambda: storage.put(LATEST, hint, fsync=fsync), timeout_s=timeout_s, what=f"{where}: write")

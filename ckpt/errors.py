@@ -29,6 +29,7 @@ __all__ = [
     "ManifestTooLargeError",
     "MissingKeyError",
     "MissingShardError",
+    "NoIntactCheckpointError",
     "NotSafetensorsError",
     "OverlappingRangesError",
     "PlanError",
@@ -151,6 +152,11 @@ class NotSafetensorsError(HeaderError):
 
 class MissingShardError(CorruptCheckpointError, FileNotFoundError):
     """A file the manifest references does not exist."""
+
+
+class NoIntactCheckpointError(CorruptCheckpointError):
+    """A restore that walks back over damaged steps (``fallback=True``, the manager's resume)
+    found none intact; the message names each step skipped and why."""
 
 
 # --- save-side and request errors --------------------------------------------------------

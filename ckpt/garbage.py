@@ -1,22 +1,25 @@
 """Garbage: what no committed checkpoint needs, and is old enough that no save can still be
 writing it. The planner is pure; :func:`collect` lists the root and deletes.
 
-Garbage is
-- a data file no committed manifest references, in an attempt directory (``data/<step>-<attempt>/``)
-  none of whose files was modified within the grace period (a save in progress writes its
-  attempt's files over minutes: the newest file of a directory speaks for all of them);
-- a temporary file (``.*.tmp``, left by a crash between write and rename) older than the grace
-  period, and a step directory without a manifest whose files are all that old;
+Garbage is, by name (only names ckpt itself writes: docs/CLI.md, "ckpt gc")
+- a shard file ``data/<step:012d>-<attempt>/<writer:05d>-<k>.safetensors`` no committed manifest
+  references, in an attempt directory none of whose shard files was modified within the grace
+  period (a save in progress writes its attempt's files over minutes: the newest file of a
+  directory speaks for all of them);
+- a temporary file ``.<name>.<32 hex digits>.tmp`` (left by a crash between write and link or
+  rename) in ``steps/<step>/``, in an attempt directory or at the root, older than the grace period;
 - on object stores, a multipart upload under the root started before the grace period.
 
-Nothing else under the root is touched (files that are not ckpt's are not garbage). If a
-manifest under the root does not validate, no data file is collected: what it references is
-unknown (it could be a newer format's checkpoint).
+Nothing else under the root is touched: files that are not ckpt's (a note in a step directory, a
+file of another name under ``data/``) are not garbage, whatever their age. If a manifest under
+the root does not validate, no data file is collected: what it references is unknown (it could
+be a newer format's checkpoint).
 """
 
 from __future__ import annotations
 
 import posixpath
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -65,7 +68,7 @@ def plan_gc(
             if unreadable:
                 continue
             last = newest_in[d]
-        elif _is_temp(f.path) or _is_orphan_in_steps(f.path):
+        elif _is_temp(f.path):
             last = f.mtime
         else:
             continue  # not ckpt's, or not garbage (a manifest, LATEST)
@@ -80,23 +83,19 @@ def plan_gc(
     )  # fmt: skip
 
 
+_SHARD_FILE = re.compile(r"(data/[0-9]{12}-[0-9A-Za-z]+)/[0-9]{5}-[0-9]+\.safetensors")
+_TEMP_FILE = re.compile(r"(?:(?:steps/[0-9]{12}|data/[0-9]{12}-[0-9A-Za-z]+)/)?\.[^/]+\.[0-9a-f]{32}\.tmp")
+
+
 def _attempt_dir(path: str) -> str | None:
-    parts = path.split("/")
-    if len(parts) == 3 and parts[0] == "data" and parts[2].endswith(".safetensors"):
-        return posixpath.dirname(path)
-    return None
+    """The attempt directory of a shard file ckpt writes; None for any other path."""
+    m = _SHARD_FILE.fullmatch(path)
+    return m.group(1) if m else None
 
 
 def _is_temp(path: str) -> bool:
-    base = posixpath.basename(path)
-    return base.startswith(".") and base.endswith(".tmp") and (path.startswith(("steps/", "data/")) or "/" not in path)
-
-
-def _is_orphan_in_steps(path: str) -> bool:
-    """A file in a step directory other than its manifest (the manifest itself is referenced
-    by existing): ckpt writes nothing else there."""
-    parts = path.split("/")
-    return len(parts) == 3 and parts[0] == "steps" and parts[2] != "manifest.json" and not parts[2].startswith(".")
+    """A temporary file of ckpt's create-only or atomic writes (Storage.put_if_absent, put)."""
+    return _TEMP_FILE.fullmatch(path) is not None
 
 
 def collect(

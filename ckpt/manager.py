@@ -36,10 +36,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
 from ckpt import restorer, retention, retirement, saver
-from ckpt.errors import CheckpointNotFoundError, CkptWarning, PlanError, WorkerFailedError
+from ckpt.errors import (
+    CheckpointNotFoundError,
+    CkptError,
+    CkptWarning,
+    PlanError,
+    WorkerFailedError,
+)
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.retention import RetentionPolicy
 from ckpt.staging import Staging
@@ -63,6 +67,8 @@ class ManagerOptions:
     distributed: bool | None = None
     plain_tensors: Literal["auto", "exclusive", "replicated"] = "auto"  # see ckpt.distributed.save
     timeout_s: float = 1800.0  # bound on every wait for a peer rank (several ranks only)
+    # restore() without a step: skip damaged newest steps (with a warning) instead of raising
+    restore_fallback: bool = True
 
     def __post_init__(self) -> None:
         if self.save_every < 1:
@@ -110,6 +116,7 @@ class CheckpointManager:
         self._stop = threading.Event()
         self._previous_handlers: dict[int, Any] = {}
         self._ranks = _Ranks.join(self.options) if self.options.distributed is not False else None
+        self._damaged: set[int] = set()  # committed steps restore() skipped as damaged: never saved over
 
     @property
     def rank(self) -> int:
@@ -140,6 +147,12 @@ class CheckpointManager:
             stop, busy = self._ranks.agree(stop, busy, step)
             if stop:
                 self._stop.set()
+        if step in self._damaged and (wanted or stop):  # every rank skipped the same steps
+            warnings.warn(
+                f"{self.root}: step {step} is committed but damaged (restore skipped it), so it is not "
+                f"saved again; `ckpt rm {self.root} {step}` lets a later run save it", CkptWarning, stacklevel=2,
+            )  # fmt: skip
+            wanted = False
         if stop:
             return self._save_and_stop(step, state, metrics)
         if not wanted:
@@ -234,7 +247,7 @@ class CheckpointManager:
             except Exception as err:  # reported, but the final save is what matters now
                 warnings.warn(f"{self.root}: the background save failed: {type(err).__name__}: {err}", CkptWarning, stacklevel=3)
         meta = {retention.METRIC_PREFIX + k: repr(float(v)) for k, v in (metrics or {}).items()}
-        saved = self.last_save is not None and self.last_save.step == step
+        saved = (self.last_save is not None and self.last_save.step == step) or step in self._damaged
         if not saved:
             t0 = time.perf_counter()
             job = self._pool.submit(self._write, step, state, meta, t0, staged_bytes=0)
@@ -268,10 +281,18 @@ class CheckpointManager:
                 except CheckpointNotFoundError:
                     continue
                 metrics[s] = retention.metric_value(dict(m.user_metadata), policy.metric)
-        doomed = retention.to_retire(steps, metrics, policy)
-        if doomed:
-            retirement.retire(storage, doomed, dry_run=dry_run)
-        return doomed
+        retired = []
+        for s in retention.to_retire(steps, metrics, policy):
+            # one step at a time: a step that cannot be retired (its data behind a link, a storage
+            # failure) is reported and kept, and does not keep the others, nor fail the save
+            try:
+                retirement.retire(storage, [s], dry_run=dry_run)
+            except CkptError as err:
+                warnings.warn(f"{self.root}: retention kept step {s}, which it could not retire: {err}",
+                              CkptWarning, stacklevel=2)  # fmt: skip
+                continue
+            retired.append(s)
+        return retired
 
     # --- restoring -----------------------------------------------------------------------------
 
@@ -281,22 +302,34 @@ class CheckpointManager:
     def restore(self, target: object, *, step: int | None = None) -> int | None:
         """Fill ``target`` from checkpoint ``step`` (default: the newest committed one) and return
         that step, or None if there is no checkpoint yet. Tensors are filled in place; the other
-        values of dicts and lists in ``target`` are replaced by the saved ones."""
+        values of dicts and lists in ``target`` are replaced by the saved ones
+        (``ckpt.restorer.assign``, the rule ``ckpt.restore(target=)`` follows too).
+
+        Without ``step``, a damaged newest step (damaged data or links found by the restore's
+        checks) is skipped with a CkptWarning naming it and why, and the next older one is tried
+        (``ManagerOptions.restore_fallback``, on by default: a preempted job resumes instead of
+        crash-looping); NoIntactCheckpointError if none is intact. An explicit ``step`` never
+        falls back. Several ranks all restore the same step: rank 0 proposes it, and a step
+        damaged on any rank is skipped by all."""
         self._check_open()
         self.wait()
-        if step is None:
-            if self._ranks is None:
-                step = self.latest_step()
-            else:  # rank 0 decides, so that no rank resumes from another step
-                step = self._ranks.share(self.latest_step() if self.rank == 0 else None)
-            if step is None:
-                return None
-        restored = restorer.restore(
-            self.root, step, target=target, options=self.options.restore_options,
-            storage_options=self._storage_options,
+        opts = self.options.restore_options
+        if step is not None:
+            restorer.restore(self.root, step, target=target, options=opts, storage_options=self._storage_options)
+            return step
+        storage = Storage(self.root, self._storage_options)
+        ranks = self._ranks
+        found = restorer.restore_newest(
+            storage, target, opts, fallback=self.options.restore_fallback,
+            pick=None if ranks is None else lambda below: ranks.share(
+                restorer.newest_step(storage, below=below, timeout_s=opts.io_timeout_s) if ranks.rank == 0 else None),
+            agree=None if ranks is None else ranks.worst,
         )  # fmt: skip
-        _assign(target, restored)
-        return step
+        if found is None:
+            return None
+        restorer.assign(target, found.state)
+        self._damaged.update(found.skipped)
+        return found.step
 
     # --- lifetime ------------------------------------------------------------------------------
 
@@ -368,6 +401,13 @@ class _Ranks:
             ) from err
         return bool(s), bool(b)
 
+    def worst(self, code: int) -> int:
+        """The largest of every rank's ``code`` (restore outcomes: 0 ok, 1 damaged, 2 failed)."""
+        try:
+            return self._dist.agree([code], self._flags)[0]
+        except RuntimeError as err:
+            raise WorkerFailedError(f"rank {self.rank}: the ranks could not agree on the restore: {err}") from err
+
     def share(self, step: int | None) -> int | None:
         try:
             got = self._dist.broadcast_int(-1 if step is None else step, self._flags)
@@ -382,21 +422,3 @@ class _Ranks:
             user_metadata=meta, storage_options=storage_options, timeout_s=self.timeout_s, group=self._saves,
         )  # fmt: skip
 
-
-def _assign(target: object, restored: object) -> None:
-    """Copy the restored non-tensor values into ``target``'s dicts and lists (tensors were
-    filled in place already)."""
-    if isinstance(target, dict) and isinstance(restored, dict):
-        for k, v in restored.items():
-            cur = target.get(k)
-            if isinstance(cur, dict | list) and type(cur) is type(v):
-                _assign(cur, v)
-            elif cur is not v and not isinstance(cur, torch.Tensor):
-                target[k] = v
-    elif isinstance(target, list) and isinstance(restored, list) and len(target) == len(restored):
-        for i, v in enumerate(restored):
-            cur = target[i]
-            if isinstance(cur, dict | list) and type(cur) is type(v):
-                _assign(cur, v)
-            elif cur is not v and not isinstance(cur, torch.Tensor):
-                target[i] = v

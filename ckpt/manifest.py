@@ -295,6 +295,13 @@ def _check_seal(data: bytes, value: object, where: str) -> None:
         )
     at = data.rfind(_CRC_MARK) + len(_CRC_MARK)
     if at < len(_CRC_MARK) or data[at : at + 8] != value.encode():
+        if re.search(rb'"manifest_crc32c"\s*:\s*"[0-9a-f]{8}"\s*}\s*$', data):
+            raise IntegrityMetadataError(
+                f"{where}: the manifest is not byte for byte as ckpt wrote it: it was re-serialized "
+                f"(reformatted, e.g. by a JSON pretty-printer), and its {MANIFEST_CRC_FIELD} seals the "
+                "exact compact bytes ckpt wrote, so it cannot be checked. Put back the file ckpt wrote "
+                "(to move checkpoints, use `ckpt cp`, never a tool that rewrites JSON)"
+            )
         raise IntegrityMetadataError(f"{where}: {MANIFEST_CRC_FIELD} is not written as its last member")
     crc = crc32c.crc32c(data[:at])
     crc = crc32c.crc32c(b"00000000", value=crc)

@@ -2,12 +2,16 @@
 
 ``restore`` gives back the saved structure with the same container and leaf types. A ``target``
 that mirrors the state selects what to read (keys missing from it are not read) and supplies
-tensors to fill in place.
+tensors to fill in place; its dicts and lists then hold the saved non-tensor values too
+(:func:`assign`). ``restore_newest`` walks back over damaged steps (``fallback``), written once
+for one process and for several ranks that must all land on the same step.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,12 +23,15 @@ from ckpt import manifest as manifest_mod
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptWarning,
+    CorruptCheckpointError,
     ManifestError,
     ManifestTooLargeError,
     MissingShardError,
+    NoIntactCheckpointError,
     ShardSizeMismatchError,
     StorageError,
     TargetMismatchError,
+    WorkerFailedError,
 )
 from ckpt.executor import DEFAULT_IO_TIMEOUT_S
 from ckpt.manifest import Manifest
@@ -55,9 +62,12 @@ def latest_step(
     return None if m is None else m.step
 
 
-def _latest(storage: Storage, *, timeout_s: float | None = None) -> Manifest | None:
+def _latest(storage: Storage, *, timeout_s: float | None = None, below: int | None = None) -> Manifest | None:
+    """The newest manifest that validates (of the steps before ``below``, if given)."""
     steps = executor.bounded(storage.step_dirs, timeout_s=timeout_s, what=f"{storage.where('steps')}: listing")
     for step in reversed(steps):
+        if below is not None and step >= below:
+            continue
         try:
             return read_step(storage, step, timeout_s=timeout_s)
         except ManifestError as err:
@@ -118,21 +128,134 @@ def restore(
     target: object = None,
     options: RestoreOptions | None = None,
     storage_options: dict[str, Any] | None = None,
+    fallback: bool = False,
 ) -> Any:
     """Restore checkpoint ``step`` (default: the latest) under ``root``.
 
     Args:
+        step: the step to restore. An explicit step never falls back: if it is damaged, the
+            error is raised.
         target: None for everything; or a structure mirroring the saved state whose tensor
             leaves are filled in place, whose ``None`` leaves are read whole, and whose missing
-            keys are not read.
+            keys are not read. After the restore, the target's dicts and lists also hold the
+            saved non-tensor values (a learning rate, an epoch counter: see :func:`assign`), as
+            with ``CheckpointManager.restore``.
+        fallback: with ``step=None``, walk back from the newest committed step to the newest one
+            that passes every check this restore makes (manifest, file sizes, checksums, no links),
+            with a CkptWarning naming each step skipped and why; NoIntactCheckpointError if none
+            does. Without it, damaged data of the newest step is raised. Either way a newest
+            manifest that does not validate is skipped with a warning: it is not a checkpoint.
 
     Returns:
         The restored structure (the target's tensors are the same objects, now filled).
     """
     opts = options or RestoreOptions()
     storage = Storage(root, storage_options)
-    m = resolve_step(storage, step, timeout_s=opts.io_timeout_s)
-    return restore_manifest(storage, m, target=target, options=opts)
+    if step is None and fallback:
+        found = restore_newest(storage, target, opts, fallback=True)
+        if found is None:
+            raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
+        out = found.state
+    else:
+        m = resolve_step(storage, step, timeout_s=opts.io_timeout_s)
+        out = restore_manifest(storage, m, target=target, options=opts)
+    assign(target, out)
+    return out
+
+
+# The outcome of one rank's try at a step, combined over ranks by the maximum.
+_OK, _DAMAGED, _FAILED = 0, 1, 2
+DAMAGE = (ManifestError, CorruptCheckpointError)  # the step is damaged (not the caller's problem)
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What :func:`restore_newest` restored."""
+
+    step: int
+    state: Any  # the restored structure, not yet assign()-ed into the target
+    skipped: tuple[int, ...] = ()  # newer steps skipped as damaged, newest first
+
+
+def restore_newest(
+    storage: Storage,
+    target: object,
+    options: RestoreOptions,
+    *,
+    fallback: bool,
+    pick: Callable[[int | None], int | None] | None = None,
+    agree: Callable[[int], int] | None = None,
+) -> Found | None:
+    """Restore the newest committed step; with ``fallback``, the newest that passes every check
+    of the restore (DAMAGE errors), skipping damaged ones with a CkptWarning. None when nothing
+    is committed.
+
+    Several ranks: ``pick(below)`` gives every rank the same candidate (rank 0's newest valid
+    step before ``below``) and ``agree(code)`` the worst outcome over the ranks, so that all
+    ranks restore one step or all move on together; a rank whose error is not damage (a storage
+    failure, a target that does not match) stops every rank. One process: both are local.
+    """
+    pick = pick or (lambda below: newest_step(storage, below=below, timeout_s=options.io_timeout_s))
+    agree = agree or (lambda code: code)
+    below: int | None = None
+    skipped: list[str] = []
+    skipped_steps: list[int] = []
+    while (step := pick(below)) is not None:
+        restored: Any = None
+        err: Exception | None = None
+        try:
+            m = read_step(storage, step, timeout_s=options.io_timeout_s)
+            restored = restore_manifest(storage, m, target=target, options=options)
+        except Exception as e:
+            err = e
+        code = _OK if err is None else _DAMAGED if isinstance(err, DAMAGE) else _FAILED
+        worst = agree(code)
+        if worst == _OK:
+            return Found(step, restored, tuple(skipped_steps))
+        if err is not None and (code == _FAILED or not fallback):
+            raise err
+        if worst == _FAILED or not fallback:
+            raise WorkerFailedError(f"{storage.url}: another rank failed to restore step {step} (its error names why)")
+        why = f"{type(err).__name__}: {err}" if err is not None else "damaged data found by another rank"
+        warnings.warn(f"{storage.url}: skipping damaged step {step}, falling back to an older one: {why}",
+                      CkptWarning, stacklevel=3)  # fmt: skip
+        skipped.append(f"step {step} ({why})")
+        skipped_steps.append(step)
+        below = step
+    if skipped:
+        raise NoIntactCheckpointError(f"{storage.url}: no intact checkpoint; skipped {'; '.join(skipped)}")
+    return None
+
+
+def newest_step(storage: Storage, *, below: int | None = None, timeout_s: float | None = None) -> int | None:
+    """The newest step (before ``below``) whose manifest exists and validates, or None."""
+    m = _latest(storage, timeout_s=timeout_s, below=below)
+    return None if m is None else m.step
+
+
+def assign(target: object, restored: object) -> None:
+    """Copy the restored non-tensor values into ``target``'s dicts and lists, recursively
+    (tensors and arrays were filled in place already). The rule of ``restore(target=)`` and
+    ``CheckpointManager.restore``: a dict's or list's values are replaced by the saved ones (a
+    list of another length takes the saved items whole); a tuple, or any other container that
+    cannot be assigned into, is left as it is (the returned structure holds the saved values)."""
+    if isinstance(target, dict) and isinstance(restored, dict):
+        for k, v in restored.items():
+            cur = target.get(k)
+            if isinstance(cur, dict | list) and type(cur) is type(v):
+                assign(cur, v)
+            elif cur is not v and not isinstance(cur, torch.Tensor | np.ndarray):
+                target[k] = v
+    elif isinstance(target, list) and isinstance(restored, list):
+        if len(target) != len(restored):  # a plain list saved as one value: take it whole
+            target[:] = restored
+            return
+        for i, v in enumerate(restored):
+            cur = target[i]
+            if isinstance(cur, dict | list) and type(cur) is type(v):
+                assign(cur, v)
+            elif cur is not v and not isinstance(cur, torch.Tensor | np.ndarray):
+                target[i] = v
 
 
 def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: RestoreOptions) -> Any:

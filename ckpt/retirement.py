@@ -1,7 +1,8 @@
 """Retirement: deleting committed checkpoints in the order that never loses a live one.
 
 The manifest goes first (from then on the step does not exist), then the data files that no
-remaining committed manifest references (docs/FORMAT.md 9.5). A crash in between leaves only
+remaining committed manifest references (docs/FORMAT.md 9.5), then their directories if empty:
+nothing is deleted by prefix, so files that are not ckpt's stay. A crash in between leaves only
 unreferenced data: garbage, never a manifest whose data is gone. Data of attempts in progress is
 never referenced by a retired manifest, so it is never touched here.
 """
@@ -45,13 +46,16 @@ def retire(
             continue  # a directory without a manifest: not a checkpoint
         except ManifestError:
             unreadable = True  # not a checkpoint, but what it names is unknown: delete no data
+    for s in doomed:  # refused before anything is deleted: never through a link (Storage.check_no_links)
+        for rel in (commit_protocol.manifest_path(s), *manifests[s].files):
+            storage.check_no_links(rel)
     out = []
     for s in doomed:
         m = manifests[s]
         if not dry_run:
             rel = commit_protocol.manifest_path(s)
             _delete(storage, rel, timeout_s=timeout_s)  # the step ceases to exist here
-            _delete(storage, posixpath.dirname(rel), recursive=True, timeout_s=timeout_s)
+            _remove_dir(storage, posixpath.dirname(rel), timeout_s=timeout_s)
         if unreadable:
             out.append(Retired(s, (), tuple(sorted(m.files))))
             continue
@@ -60,8 +64,13 @@ def retire(
     return out
 
 
-def _delete(storage: Storage, rel: str, *, recursive: bool = False, timeout_s: float | None) -> None:
-    bounded(lambda: storage.delete(rel, recursive=recursive), timeout_s=timeout_s, what=f"{storage.where(rel)}: delete")
+def _delete(storage: Storage, rel: str, *, timeout_s: float | None) -> None:
+    bounded(lambda: storage.delete(rel), timeout_s=timeout_s, what=f"{storage.where(rel)}: delete")
+
+
+def _remove_dir(storage: Storage, rel: str, *, timeout_s: float | None) -> None:
+    """The directory, once empty (local disks): files that are not ckpt's keep it, and them."""
+    bounded(lambda: storage.remove_empty_dir(rel), timeout_s=timeout_s, what=f"{storage.where(rel)}: remove directory")
 
 
 def _data(
@@ -76,5 +85,5 @@ def _data(
             _delete(storage, p, timeout_s=timeout_s)
         for d in sorted({posixpath.dirname(p) for p in gone}):
             if not any(posixpath.dirname(k) == d for k in kept):
-                _delete(storage, d, recursive=True, timeout_s=timeout_s)  # the attempt's directory (local disks)
+                _remove_dir(storage, d, timeout_s=timeout_s)  # the attempt's directory (local disks)
     return gone, kept

@@ -63,6 +63,9 @@ def begin(
             "SaveOptions(allow_non_atomic_commit=True) if only one job ever writes this root (docs/s3.md)."
         )
     rel = commit_mod.manifest_path(step)
+    # a linked steps/ or data/ is refused here, before any writer writes (Storage.check_no_links)
+    storage.check_no_links(rel)
+    storage.check_no_links(f"{save_plan.data_dir(step, a.attempt)}/00000-0.safetensors")
     if executor.bounded(lambda: storage.exists(rel), timeout_s=a.options.io_timeout_s, what=f"{storage.where(rel)}: exists"):
         raise CheckpointExistsError(f"{storage.url}: step {step} is already committed")
     return a

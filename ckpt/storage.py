@@ -35,6 +35,7 @@ import mmap
 import os
 import random
 import re
+import shutil
 import stat
 import threading
 import time
@@ -175,7 +176,7 @@ class Storage:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root: str = os.path.abspath(path) if self.is_local else path.rstrip("/")
         self.url = self.root if self.is_local else f"{self.protocol}://{self.root.lstrip('/')}"
-        self._real_dirs: dict[str, str] = {}  # local: directory -> its realpath (containment check)
+        self._plain_dirs: set[str] = set()  # local: directories below the root checked to be no links
         self.atomic_create = (
             self.is_local
             or self.protocol in ("s3", "s3a", "memory")
@@ -200,6 +201,40 @@ class Storage:
     def where(self, rel: str) -> str:
         """A path for messages: the URL plus the relative path, no credentials."""
         return f"{self.url}/{rel}"
+
+    def check_no_links(self, rel: str, *, cached: bool = False) -> None:
+        """The one containment rule of local roots (docs/guarantees.md, "Links"): ckpt never
+        follows a symbolic link below the root. The root itself may be a link or lie under links;
+        every directory between the root and ``rel`` must be a real directory (or not exist yet:
+        ckpt creates it as one). Reads, writes, listings and deletes all check it, so nothing is
+        written where it would be refused to be read, and nothing is deleted through a link.
+        ``cached``: a directory found plain once is trusted for this Storage's life (reads).
+        No-op on stores without links."""
+        if not self.is_local:
+            return
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if cached and sub in self._plain_dirs:
+                continue
+            try:
+                st = os.lstat(self.path(sub))
+            except FileNotFoundError:
+                return  # created below as a real directory
+            except OSError as err:
+                raise StorageError(f"{self.where(sub)}: stat failed: {err}") from err
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    to = os.readlink(self.path(sub))
+                except OSError:
+                    to = "?"
+                raise UnsafePathError(
+                    f"{self.where(sub)}: is a symbolic link (to {to}), met on the way to {rel}; ckpt "
+                    "never reads, writes or deletes through a link below the root. Link or mount the "
+                    "whole root instead (the root itself may be a link)"
+                )
+            if cached and stat.S_ISDIR(st.st_mode):
+                self._plain_dirs.add(sub)
 
     @contextlib.contextmanager
     def _errors(self, op: str, rel: str) -> Iterator[None]:
@@ -378,6 +413,7 @@ class Storage:
                     return
                 data = chunks() if callable(chunks) else chunks
                 if self.is_local:
+                    self.check_no_links(rel)
                     self._write_local(full, data, fsync=fsync)
                 elif self.is_s3:
                     self._write_s3_single(full, data, size)
@@ -545,6 +581,7 @@ class Storage:
         try:
             with self._errors("create-only write", rel):
                 if self.is_local:
+                    self.check_no_links(rel)
                     return self._link_commit(full, data, fsync=fsync)
                 if self.protocol == "memory":
                     with _MEMORY_LOCK:
@@ -590,6 +627,7 @@ class Storage:
         full = self.path(rel)
         with self._errors("write", rel):
             if self.is_local:
+                self.check_no_links(rel)
                 d = os.path.dirname(full)
                 os.makedirs(d, exist_ok=True)
                 tmp = f"{d}/.{os.path.basename(full)}.{uuid.uuid4().hex}.tmp"
@@ -613,22 +651,14 @@ class Storage:
     # --- reads -----------------------------------------------------------------------------
 
     def _open_local(self, rel: str) -> int:
-        """Open a file under the root for reading: no symbolic link as the file, no directory
-        resolving outside the root, nothing but a regular file (a FIFO must not block us)."""
-        full = self.path(rel)
-        parent = os.path.dirname(full)
-        real = self._real_dirs.get(parent)
-        if real is None:
-            real = self._real_dirs[parent] = os.path.realpath(parent)
-        base = os.path.realpath(self.root)
-        if real != base and not real.startswith(base + os.sep):
-            raise UnsafePathError(
-                f"{self.where(rel)}: its directory resolves to {real}, outside the root {base}"
-            )
-        fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        """Open a file under the root for reading: no symbolic link as the file or on the way to
+        it, nothing but a regular file (a FIFO must not block us)."""
+        self.check_no_links(rel, cached=True)
+        fd = os.open(self.path(rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
             os.close(fd)
-            raise UnsafePathError(f"{self.where(rel)}: is not a regular file")
+            raise UnsafePathError(f"{self.where(rel)}: {_kind(mode)}, not a regular file; ckpt reads only regular files")
         return fd
 
     def read(self, rel: str) -> bytes:
@@ -726,7 +756,15 @@ class Storage:
     def size(self, rel: str) -> int:
         with self._errors("stat", rel):
             if self.is_local:
-                return os.stat(self.path(rel), follow_symlinks=False).st_size
+                self.check_no_links(rel, cached=True)
+                st = os.lstat(self.path(rel))
+                if stat.S_ISLNK(st.st_mode):
+                    raise UnsafePathError(
+                        f"{self.where(rel)}: is a symbolic link; ckpt never follows links in a checkpoint"
+                    )
+                if not stat.S_ISREG(st.st_mode):
+                    raise UnsafePathError(f"{self.where(rel)}: {_kind(st.st_mode)}, not a regular file")
+                return st.st_size
             if self.is_s3:  # one HeadObject
                 bucket, key, _ = self.fs.split_path(self.path(rel))
                 return int(self.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
@@ -737,6 +775,7 @@ class Storage:
         would also list ``rel/`` for a directory on a miss)."""
         with self._errors("exists", rel):
             if self.is_local:
+                self.check_no_links(rel, cached=True)
                 return os.path.lexists(self.path(rel))
             if self.is_s3:
                 bucket, key, _ = self.fs.split_path(self.path(rel))
@@ -752,6 +791,7 @@ class Storage:
         base = self.path("steps")
         with self._errors("listing", "steps"):
             if self.is_local:
+                self.check_no_links("steps/x")
                 names = os.listdir(base) if os.path.isdir(base) else []
                 return sorted(
                     int(n)
@@ -819,6 +859,7 @@ class Storage:
     def remove_empty_dir(self, rel: str) -> None:
         """Remove the directory ``rel`` if it is empty (local disks; object stores have none)."""
         if self.is_local and rel:
+            self.check_no_links(f"{rel}/x")
             with contextlib.suppress(OSError):
                 os.rmdir(self.path(rel))
 
@@ -827,8 +868,7 @@ class Storage:
             with self._errors("delete", rel):
                 full = self.path(rel)
                 if self.is_local:
-                    if os.path.lexists(full):  # a file or a directory
-                        self.fs.rm(full, recursive=recursive)
+                    self._delete_local(rel, recursive=recursive)
                     return
 
                 def rm() -> None:
@@ -838,6 +878,23 @@ class Storage:
                 self._retry_sync("delete", rm)
         except MissingShardError:
             pass
+
+
+    def _delete_local(self, rel: str, *, recursive: bool) -> None:
+        """Delete ``rel`` itself: a link is removed, never what it points to; nothing through a
+        linked directory (check_no_links)."""
+        self.check_no_links(rel)
+        full = self.path(rel)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(full)
+        elif recursive:
+            shutil.rmtree(full)  # removes links inside as links, never follows them
+        else:
+            os.rmdir(full)
 
 
 class _UploadGone(Exception):
@@ -1078,6 +1135,16 @@ def _fsync_dir(path: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    for test, name in ((stat.S_ISLNK, "is a symbolic link"), (stat.S_ISDIR, "is a directory"),
+                       (stat.S_ISFIFO, "is a FIFO"), (stat.S_ISSOCK, "is a socket"),
+                       (stat.S_ISCHR, "is a character device"), (stat.S_ISBLK, "is a block device")):  # fmt: skip
+        if test(mode):
+            return name
+    return f"has file mode {stat.S_IFMT(mode):o}"
 
 
 def _unlink_quietly(path: str) -> None:

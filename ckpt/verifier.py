@@ -241,6 +241,9 @@ def _check_file(
         msg = f"{where}: missing; the manifest lists it ({expected} bytes, keys {_few(keys)})"
         problem(MissingShardError, msg)
         return out
+    except UnsafePathError as err:  # a link (on the way), a FIFO: never followed nor read
+        problem(UnsafePathError, str(err))
+        return out
     blocks = _BlockChecker(shards, m.block_bytes)
     head = bytearray()  # the file's first bytes: the 8-byte prefix, then the JSON header
     head_len: int | None = None  # 8 + N once the prefix is read; -1 after a prefix problem

@@ -65,7 +65,9 @@ def main() -> int:
             os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "rng": torch.get_rng_state(), "step": step}  # fmt: skip
-        mgr.save(step, state, metrics={"loss": loss.item()})  # on SIGTERM: saves this step, exits 75
+        # on SIGTERM: saves this step, exits 75; the final step is saved whatever --save-every says,
+        # so a rerun of a finished job has nothing left to compute
+        mgr.save(step, state, metrics={"loss": loss.item()}, force=step == args.steps - 1)
     mgr.close()
     print(f"done: {len(ckpt.list_steps(root))} checkpoints kept under {root}", flush=True)
     return 0

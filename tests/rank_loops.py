@@ -145,3 +145,48 @@ def _fail(root: str, rank: int, world: int, seen: dict[str, Any]) -> None:
     except ckpt.WorkerFailedError as err:
         seen["raised"] = f"{type(err).__name__}: {err}"
     seen["steps"] = ckpt.list_steps(root)
+
+
+def _fallback(root: str, rank: int, world: int, seen: dict[str, Any]) -> None:
+    """Steps 0..8 saved every 2; rank 1's shard file of step 8 is damaged (rank 0's is intact, and
+    rank 0 reads nothing of rank 1's). A fresh manager on each rank must resume both ranks at
+    step 6, not rank 0 at 8 and rank 1 failing; both skip saving step 8 again and save step 10."""
+    import os
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    import ckpt
+
+    rows = ROWS // world
+
+    def state(step: int) -> dict[str, Any]:
+        return {"a": ckpt.Shard(torch.full((rows, COLS), float(step)), (ROWS, COLS), (rank * rows, 0)),
+                "meta": {"step": step}}  # fmt: skip
+
+    opts = ckpt.ManagerOptions(save_every=2, async_save=False)
+    with ckpt.CheckpointManager(root, opts) as mgr:
+        for step in range(9):
+            mgr.save(step, state(step))
+    dist.barrier()
+    if rank == 0:  # flip one byte of rank 1's rows in step 8 (same size: only the CRC tells)
+        path = next(p for p in ckpt.read_manifest(root, 8).files if "/00001-" in p)
+        full = os.path.join(root, path)
+        os.chmod(full, 0o644)
+        with open(full, "r+b") as f:
+            f.seek(os.path.getsize(full) - 4096)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    dist.barrier()
+    target = state(-1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ckpt.CheckpointManager(root, opts) as mgr:
+            seen["resumed"] = mgr.restore(target)
+            seen["meta"] = target["meta"]
+            seen["a"] = sorted({float(v) for v in target["a"].tensor.flatten().tolist()})
+            seen["saved8"] = mgr.save(8, state(8))
+            seen["saved10"] = mgr.save(10, state(10))
+    seen["warnings"] = [str(w.message) for w in caught if issubclass(w.category, ckpt.CkptWarning)]

@@ -103,12 +103,10 @@ SAVE_POINTS = [
     Point("latest_read", "cat_file", "LATEST", stage="latest_read"),
     Point("latest_write", "pipe_file", "LATEST", names="LATEST", stage="latest_write"),
     Point("retire_manifest_rm", "rm", "steps/000000000001/manifest.json", names="manifest.json", stage="retire_manifest"),
-    Point("retire_stepdir_rm", "rm", suffix=r"/steps/000000000001$", names="steps/000000000001", stage="retire_data"),
     *[
         Point(f"retire_data_rm_r{r}", "rm", "data/000000000001-", rank=r, names=f"{r:05d}-", stage="retire_data")
         for r in (0, 1)
     ],
-    Point("retire_datadir_rm", "rm", suffix=r"/data/000000000001-[0-9a-f]+$", names="data/000000000001-", stage="retire_data"),
 ]
 RESTORE_POINTS = [
     Point("listing", "find", "steps", names="steps"),

@@ -10,7 +10,7 @@ import torch
 from conftest import Store
 
 import ckpt
-from ckpt import garbage
+from ckpt import garbage, retirement
 from ckpt.cli import main
 from ckpt.storage import Listed, Storage, Upload
 
@@ -42,22 +42,22 @@ def test_unreferenced_attempts_go_only_when_their_newest_file_is_old() -> None:
 
 def test_temp_files_and_stale_uploads() -> None:
     listed = [
-        _f("steps/000000000004/.manifest.json.0a1b.tmp", 25),
-        _f(".LATEST.99ff.tmp", 1),
+        _f("steps/000000000004/.manifest.json.0123456789abcdef0123456789abcdef.tmp", 25),
+        _f(".LATEST.0123456789abcdef0123456789abcdef.tmp", 1),
         _f("steps/000000000005/manifest.json", 40),  # invalid or not: a manifest is never garbage
     ]
     uploads = [Upload("data/000000000006-x/00000-0.safetensors", "u1", NOW - 30 * H),
                Upload("data/000000000007-y/00000-0.safetensors", "u2", NOW - 1 * H)]  # fmt: skip
     plan = garbage.plan_gc(listed, uploads, set(), now=NOW, grace_s=24 * H)
-    assert plan.delete == ("steps/000000000004/.manifest.json.0a1b.tmp",)
-    assert plan.too_recent == (".LATEST.99ff.tmp",)
+    assert plan.delete == ("steps/000000000004/.manifest.json.0123456789abcdef0123456789abcdef.tmp",)
+    assert plan.too_recent == (".LATEST.0123456789abcdef0123456789abcdef.tmp",)
     assert [u.upload_id for u in plan.abort] == ["u1"]
 
 
 def test_an_unreadable_manifest_blocks_data_collection() -> None:
-    listed = [_f("data/000000000002-bbb/00000-0.safetensors", 100), _f("steps/000000000003/.x.tmp", 100)]
+    listed = [_f("data/000000000002-bbb/00000-0.safetensors", 100), _f("steps/000000000003/.x.0123456789abcdef0123456789abcdef.tmp", 100)]
     plan = garbage.plan_gc(listed, [], set(), now=NOW, grace_s=H, unreadable=["steps/000000000009/manifest.json"])
-    assert plan.delete == ("steps/000000000003/.x.tmp",)
+    assert plan.delete == ("steps/000000000003/.x.0123456789abcdef0123456789abcdef.tmp",)
     assert plan.blocked_by == ("steps/000000000009/manifest.json",)
 
 
@@ -103,6 +103,32 @@ def test_ckpt_gc_cli(local_store: Store, capsys: pytest.CaptureFixture[str]) -> 
     assert ckpt.verify(local_store.root, 1).ok
 
 
+
+
+def test_files_that_are_not_ckpts_are_never_collected_nor_retired(store: Store) -> None:
+    """A note in a step directory (with or without a manifest), a file of another name in an
+    attempt directory, a dot-file that is not ckpt's temp name: gc and rm leave them, whatever
+    their age."""
+    ckpt.save(store.root, {"w": torch.zeros(64)}, step=1, storage_options=store.opts)
+    m = ckpt.save(store.root, {"w": torch.ones(64)}, step=2, storage_options=store.opts)
+    attempt_dir = os.path.dirname(next(iter(m.files)))
+    st = Storage(store.root, store.opts)
+    theirs = [
+        "steps/000000000005/notes.txt",  # a step directory without a manifest
+        "steps/000000000001/notes.txt",  # beside a manifest
+        f"{attempt_dir}/README.md",
+        "data/000000000003-abc/weights.bin",
+        "steps/000000000002/.notes.tmp",
+    ]
+    for p in theirs:
+        st.put(p, b"mine", fsync=False)
+    plan = garbage.collect(st, grace_s=0.0, now=time.time() + 10 * 24 * H)
+    assert not set(plan.delete) & set(theirs)
+    assert all(st.exists(p) for p in theirs)
+    retirement.retire(st, [1, 2])  # what `ckpt rm` and retention run
+    assert ckpt.list_steps(store.root, storage_options=store.opts) == []
+    assert all(st.exists(p) for p in theirs), [p for p in theirs if not st.exists(p)]
+    assert not st.exists(next(iter(m.files)))  # ckpt's own data went
 
 
 @pytest.mark.s3

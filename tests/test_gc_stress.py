@@ -87,7 +87,10 @@ class GcMachine(RuleBasedStateMachine):
         self.storage.shift = {}
         self.offset = 0.0
         self.next_step = 1
-        self.live: dict[str, Live] = {}  # attempt id -> attempt
+        # live attempts by the order they began: keys must not depend on the attempts' random ids,
+        # or Hypothesis's draws (sampled_from over them) differ between replays of one example
+        self.live: dict[int, Live] = {}
+        self.begun = 0
         self.abandoned: dict[str, float] = {}  # attempt dir -> model time of its newest file
         self.committed: dict[int, int] = {}  # step -> seed of its state
         self.temps: dict[str, float] = {}  # local temp files -> model time written
@@ -111,7 +114,8 @@ class GcMachine(RuleBasedStateMachine):
         rep = ckpt.write_shards(
             a, self._rank_state(seed, 0, world), rank=0, storage_options=self.opts
         )
-        self.live[a.attempt] = Live(a, [rep], self._stamp(rep["files"]), seed, set(rep["files"]))
+        self.begun += 1
+        self.live[self.begun] = Live(a, [rep], self._stamp(rep["files"]), seed, set(rep["files"]))
 
     @rule(seed=st.integers(0, 2**16))
     def save(self, seed: int) -> None:
@@ -166,7 +170,7 @@ class GcMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def abandon(self, data: st.DataObject) -> None:
         """A writer crashes: its files stay, referenced by nothing."""
-        x = self.live.pop(data.draw(st.sampled_from(sorted(self.live))))
+        x = self.live.pop(data.draw(st.sampled_from(list(self.live))))
         self.abandoned[f"data/{x.attempt.step:012d}-{x.attempt.attempt}"] = x.last_write
 
     @rule()

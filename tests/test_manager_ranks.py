@@ -87,3 +87,18 @@ def test_one_process_needs_no_process_group(tmp_path: Path) -> None:
     assert (mgr.rank, mgr.world_size) == (0, 1)
     mgr.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_step_damaged_on_one_rank_only_is_skipped_by_every_rank(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    statuses, seen = _run("fallback", root, tmp_path)
+    assert statuses == [0, 0], "a rank failed (its traceback is on stderr)"
+    assert [s["resumed"] for s in seen] == [6, 6]  # rank 0's own data of step 8 is intact
+    for s in seen:
+        assert s["meta"] == {"step": 6}
+        assert s["a"] == [6.0]
+        assert s["saved8"] is False
+        assert s["saved10"] is True
+        assert any("skipping damaged step 8" in w for w in s["warnings"]), s["warnings"]
+    assert ckpt.list_steps(root) == [6, 8, 10]  # keep_last=3 (rank 0); the damaged 8 not saved over
+    assert torch.equal(ckpt.restore(root, 10)["a"], torch.full((512, 256), 10.0))

@@ -38,3 +38,15 @@ def test_preempted_and_resumed_loop_matches_an_uninterrupted_one(tmp_path: Path)
     assert "resumed at step 13" in second
     assert {**_losses(first), **_losses(second)} == _losses(ref)  # every loss bit-identical
     assert sorted(_losses(ref)) == list(range(20))
+
+
+def test_a_finished_run_saves_its_final_step_and_a_rerun_computes_nothing(tmp_path: Path) -> None:
+    # 23 steps, saved every 5: the last policy save is step 20; the final step 22 is saved too
+    code, first = _run(tmp_path / "run", "--steps", "23")
+    assert code == 0
+    assert sorted(_losses(first)) == list(range(23))
+    assert ckpt.latest_step(str(tmp_path / "run")) == 22
+    code, again = _run(tmp_path / "run", "--steps", "23")
+    assert code == 0
+    assert "resumed at step 23" in again
+    assert _losses(again) == {}  # nothing recomputed
