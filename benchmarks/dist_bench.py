@@ -4,7 +4,7 @@
 
 For each writer count W, W real processes (gloo) each hold their row-shard of the same ~1 GiB
 state (64 fp32/bf16 tensors, DTensor Shard(0) on a 1-D mesh) and save it to a fresh local
-directory: ckpt with ``ckpt.distributed.save``, DCP with ``FileSystemWriter`` (fsync on, as
+directory: ckpt with ``ckpt.parallel.torchrun.save``, DCP with ``FileSystemWriter`` (fsync on, as
 ckpt). Restore reads it back into preallocated DTensors of the same layout, after evicting the
 files from the page cache (posix_fadvise DONTNEED), with ``ckpt.restore(target=...)`` and
 ``dcp.load`` + ``FileSystemReader``. Each (method, W) is timed ``--runs`` times; the table gives
@@ -58,7 +58,7 @@ def _worker(rank: int, world: int, port: int, method: str, gib: float, root: str
     from torch.distributed.tensor import DTensor, Shard
 
     import ckpt
-    import ckpt.distributed
+    import ckpt.parallel.torchrun
 
     mesh = init_device_mesh("cpu", (world,))
     shapes = _state_shapes(gib)
@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, port: int, method: str, gib: float, root: str
     dist.barrier()
     t0 = time.perf_counter()
     if method == "ckpt":
-        ckpt.distributed.save(root, state, step=1)
+        ckpt.parallel.torchrun.save(root, state, step=1)
     else:
         import torch.distributed.checkpoint as dcp
 

@@ -434,8 +434,8 @@ def _reshard_child(spec: dict[str, Any], specs: list[tuple[str, tuple[int, ...],
     import torch
 
     import ckpt
-    from ckpt.regions import Box
-    from ckpt.restore_plan import Request, plan_restore
+    from ckpt.engine.restore_plan import Request, plan_restore
+    from ckpt.geometry.boxes import Box
 
     path, writers = spec["path"], spec["writers"]
     if spec["phase"] == "save":

@@ -8,7 +8,7 @@ Parts, each in its own process (see benchmarks/README.md):
 - local: ``benchmarks.local_bench``: ckpt vs torch.save, safetensors, DCP (1 process) and the
   raw disk limits at 64 MiB, 256 MiB, 1 GiB (``--big``: + 4 GiB), and the 4 -> 3 resharding case;
 - scale: ``benchmarks.scale_bench``: a 1,000-rank x 1,000-tensor manifest;
-- dist: ``benchmarks.dist_bench``: W gloo processes, ckpt.distributed vs DCP;
+- dist: ``benchmarks.dist_bench``: W gloo processes, ckpt.parallel.torchrun vs DCP;
 - s3: ``benchmarks.s3_bench`` if it exists (skipped otherwise);
 - stall: ``benchmarks.stall_bench``: the training stall of an async vs a sync save
   (CheckpointManager), 1 GiB on local disk and 256 MiB on moto.

@@ -16,7 +16,7 @@ subprocess (2-rank cases: two, over gloo), the runs interleaved across methods:
 - ``raw``: s3fs ``pipe_file`` of the whole safetensors-serialized state as one PutObject, and
   ``cat_file`` of it as one GetObject (``max_concurrency=1``): one request each way;
 - ``ckpt``: ``ckpt.save`` / ``ckpt.restore(target=...)`` (CRC32C verification on), 1 process;
-- ``ckpt-2r``: ``ckpt.distributed.save`` / ``ckpt.restore(target=...)`` on 2 ranks holding
+- ``ckpt-2r``: ``ckpt.parallel.torchrun.save`` / ``ckpt.restore(target=...)`` on 2 ranks holding
   DTensor ``Shard(0)`` halves of every tensor;
 - ``dcp``: ``dcp.save`` / ``dcp.load`` with ``FsspecWriter`` / ``FsspecReader``, ``no_dist=True``;
 - ``dcp-2r``: the same on 2 ranks with the same DTensors;
@@ -180,7 +180,7 @@ def run_case(spec: dict[str, Any]) -> None:
     import ckpt
 
     if world > 1:
-        import ckpt.distributed
+        import ckpt.parallel.torchrun
     barrier()
     before = fetch_stats(proxy) if rank == 0 else None
     rss_before = _maxrss()
@@ -197,7 +197,7 @@ def run_case(spec: dict[str, Any]) -> None:
         if phase == "save" and world == 1:
             ckpt.save(f"s3://{url}", state, step=1, storage_options=opts)
         elif phase == "save":
-            ckpt.distributed.save(f"s3://{url}", state, step=1, storage_options=opts)
+            ckpt.parallel.torchrun.save(f"s3://{url}", state, step=1, storage_options=opts)
         else:
             ckpt.restore(f"s3://{url}", target=state, storage_options=opts)
     elif phase == "save":

@@ -7,7 +7,7 @@ file per rank. Times, each against the 2 s target of the performance issue:
 
 - build: the in-memory manifest (``FileEntry`` values and one columnar ``ShardTable`` per tensor);
 - to_json: ``Manifest.to_json()`` (the bytes a commit writes); write = build + to_json;
-- parse: ``ckpt.manifest.parse`` of those bytes (what every restore does first);
+- parse: ``ckpt.format.manifest.parse`` of those bytes (what every restore does first);
 - plan: ``plan_restore`` of rank 0's region of every tensor (a 1-rank restore of its shard);
 - commit: ``commit_protocol.build_manifest`` from R writer reports (what ``ckpt.commit`` runs
   before writing; it checks every region was written once, with the manifest parser's linear
@@ -46,7 +46,7 @@ def _path(rank: int) -> str:
 def build(ranks: int, tensors: int) -> Any:
     import numpy as np
 
-    from ckpt.manifest import FileEntry, Manifest, ShardTable, TensorEntry
+    from ckpt.format.manifest import FileEntry, Manifest, ShardTable, TensorEntry
 
     shard_bytes = ROWS * COLS * ITEM
     paths = tuple(_path(r) for r in range(ranks))
@@ -69,7 +69,7 @@ def build(ranks: int, tensors: int) -> Any:
 
 
 def reports(ranks: int, tensors: int) -> list[dict[str, Any]]:
-    """What each of ``ranks`` writers would report for this layout (see ckpt.attempt.Report)."""
+    """What each of ``ranks`` writers would report for this layout (see ckpt.lifecycle.attempt.Report)."""
     shard_bytes = ROWS * COLS * ITEM
     keys = [f"model.layers.{t}.weight" for t in range(tensors)]
     out = []
@@ -97,10 +97,10 @@ def _timed(fn: Any) -> tuple[float, Any]:
 
 def measure(ranks: int, tensors: int, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Time build, to_json, parse and plan at this size (steps in ``skip`` are not run)."""
-    from ckpt import manifest as manifest_mod
+    from ckpt.engine.restore_plan import Request, plan_restore
+    from ckpt.format import manifest as manifest_mod
+    from ckpt.geometry.boxes import Box
     from ckpt.options import RestoreOptions
-    from ckpt.regions import Box
-    from ckpt.restore_plan import Request, plan_restore
 
     out: dict[str, Any] = {"ranks": ranks, "tensors": tensors, "entries": ranks * tensors, "times_s": {}}
     out["times_s"]["build"], m = _timed(lambda: build(ranks, tensors))
@@ -125,8 +125,8 @@ def measure(ranks: int, tensors: int, skip: frozenset[str] = frozenset()) -> dic
 
 
 def measure_commit(ranks: int, tensors: int) -> float:
-    from ckpt import attempt as attempt_mod
-    from ckpt import commit_protocol
+    from ckpt.lifecycle import attempt as attempt_mod
+    from ckpt.lifecycle import commit as commit_protocol
     from ckpt.options import SaveOptions
 
     reps = reports(ranks, tensors)

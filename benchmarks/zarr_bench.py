@@ -22,7 +22,7 @@ import time
 import torch
 
 import ckpt
-from ckpt.zarr_archive import export_zarr, import_zarr
+from ckpt.interop.zarr import export_zarr, import_zarr
 
 
 def make_state(mib: int) -> dict[str, object]:

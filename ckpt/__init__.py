@@ -6,26 +6,26 @@ is the single commit point; restore reads exactly the bytes each reader needs.
 
 from __future__ import annotations
 
-from ckpt.adoption import adopt
-from ckpt.attempt import Attempt, Report
-from ckpt.copier import CopyOptions, CopyReport, copy
 from ckpt.errors import *  # noqa: F403  (the whole hierarchy is public)
 from ckpt.errors import __all__ as _errors_all
-from ckpt.hf_export import export_hf
+from ckpt.format.manifest import FORMAT_VERSION, Manifest
+from ckpt.interop.adopt import adopt
+from ckpt.interop.hf import export_hf
+from ckpt.interop.zarr import export_zarr, import_zarr  # zarr itself is imported on first use
+from ckpt.lifecycle.attempt import Attempt, Report
+from ckpt.lifecycle.copy import CopyOptions, CopyReport, copy
+from ckpt.lifecycle.restore import latest_step, list_steps, read_manifest, restore
+from ckpt.lifecycle.retention import RetentionPolicy
+from ckpt.lifecycle.save import begin, commit, describe, holders, save, write_shards
+from ckpt.lifecycle.verify import VerifyReport, verify
 from ckpt.manager import CheckpointManager, ManagerOptions
-from ckpt.manifest import FORMAT_VERSION, Manifest
 from ckpt.options import RestoreOptions, RetryPolicy, SaveOptions
-from ckpt.redaction import install as _install_redaction
-from ckpt.restorer import latest_step, list_steps, read_manifest, restore
-from ckpt.retention import RetentionPolicy
-from ckpt.saver import begin, commit, describe, holders, save, write_shards
-from ckpt.shard import Shard
-from ckpt.verifier import VerifyReport, verify
-from ckpt.zarr_archive import export_zarr, import_zarr  # zarr itself is imported on first use
+from ckpt.state.shard import Shard
+from ckpt.storage.redaction import install as _install_redaction
 
 __version__ = "0.1.0"
 
-_install_redaction()  # botocore/s3fs DEBUG logs name credentials: redact them (ckpt.redaction)
+_install_redaction()  # botocore/s3fs DEBUG logs name credentials: redact them (ckpt.storage.redaction)
 
 __all__ = [
     "FORMAT_VERSION",

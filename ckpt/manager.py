@@ -10,7 +10,7 @@ skipped, ``when_busy="skip"``). A background failure is raised by the next call 
 Several ranks (torchrun, Ray Train workers: any initialized torch.distributed world of more than
 one process) share one checkpoint per step: every rank constructs its manager at the same point
 and calls ``save``/``restore`` with the same steps. The manager then creates two gloo groups of
-its own: the background thread coordinates each save on one (``ckpt.distributed.save``: rank 0
+its own: the background thread coordinates each save on one (``ckpt.parallel.torchrun.save``: rank 0
 starts and commits, every rank writes its own shards), the training thread uses the other for
 two small agreements: one all-reduce per ``save`` call (has any rank been asked to stop? is any
 rank's previous save still in flight?) and the step to restore. The training process group is
@@ -36,7 +36,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ckpt import restorer, retention, retirement, saver
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptError,
@@ -44,9 +43,13 @@ from ckpt.errors import (
     PlanError,
     WorkerFailedError,
 )
+from ckpt.lifecycle import restore as restorer
+from ckpt.lifecycle import retention
+from ckpt.lifecycle import retire as retirement
+from ckpt.lifecycle import save as saver
+from ckpt.lifecycle.retention import RetentionPolicy
 from ckpt.options import RestoreOptions, SaveOptions
-from ckpt.retention import RetentionPolicy
-from ckpt.staging import Staging
+from ckpt.state.staging import Staging
 from ckpt.storage import Storage
 
 
@@ -65,7 +68,7 @@ class ManagerOptions:
     exit_on_stop: bool = True
     # Several ranks: None = when torch.distributed is initialized with more than one process.
     distributed: bool | None = None
-    plain_tensors: Literal["auto", "exclusive", "replicated"] = "auto"  # see ckpt.distributed.save
+    plain_tensors: Literal["auto", "exclusive", "replicated"] = "auto"  # see ckpt.parallel.torchrun.save
     timeout_s: float = 1800.0  # bound on every wait for a peer rank (several ranks only)
     # restore() without a step: skip damaged newest steps (with a warning) instead of raising
     restore_fallback: bool = True
@@ -303,7 +306,7 @@ class CheckpointManager:
         """Fill ``target`` from checkpoint ``step`` (default: the newest committed one) and return
         that step, or None if there is no checkpoint yet. Tensors are filled in place; the other
         values of dicts and lists in ``target`` are replaced by the saved ones
-        (``ckpt.restorer.assign``, the rule ``ckpt.restore(target=)`` follows too).
+        (``ckpt.lifecycle.restore.assign``, the rule ``ckpt.restore(target=)`` follows too).
 
         Without ``step``, a damaged newest step (damaged data or links found by the restore's
         checks) is skipped with a CkptWarning naming it and why, and the next older one is tried
@@ -373,7 +376,7 @@ class _Ranks:
     saves)."""
 
     def __init__(self, rank: int, world: int, timeout_s: float) -> None:
-        from ckpt import distributed
+        from ckpt.parallel import torchrun as distributed
 
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
         self._dist = distributed
@@ -382,7 +385,7 @@ class _Ranks:
 
     @classmethod
     def join(cls, options: ManagerOptions) -> _Ranks | None:
-        from ckpt import distributed
+        from ckpt.parallel import torchrun as distributed
 
         rw = distributed.rank_and_world()
         if rw is None or (options.distributed is None and rw[1] == 1):

@@ -34,8 +34,8 @@ import ray
 import torch
 
 import ckpt
-import ckpt.cluster
-from ckpt.layout import chunk
+import ckpt.parallel.ray
+from ckpt.engine.owners import chunk
 
 D_IN, HIDDEN, D_OUT, BATCH = 16, 96, 4, 64
 STEPS, CRASH_AT, SAVE_EVERY, LR = 20, 13, 5, 0.01
@@ -131,7 +131,7 @@ def train(actors: list[Any], first: int, last: int, root: str | None, storage_op
         losses.append(float(loss))
         if root and step % SAVE_EVERY == 0:
             t0 = time.perf_counter()
-            m = ckpt.cluster.save(root, actors, step=step, storage_options=storage_options)
+            m = ckpt.parallel.ray.save(root, actors, step=step, storage_options=storage_options)
             print(f"   step {step:2d}  loss {loss:.6f}  checkpoint: {len(m.files)} files from {m.world_size} actors, "
                   f"{m.total_bytes / 1024:.0f} KiB, {time.perf_counter() - t0:.2f} s")  # fmt: skip
     return losses
@@ -179,7 +179,7 @@ def main() -> None:
         actors = [ShardActor.remote(r, 3) for r in range(3)]
         ray.get([a.b2.remote() for a in actors])  # wait for the actors to start
         t0 = time.perf_counter()
-        step = ckpt.cluster.restore(root, actors, storage_options=opts)
+        step = ckpt.parallel.ray.restore(root, actors, storage_options=opts)
         print(f"   restored step {step} onto 3 actors in {time.perf_counter() - t0:.2f} s")
         resumed = train(actors, step + 1, STEPS, None, opts)
 

@@ -61,11 +61,13 @@ except ImportError:  # no wheel for this platform: the fallback loop below
 
 if atheris is not None:
     with atheris.instrument_imports(include=["ckpt"]):
-        from ckpt import manifest, safetensors_format
         from ckpt.errors import CkptError
+        from ckpt.format import manifest
+        from ckpt.format import safetensors as safetensors_format
 else:
-    from ckpt import manifest, safetensors_format
     from ckpt.errors import CkptError
+    from ckpt.format import manifest
+    from ckpt.format import safetensors as safetensors_format
 
 WHERE = "fuzz://root/steps/000000000001/manifest.json"
 _MARK = b'"manifest_crc32c":"'

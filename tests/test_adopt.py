@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 import ckpt
-from ckpt.adoption import adopt
 from ckpt.cli import main
-from ckpt.hf_export import export_hf
-from ckpt.layout import chunk
+from ckpt.engine.owners import chunk
+from ckpt.interop.adopt import adopt
+from ckpt.interop.hf import export_hf
 from tests.conftest import Store
 from tests.test_hf_export import _bits, _model, _save_sharded
 

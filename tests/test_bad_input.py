@@ -17,7 +17,7 @@ Not applicable, or covered elsewhere:
 - 20 ETag/VersionId: not stored. Data objects are immutable and create-only; a replaced object
   is caught by the size check (19) and the block crc32c (29).
 - 27 header vs manifest: restore never parses headers (it reads the manifest's byte ranges and
-  checks their crc32c); ``ckpt.verifier`` compares headers with the manifest (tests/test_verify.py).
+  checks their crc32c); ``ckpt.lifecycle.verify`` compares headers with the manifest (tests/test_verify.py).
 - 31 device files: reading one needs a symlink (refused, tested) or root privileges.
 - 32 "DanglingPointer": ckpt never follows LATEST or any pointer; it lists ``steps/``. Tested:
   a dangling or hostile LATEST changes nothing.
@@ -49,7 +49,9 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 import ckpt
-from ckpt import errors, manifest, safetensors_format, strictjson
+from ckpt import errors
+from ckpt.format import manifest, strictjson
+from ckpt.format import safetensors as safetensors_format
 from ckpt.testing import Recorder
 from tests.conftest import Store
 
@@ -907,7 +909,7 @@ def test_the_pickle_payload_is_live(tmp_path: Path) -> None:
 def test_30_not_safetensors_is_refused_and_never_loaded(kind: str, saved: Saved, tmp_path: Path) -> None:
     sentinel = tmp_path / "pwned"
     payload = hostile_payloads(sentinel)[kind]
-    # the parser (what ckpt.verifier and adopt use) names the format and refuses it
+    # the parser (what ckpt.lifecycle.verify and adopt use) names the format and refuses it
     with pytest.raises(errors.NotSafetensorsError, match="not a safetensors file") as info:
         safetensors_format.parse(payload, file_size=len(payload), where="x/f.safetensors")
     if kind.startswith("pickle-p") and kind != "pickle-p0":

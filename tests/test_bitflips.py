@@ -42,7 +42,7 @@ import torch
 
 import ckpt
 from ckpt import errors
-from ckpt.layout import chunk
+from ckpt.engine.owners import chunk
 from tests.test_save_restore import _random
 
 STEP = 1

@@ -15,7 +15,7 @@ import torch
 
 import ckpt
 from ckpt.cli import human_size, main
-from ckpt.manifest import Manifest
+from ckpt.format.manifest import Manifest
 from tests.conftest import Store
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt import commit_protocol as commit_mod
+from ckpt.lifecycle import commit as commit_mod
 from ckpt.storage import Storage
 from ckpt.testing import Recorder, Rule
 from tests.conftest import Store

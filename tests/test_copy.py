@@ -20,9 +20,9 @@ import torch
 
 import ckpt
 from ckpt.cli import main
-from ckpt.commit_protocol import manifest_path
-from ckpt.copier import CopyOptions, FileTask, plan_copy
-from ckpt.manifest import FileEntry, Manifest, TensorEntry
+from ckpt.format.manifest import FileEntry, Manifest, TensorEntry
+from ckpt.lifecycle.commit import manifest_path
+from ckpt.lifecycle.copy import CopyOptions, FileTask, plan_copy
 from ckpt.options import SaveOptions
 from ckpt.storage import Storage
 from tests.conftest import Store, make_state

@@ -8,7 +8,7 @@ import crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt.crc import combine
+from ckpt.format.crc import combine
 
 
 @settings(max_examples=200, deadline=None)

@@ -37,7 +37,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt import retirement
+from ckpt.lifecycle import retire as retirement
 from ckpt.storage import Storage
 from ckpt.testing import Call, Recorder, Rule
 

@@ -53,9 +53,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckpt
-from ckpt import dtypes, executor, manifest, regions, safetensors_format, strictjson, tree, verifier
+from ckpt.engine import executor
+from ckpt.engine.restore_plan import Request, plan_restore
 from ckpt.errors import CkptError, HeaderError, ManifestError
-from ckpt.restore_plan import Request, plan_restore
+from ckpt.format import dtypes, manifest, strictjson
+from ckpt.format import safetensors as safetensors_format
+from ckpt.geometry import boxes as regions
+from ckpt.lifecycle import verify as verifier
+from ckpt.state import tree
 from ckpt.storage import Storage
 from tests.test_save_restore import _random
 

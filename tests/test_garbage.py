@@ -10,8 +10,9 @@ import torch
 from conftest import Store
 
 import ckpt
-from ckpt import garbage, retirement
 from ckpt.cli import main
+from ckpt.lifecycle import garbage
+from ckpt.lifecycle import retire as retirement
 from ckpt.storage import Listed, Storage, Upload
 
 H = 3600.0

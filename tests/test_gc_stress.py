@@ -1,7 +1,7 @@
 """GC under interleavings (reliability 5.1 items 15 and 16).
 
 Saves (some left running: begin + write_shards without commit, i.e. live attempts; some
-abandoned: crashed writers), commits, retention and ``ckpt.garbage.collect`` interleave in
+abandoned: crashed writers), commits, retention and ``ckpt.lifecycle.garbage.collect`` interleave in
 random orders (Hypothesis stateful) on local disk and, shorter, on moto S3; and a saver thread
 and a GC thread run concurrently on local disk. Invariants after every step:
 
@@ -35,8 +35,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import ckpt
-from ckpt import garbage, retention, retirement
 from ckpt.errors import CkptError
+from ckpt.lifecycle import garbage, retention
+from ckpt.lifecycle import retire as retirement
 from ckpt.storage import Listed, Storage
 
 GRACE = 1000.0  # model seconds

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 import ckpt
 from ckpt.cli import main
-from ckpt.hf_export import INDEX_NAME, export_hf
-from ckpt.layout import chunk
+from ckpt.engine.owners import chunk
+from ckpt.interop.hf import INDEX_NAME, export_hf
 from tests.test_save_restore import _random
 
 

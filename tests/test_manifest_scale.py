@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 
 from benchmarks import scale_bench
-from ckpt import attempt as attempt_mod
-from ckpt import commit_protocol, errors, manifest
-from ckpt.manifest import ShardEntry, ShardTable, TensorEntry
+from ckpt import errors
+from ckpt.engine.restore_plan import Request, plan_restore
+from ckpt.format import manifest
+from ckpt.format.manifest import ShardEntry, ShardTable, TensorEntry
+from ckpt.geometry.boxes import Box
+from ckpt.geometry.byte_ranges import ByteRange
+from ckpt.lifecycle import attempt as attempt_mod
+from ckpt.lifecycle import commit as commit_protocol
 from ckpt.options import MiB, SaveOptions
-from ckpt.ranges import ByteRange
-from ckpt.regions import Box
-from ckpt.restore_plan import Request, plan_restore
 
 ROWS, COLS = scale_bench.ROWS, scale_bench.COLS
 

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckpt.ranges import ByteRange, blocks, coalesce, find_overlaps, split
+from ckpt.geometry.byte_ranges import ByteRange, blocks, coalesce, find_overlaps, split
 
 ranges_st = st.lists(
     st.tuples(st.integers(0, 10_000), st.integers(0, 500)).map(lambda p: ByteRange(p[0], p[0] + p[1])),

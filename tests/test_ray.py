@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ckpt
-import ckpt.cluster
-from ckpt.layout import chunk
+import ckpt.parallel.ray
+from ckpt.engine.owners import chunk
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -78,14 +78,14 @@ class Worker:
 def test_driver_saves_from_4_actors_and_restores_onto_3(ray_local: None, tmp_path: Any) -> None:
     root = str(tmp_path / "run")
     writers = [Worker.remote(r, 4) for r in range(4)]
-    m = ckpt.cluster.save(root, writers, step=10)
+    m = ckpt.parallel.ray.save(root, writers, step=10)
     assert m.world_size == 4
     assert len(m.tensors["weight"].shards) == 4
     assert len(m.tensors["bias"].shards) == 1  # the replica is written once
     assert len(m.tensors["emb"].shards) == 1  # found by the describe exchange
     assert sorted(k for k in m.objects if k.startswith("rank")) == ["rank0", "rank1", "rank2", "rank3"]
     readers = [Worker.remote(r, 3) for r in range(3)]
-    assert ckpt.cluster.restore(root, readers) == 10
+    assert ckpt.parallel.ray.restore(root, readers) == 10
     full = full_weight()
     for w, b, off, _ in ray.get([a.snapshot.remote() for a in readers]):
         assert torch.equal(w, full[off : off + w.shape[0]])
@@ -96,10 +96,10 @@ def test_failing_actor_fails_the_save_naming_its_rank(ray_local: None, tmp_path:
     root = str(tmp_path / "run")
     writers = [Worker.remote(r, 3, "raise" if r == 2 else "") for r in range(3)]
     with pytest.raises(ckpt.WorkerFailedError, match="rank 2") as info:
-        ckpt.cluster.save(root, writers, step=1)
+        ckpt.parallel.ray.save(root, writers, step=1)
     assert list(info.value.failures) == [2]
     assert ckpt.list_steps(root) == []
-    ckpt.cluster.save(root, [Worker.remote(r, 3) for r in range(3)], step=1)  # the step is still free
+    ckpt.parallel.ray.save(root, [Worker.remote(r, 3) for r in range(3)], step=1)  # the step is still free
     assert ckpt.list_steps(root) == [1]
 
 
@@ -109,18 +109,18 @@ def test_killed_actor_fails_the_save_within_bounded_time(ray_local: None, tmp_pa
     ray.get([w.snapshot.remote() for w in writers])
     t0 = time.monotonic()
     with pytest.raises(ckpt.WorkerFailedError, match="rank 1"):
-        ckpt.cluster.save(root, writers, step=1, timeout_s=5)
+        ckpt.parallel.ray.save(root, writers, step=1, timeout_s=5)
     assert time.monotonic() - t0 < 30
     ray.kill(writers[1])
     with pytest.raises(ckpt.WorkerFailedError, match="rank 1") as info:
-        ckpt.cluster.save(root, writers, step=2, timeout_s=60)
+        ckpt.parallel.ray.save(root, writers, step=2, timeout_s=60)
     assert "Actor" in info.value.failures[1] or "actor" in info.value.failures[1]
     assert ckpt.list_steps(root) == []
 
 
 def test_credentials_are_not_sent_to_workers(ray_local: None, tmp_path: Any) -> None:
     with pytest.raises(ckpt.PlanError, match="look like credentials"):
-        ckpt.cluster.save(str(tmp_path), [], step=1, storage_options={"key": "AKIA", "secret": "x"})
+        ckpt.parallel.ray.save(str(tmp_path), [], step=1, storage_options={"key": "AKIA", "secret": "x"})
 
 
 @ray.remote(num_cpus=0.5)
@@ -129,7 +129,7 @@ def _spmd_rank(root: str, rank: int, world: int, fail: bool) -> int:
                              (chunk(GLOBAL[0], world, rank)[0], 0))}  # fmt: skip
     if fail:
         state["bad"] = lambda: None  # type: ignore[assignment]
-    return ckpt.cluster.spmd_save(root, state, step=3, rank=rank, world_size=world, timeout_s=60)
+    return ckpt.parallel.ray.spmd_save(root, state, step=3, rank=rank, world_size=world, timeout_s=60)
 
 
 def test_spmd_coordinator_commits_once_all_ranks_report(ray_local: None, tmp_path: Any) -> None:
@@ -150,7 +150,7 @@ def test_spmd_coordinator_one_rank_fails_all_ranks_error(ray_local: None, tmp_pa
 def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
 
-    import ckpt.distributed
+    import ckpt.parallel.torchrun
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -160,9 +160,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         "bias": torch.arange(GLOBAL[1], dtype=torch.float32),
         f"rank{rank}": rank,
     }
-    ckpt.distributed.save(config["root"], state, step=1, plain_tensors="replicated", timeout_s=120)
+    ckpt.parallel.torchrun.save(config["root"], state, step=1, plain_tensors="replicated", timeout_s=120)
     # and through the named coordinator actor, with no process group involved
-    ckpt.cluster.spmd_save(config["root"], state, step=2, rank=rank, world_size=world,
+    ckpt.parallel.ray.spmd_save(config["root"], state, step=2, rank=rank, world_size=world,
                            plain_tensors="replicated", timeout_s=120)  # fmt: skip
 
 

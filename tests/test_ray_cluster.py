@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ckpt
-import ckpt.cluster
-from ckpt.layout import chunk
+import ckpt.parallel.ray
+from ckpt.engine.owners import chunk
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -79,10 +79,10 @@ def _spread(world: int) -> list[Any]:
 def _roundtrip(root: str, storage_options: dict[str, Any]) -> None:
     writers = _spread(3)
     assert len(set(ray.get([w.node.remote() for w in writers]))) == 3  # one writer per node
-    m = ckpt.cluster.save(root, writers, step=4, storage_options=storage_options)
+    m = ckpt.parallel.ray.save(root, writers, step=4, storage_options=storage_options)
     assert len(m.files) == 3
     readers = _spread(4)  # a different layout, also spread over the three nodes
-    assert ckpt.cluster.restore(root, readers, storage_options=storage_options) == 4
+    assert ckpt.parallel.ray.restore(root, readers, storage_options=storage_options) == 4
     full = torch.arange(SHAPE[0] * SHAPE[1], dtype=torch.float32).reshape(SHAPE)
     for rows, off in ray.get([r.rows_and_offset.remote() for r in readers]):
         assert torch.equal(rows, full[off : off + rows.shape[0]])

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt.regions import Box, copy_runs, intersect
+from ckpt.geometry.boxes import Box, copy_runs, intersect
 
 
 @st.composite

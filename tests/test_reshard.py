@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.layout import chunk
+from ckpt.engine.owners import chunk
 from ckpt.testing import Recorder
 from tests.test_save_restore import ALL_DTYPES, _random
 

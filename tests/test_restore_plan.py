@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import ckpt
-from ckpt import regions
+from ckpt.engine.restore_plan import Request, plan_restore
+from ckpt.geometry import boxes as regions
 from ckpt.options import MiB
-from ckpt.restore_plan import Request, plan_restore
 from ckpt.testing import Recorder
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckpt.retention import RetentionPolicy, metric_value, to_retire
+from ckpt.lifecycle.retention import RetentionPolicy, metric_value, to_retire
 
 
 def test_keep_last_n() -> None:

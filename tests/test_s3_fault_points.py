@@ -25,8 +25,8 @@ from forker import forker
 
 import ckpt
 from benchmarks.proxy import Fault, FaultProxy
-from ckpt import garbage
 from ckpt import storage as storage_mod
+from ckpt.lifecycle import garbage
 from ckpt.storage import Storage
 
 # Timing-sensitive (a deadline of a few seconds against moto on a loaded 2-core machine): run with

@@ -24,8 +24,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckpt import dtypes, safetensors_format
 from ckpt.errors import HeaderError
+from ckpt.format import dtypes
+from ckpt.format import safetensors as safetensors_format
 
 DTYPE_CODES = sorted(dtypes.BY_CODE)
 AWKWARD = ['"', "\\", "/", "\n", "\t", "\x00", "\x1f", "\x7f", "é", "😀", "\u2028", " ", ".", "~", "{", "}"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ckpt.save_plan import WriteItem, plan_save
+from ckpt.engine.save_plan import WriteItem, plan_save
 
 MiB = 1 << 20
 

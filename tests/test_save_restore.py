@@ -195,7 +195,7 @@ def test_reserved_safetensors_key_is_refused(memory_store: Store) -> None:
 
 
 def test_many_tiny_tensors_split_files_to_keep_headers_readable(memory_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ckpt import save_plan
+    from ckpt.engine import save_plan
 
     monkeypatch.setattr(save_plan, "_MAX_HEADER_PLAN_BYTES", 4096)
     state = {f"t{i:04d}": torch.full((1,), float(i)) for i in range(300)}

@@ -29,9 +29,8 @@ import pytest
 import torch
 
 import ckpt
-import ckpt.cluster
-from ckpt import redaction
-from ckpt.storage import Storage
+import ckpt.parallel.ray
+from ckpt.storage import Storage, redaction
 
 OPT_KEY = "AKIAFAKEOPTKEY7Q3Z"
 OPT_SECRET = "s3cr3t-XYZ-opt-4f1d9e0a7c"
@@ -395,7 +394,7 @@ def test_storage_options_are_not_echoed_by_errors(tmp_path: Any) -> None:
                                                                    storage_options={**opts, "client_kwargs": 7}))  # fmt: skip
 
 
-# --- Ray: what ckpt.cluster sends to workers --------------------------------------------------
+# --- Ray: what ckpt.parallel.ray sends to workers --------------------------------------------------
 
 
 ray = pytest.importorskip("ray")
@@ -404,7 +403,7 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="module")
 def ray_with_env_credentials() -> Iterator[None]:
     """A local Ray instance whose workers inherit AWS_* credentials from the environment (the
-    way ckpt.cluster expects workers to get them)."""
+    way ckpt.parallel.ray expects workers to get them)."""
     here = os.path.dirname(os.path.abspath(__file__))
     old = {k: os.environ.get(k) for k in [*ENV, "PYTHONPATH"]}
     os.environ.update(ENV)
@@ -472,7 +471,7 @@ def test_ray_workers_get_no_secret_arguments(
     sent: list[bytes] = []
     spies = [_Spy(a, sent) for a in actors]
     plain = {"endpoint_url": s3_endpoint, "skip_instance_cache": True}
-    m = ckpt.cluster.save(root, spies, step=1, storage_options=plain)
+    m = ckpt.parallel.ray.save(root, spies, step=1, storage_options=plain)
     assert m.world_size == 2
     assert len(sent) == 4  # describe + write, per actor
     for blob in sent:
@@ -487,16 +486,16 @@ def test_ray_workers_get_no_secret_arguments(
     ):
         sent.clear()
         with pytest.raises(ckpt.PlanError, match="look like credentials") as info:
-            ckpt.cluster.save(root, spies, step=2, storage_options=secret_opts)
+            ckpt.parallel.ray.save(root, spies, step=2, storage_options=secret_opts)
         assert sent == []
-        assert_clean_exception("ckpt.cluster refusal", info.value)
+        assert_clean_exception("ckpt.parallel.ray refusal", info.value)
         with pytest.raises(ckpt.PlanError) as info:
-            ckpt.cluster.restore(root, spies, storage_options=secret_opts)
+            ckpt.parallel.ray.restore(root, spies, storage_options=secret_opts)
         assert sent == []
-        assert_clean_exception("ckpt.cluster refusal", info.value)
+        assert_clean_exception("ckpt.parallel.ray refusal", info.value)
         # the named coordinator actor is created with the options: refused before it is
         with pytest.raises(ckpt.PlanError):
-            ckpt.cluster.coordinator(root + "-spmd", storage_options=secret_opts)
+            ckpt.parallel.ray.coordinator(root + "-spmd", storage_options=secret_opts)
     check_logs(debug_logs, min_records=20)
 
 

@@ -1,5 +1,5 @@
 """torchrun-style SPMD: real processes (torch.multiprocessing) over gloo, DTensors on 1-D and
-2-D meshes, saving with ckpt.distributed.save and restoring onto a different mesh."""
+2-D meshes, saving with ckpt.parallel.torchrun.save and restoring onto a different mesh."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 import ckpt
-import ckpt.distributed
+import ckpt.parallel.torchrun
 
 SHAPE = (13, 10)  # divides by nothing
 
@@ -83,7 +83,7 @@ def _save_2x2(rank: int, world: int, root: str) -> None:
         f"stage{rank % 2}": torch.full((3,), float(rank % 2)),  # held by two ranks each
         "step": 5,
     }
-    assert ckpt.distributed.save(root, state, step=5) == 5
+    assert ckpt.parallel.torchrun.save(root, state, step=5) == 5
 
 
 def _restore_1d(rank: int, world: int, root: str) -> None:
@@ -109,11 +109,11 @@ def _fail_rank_2(rank: int, world: int, root: str) -> None:
     if rank == 2:
         state["bad"] = object()
     with pytest.raises(ckpt.WorkerFailedError, match="rank 2") as info:
-        ckpt.distributed.save(root, state, step=1, timeout_s=60)
+        ckpt.parallel.torchrun.save(root, state, step=1, timeout_s=60)
     assert list(info.value.failures) == [2]
     assert ckpt.list_steps(root) == []
     state.pop("bad", None)
-    assert ckpt.distributed.save(root, state, step=1, timeout_s=60) == 1  # the step is still free
+    assert ckpt.parallel.torchrun.save(root, state, step=1, timeout_s=60) == 1  # the step is still free
 
 
 def test_dtensor_2x2_mesh_to_1d_mesh(tmp_path: Any) -> None:
@@ -136,12 +136,12 @@ def _rank_3_dies(rank: int, world: int, root: str) -> None:
     import time
 
     state = {"x": ckpt.Shard(torch.ones(1), (world,), (rank,))}
-    assert ckpt.distributed.save(root, state, step=0, timeout_s=15) == 0
+    assert ckpt.parallel.torchrun.save(root, state, step=0, timeout_s=15) == 0
     if rank == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.monotonic()
     with pytest.raises(ckpt.WorkerFailedError) as info:
-        ckpt.distributed.save(root, state, step=1, timeout_s=15)
+        ckpt.parallel.torchrun.save(root, state, step=1, timeout_s=15)
     assert time.monotonic() - t0 < 60
     if rank == 0:  # the coordinator names the rank that never arrived
         assert re.search(r"[Rr]anks? [0-9, ]*3", str(info.value)), str(info.value)

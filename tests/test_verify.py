@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.manifest import Manifest
+from ckpt.format.manifest import Manifest
 from tests.conftest import Store
 
 BLOCK = 64  # small checksum blocks: key "a" spans many of them

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import ckpt
-from ckpt import interop
 from ckpt.cli import main
-from ckpt.zarr_archive import STORED, chunk_shape, export_zarr, import_zarr
+from ckpt.interop import _read as interop
+from ckpt.interop.zarr import STORED, chunk_shape, export_zarr, import_zarr
 from tests.test_save_restore import ALL_DTYPES, _random
 
 zarr = pytest.importorskip("zarr")
@@ -177,7 +177,7 @@ def test_plain_zarr_reads_the_archive_without_ckpt(tmp_path: Path) -> None:
 
 
 def _flatten(x: Any, path: str = "") -> list[tuple[str, Any]]:
-    from ckpt.tree import join
+    from ckpt.state.tree import join
 
     if isinstance(x, torch.Tensor | np.ndarray):
         return [(path, x)]

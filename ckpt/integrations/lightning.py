@@ -20,7 +20,9 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from ckpt import restorer, retirement, saver
+from ckpt.lifecycle import restore as restorer
+from ckpt.lifecycle import retire as retirement
+from ckpt.lifecycle import save as saver
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.storage import Storage
 

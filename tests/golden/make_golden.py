@@ -120,7 +120,7 @@ def _file_of(m: dict[str, Any], key: str) -> str:
 def main() -> None:
     sys.path.insert(0, str(HERE.parent.parent))
     import ckpt
-    import ckpt.manifest
+    import ckpt.format.manifest
 
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -137,7 +137,7 @@ def main() -> None:
     m["attempt"], m["created"] = ATTEMPT, CREATED
     for f in m["files"]:  # shards name files by their index in this list
         f["path"] = f["path"].replace(old_dir, new_dir, 1)
-    mpath.write_bytes(ckpt.manifest.seal(m))
+    mpath.write_bytes(ckpt.format.manifest.seal(m))
     assert describe(ckpt.restore(str(good))) == describe(state), "the good copy does not round-trip"
 
     victim = _file_of(m, "model/w")
@@ -173,7 +173,7 @@ def main() -> None:
         elif name == "no-latest":
             (root / "LATEST").unlink()
         if dm != m:
-            mp.write_bytes(ckpt.manifest.seal(dm))
+            mp.write_bytes(ckpt.format.manifest.seal(dm))
 
     expected = {
         "format_version": 1,

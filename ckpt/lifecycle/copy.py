@@ -14,7 +14,7 @@ save uses (DESIGN sections 4 and 8):
    create-only write, so a data file is only ever published at the destination once all its
    bytes passed the checks (a local partial file is removed, an S3 multipart upload aborted).
 3. *Commit* each step as soon as all of its files are in: the source manifest's exact bytes are
-   written create-only (:func:`ckpt.commit_protocol.publish`), then ``LATEST`` is moved forward
+   written create-only (:func:`ckpt.lifecycle.commit.publish`), then ``LATEST`` is moved forward
    if the step is newer, as a save does.
 
 Paths are kept: every file a manifest references (including an older step's files, for
@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import crc32c
 
-from ckpt import commit_protocol, executor
+from ckpt.engine import executor
 from ckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -51,10 +51,11 @@ from ckpt.errors import (
     PlanError,
     ShardSizeMismatchError,
 )
-from ckpt.manifest import Manifest
-from ckpt.restorer import read_step
+from ckpt.format.manifest import Manifest
+from ckpt.lifecycle import commit as commit_protocol
+from ckpt.lifecycle.restore import read_step
+from ckpt.lifecycle.verify import _BlockChecker, _Stored
 from ckpt.storage import Storage
-from ckpt.verifier import _BlockChecker, _Stored
 
 __all__ = ["CopyOptions", "CopyPlan", "CopyReport", "FileTask", "copy", "plan_copy"]
 

@@ -17,9 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt import manifest as manifest_mod
-from ckpt import strictjson, tree
-from ckpt.attempt import Attempt, Report
+from ckpt.engine.executor import bounded, run_all
 from ckpt.errors import (
     CheckpointExistsError,
     CkptWarning,
@@ -28,8 +26,11 @@ from ckpt.errors import (
     ShardSizeMismatchError,
     StorageError,
 )
-from ckpt.executor import bounded, run_all
-from ckpt.manifest import I64, FileEntry, Manifest, ShardTable, TensorEntry
+from ckpt.format import manifest as manifest_mod
+from ckpt.format import strictjson
+from ckpt.format.manifest import I64, FileEntry, Manifest, ShardTable, TensorEntry
+from ckpt.lifecycle.attempt import Attempt, Report
+from ckpt.state import tree
 from ckpt.storage import Storage
 
 LATEST = "LATEST"

@@ -13,11 +13,11 @@ import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ckpt import commit_protocol
+from ckpt.engine.executor import DEFAULT_IO_TIMEOUT_S, bounded
 from ckpt.errors import CheckpointNotFoundError, ManifestError
-from ckpt.executor import DEFAULT_IO_TIMEOUT_S, bounded
-from ckpt.manifest import Manifest
-from ckpt.restorer import read_step
+from ckpt.format.manifest import Manifest
+from ckpt.lifecycle import commit as commit_protocol
+from ckpt.lifecycle.restore import read_step
 from ckpt.storage import Storage
 
 
@@ -77,7 +77,7 @@ def _data(
     storage: Storage, m: Manifest, referenced: set[str], *, dry_run: bool, timeout_s: float | None
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     # Only ckpt's own data files (under data/) are ever deleted: files a manifest adopted
-    # (ckpt.adoption: a model directory's safetensors files, elsewhere under the root) are kept.
+    # (ckpt.interop.adopt: a model directory's safetensors files, elsewhere under the root) are kept.
     gone = tuple(sorted(p for p in m.files if p not in referenced and p.startswith("data/")))
     kept = tuple(sorted(p for p in m.files if p in referenced or not p.startswith("data/")))
     if not dry_run:

@@ -15,8 +15,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ckpt import dtypes, strictjson
 from ckpt.errors import HeaderError, NotSafetensorsError
+from ckpt.format import dtypes, strictjson
 
 MAX_HEADER_BYTES = 16 << 20  # 16 MiB: far above any real header, far below an allocation risk
 _PREFIX = 8  # the u64 header length

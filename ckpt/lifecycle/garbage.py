@@ -24,9 +24,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ckpt import commit_protocol
 from ckpt.errors import CheckpointNotFoundError, ManifestError
-from ckpt.restorer import read_step
+from ckpt.lifecycle import commit as commit_protocol
+from ckpt.lifecycle.restore import read_step
 from ckpt.storage import Listed, Storage, Upload
 
 DEFAULT_GRACE_S = 24 * 3600.0

@@ -34,11 +34,14 @@ from typing import Any
 
 import crc32c
 
-from ckpt import commit_protocol, executor, safetensors_format, strictjson
-from ckpt import manifest as manifest_mod
+from ckpt.engine import executor
 from ckpt.errors import CheckpointExistsError, HeaderError, PlanError, StorageError
-from ckpt.manifest import FileEntry, Manifest, ShardEntry, TensorEntry
-from ckpt.ranges import ByteRange
+from ckpt.format import manifest as manifest_mod
+from ckpt.format import safetensors as safetensors_format
+from ckpt.format import strictjson
+from ckpt.format.manifest import FileEntry, Manifest, ShardEntry, TensorEntry
+from ckpt.geometry.byte_ranges import ByteRange
+from ckpt.lifecycle import commit as commit_protocol
 from ckpt.storage import Storage
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -20,15 +20,16 @@ from typing import TypeVar
 import crc32c
 import torch
 
-from ckpt import crc, ranges
+from ckpt.engine.restore_plan import ReadOp, RestorePlan
+from ckpt.engine.save_plan import FilePlan
 from ckpt.errors import (
     ChecksumMismatchError,
     CkptError,
     CorruptCheckpointError,
     StorageTimeoutError,
 )
-from ckpt.restore_plan import ReadOp, RestorePlan
-from ckpt.save_plan import FilePlan
+from ckpt.format import crc
+from ckpt.geometry import byte_ranges as ranges
 from ckpt.storage import Storage
 
 T = TypeVar("T")

@@ -26,7 +26,6 @@ import crc32c
 import numpy as np
 from numpy.typing import NDArray
 
-from ckpt import dtypes, regions, strictjson, tree
 from ckpt.errors import (
     IntegrityMetadataError,
     InvalidByteRangeError,
@@ -43,7 +42,10 @@ from ckpt.errors import (
     UnsupportedDtypeError,
     UnsupportedFormatError,
 )
-from ckpt.ranges import ByteRange
+from ckpt.format import dtypes, strictjson
+from ckpt.geometry import boxes as regions
+from ckpt.geometry.byte_ranges import ByteRange
+from ckpt.state import tree
 
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 30  # 1 GiB: a million shard entries fit; a hostile file does not

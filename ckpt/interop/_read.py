@@ -2,7 +2,7 @@
 ``adoption``): reading one tensor (or one box of it) of a committed checkpoint through the
 normal verified restore path, the tensors of a skeleton in state order, and size parsing.
 
-Reading goes through :func:`ckpt.restore_plan.plan_restore` and the executor, exactly as
+Reading goes through :func:`ckpt.engine.restore_plan.plan_restore` and the executor, exactly as
 ``ckpt.restore`` does (block CRCs verified), one request at a time, so a caller streaming a
 checkpoint holds one tensor (or one box) in memory.
 """
@@ -15,11 +15,14 @@ from typing import Any
 
 import torch
 
-from ckpt import dtypes, executor, regions, restorer
+from ckpt.engine import executor
+from ckpt.engine.restore_plan import Request, plan_restore
 from ckpt.errors import PlanError
-from ckpt.manifest import Manifest
+from ckpt.format import dtypes
+from ckpt.format.manifest import Manifest
+from ckpt.geometry import boxes as regions
+from ckpt.lifecycle import restore as restorer
 from ckpt.options import RestoreOptions
-from ckpt.restore_plan import Request, plan_restore
 from ckpt.storage import Storage
 
 _SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGTP]?)(i?)B?\s*", re.IGNORECASE)

@@ -26,7 +26,8 @@ from typing import Any
 
 import crc32c
 
-from ckpt import executor, restorer, safetensors_format
+from ckpt.engine import executor
+from ckpt.engine.executor import DEFAULT_IO_TIMEOUT_S
 from ckpt.errors import (
     ChecksumMismatchError,
     CkptError,
@@ -36,8 +37,9 @@ from ckpt.errors import (
     ShardSizeMismatchError,
     UnsafePathError,
 )
-from ckpt.executor import DEFAULT_IO_TIMEOUT_S
-from ckpt.manifest import Manifest, ShardEntry
+from ckpt.format import safetensors as safetensors_format
+from ckpt.format.manifest import Manifest, ShardEntry
+from ckpt.lifecycle import restore as restorer
 from ckpt.storage import Storage
 
 __all__ = ["Problem", "VerifyReport", "verify", "verify_manifest"]

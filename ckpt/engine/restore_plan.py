@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ckpt import dtypes, regions
 from ckpt.errors import PlanError
-from ckpt.manifest import Manifest, ShardTable
-from ckpt.ranges import ByteRange, coalesce
+from ckpt.format import dtypes
+from ckpt.format.manifest import Manifest, ShardTable
+from ckpt.geometry import boxes as regions
+from ckpt.geometry.byte_ranges import ByteRange, coalesce
 
 
 @dataclass(frozen=True, slots=True)

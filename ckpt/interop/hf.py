@@ -27,10 +27,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt import dtypes, executor, interop, safetensors_format, strictjson
+from ckpt.engine import executor
 from ckpt.errors import PlanError, StorageError
+from ckpt.format import dtypes, strictjson
+from ckpt.format import safetensors as safetensors_format
+from ckpt.interop import _read as interop
+from ckpt.lifecycle.restore import resolve_step
 from ckpt.options import RestoreOptions
-from ckpt.restorer import resolve_step
 from ckpt.storage import Storage
 
 INDEX_NAME = "model.safetensors.index.json"

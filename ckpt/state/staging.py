@@ -4,7 +4,7 @@ An async save must not read tensors the training loop goes on changing. :class:`
 snapshot: every tensor leaf (plain tensor, ``ckpt.Shard``, DTensor) is copied into a host buffer
 kept per key across snapshots (pinned when the source is on a CUDA device, so the copy is a DMA),
 and the non-tensor values are encoded to JSON at the same moment. The snapshot is a
-:class:`ckpt.tree.Flat` that ``write_shards`` accepts in place of the state.
+:class:`ckpt.state.tree.Flat` that ``write_shards`` accepts in place of the state.
 
 A buffer is reallocated only when a key's shape, dtype or pinning changes; buffers of keys that
 disappear are dropped. Memory: one host copy of the state (the snapshot), nothing more.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ckpt import tree
-from ckpt.shard import Shard, is_dtensor
+from ckpt.state import tree
+from ckpt.state.shard import Shard, is_dtensor
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpt import commit_protocol as commit_mod
-from ckpt import dtypes, executor, regions, tree
-from ckpt import manifest as manifest_mod
+from ckpt.engine import executor
+from ckpt.engine.executor import DEFAULT_IO_TIMEOUT_S
+from ckpt.engine.restore_plan import Request, plan_restore
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptWarning,
@@ -33,11 +33,14 @@ from ckpt.errors import (
     TargetMismatchError,
     WorkerFailedError,
 )
-from ckpt.executor import DEFAULT_IO_TIMEOUT_S
-from ckpt.manifest import Manifest
+from ckpt.format import dtypes
+from ckpt.format import manifest as manifest_mod
+from ckpt.format.manifest import Manifest
+from ckpt.geometry import boxes as regions
+from ckpt.lifecycle import commit as commit_mod
 from ckpt.options import RestoreOptions
-from ckpt.restore_plan import Request, plan_restore
-from ckpt.shard import Shard, dtensor_layout, is_dtensor
+from ckpt.state import tree
+from ckpt.state.shard import Shard, dtensor_layout, is_dtensor
 from ckpt.storage import Storage
 
 

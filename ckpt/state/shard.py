@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ckpt import layout
+from ckpt.engine import owners as layout
 from ckpt.errors import StateError
 
 

@@ -2,8 +2,8 @@
 
 Driver pattern (a group of Ray actors holds the training state)::
 
-    m = ckpt.cluster.save(root, actors, step=100)            # every actor writes, the driver commits
-    ckpt.cluster.restore(root, actors)                        # every actor reads what it needs
+    m = ckpt.parallel.ray.save(root, actors, step=100)            # every actor writes, the driver commits
+    ckpt.parallel.ray.restore(root, actors)                        # every actor reads what it needs
 
 Each actor gives its state through a method (default ``checkpoint_state()``) and, on restore,
 its target (``checkpoint_target()``) and a loader (``load_checkpoint(state)``); both can be
@@ -28,10 +28,11 @@ from typing import Any, Literal
 
 import ray
 
-from ckpt import restorer, saver
-from ckpt.attempt import Attempt, Report
 from ckpt.errors import PlanError, WorkerFailedError
-from ckpt.manifest import Manifest
+from ckpt.format.manifest import Manifest
+from ckpt.lifecycle import restore as restorer
+from ckpt.lifecycle import save as saver
+from ckpt.lifecycle.attempt import Attempt, Report
 from ckpt.options import RestoreOptions, SaveOptions
 
 StateFn = str | Callable[[Any], Any]

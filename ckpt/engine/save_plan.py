@@ -11,9 +11,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ckpt import dtypes, manifest, safetensors_format
 from ckpt.errors import PlanError, StateError
-from ckpt.ranges import ByteRange
+from ckpt.format import dtypes, manifest
+from ckpt.format import safetensors as safetensors_format
+from ckpt.geometry.byte_ranges import ByteRange
 
 # A file's header must stay under safetensors_format.MAX_HEADER_BYTES (16 MiB) for readers to
 # accept it; plan for half of that, with a generous per-entry estimate (name, JSON, metadata).

@@ -1,7 +1,7 @@
 """The ``ckpt`` command line: ``ls``, ``show`` and ``verify`` over any checkpoint root.
 
 This module owns argument parsing, human and ``--json`` output, progress bars and exit codes;
-the work itself is done by :mod:`ckpt.verifier` and the storage and manifest modules.
+the work itself is done by :mod:`ckpt.lifecycle.verify` and the storage and manifest modules.
 
 Usage::
 
@@ -50,7 +50,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from ckpt import executor, garbage, retirement
+from ckpt.engine import executor
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptError,
@@ -59,10 +59,12 @@ from ckpt.errors import (
     ManifestError,
     StorageError,
 )
-from ckpt.manifest import Manifest
-from ckpt.restorer import read_step, resolve_step
+from ckpt.format.manifest import Manifest
+from ckpt.lifecycle import garbage
+from ckpt.lifecycle import retire as retirement
+from ckpt.lifecycle.restore import read_step, resolve_step
+from ckpt.lifecycle.verify import Problem, VerifyReport, verify_manifest
 from ckpt.storage import Storage
-from ckpt.verifier import Problem, VerifyReport, verify_manifest
 
 __all__ = [
     "EXIT_BROKEN_PIPE",
@@ -720,7 +722,7 @@ def _byte_count(text: str) -> int:
 def _cmd_cp(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     from tqdm import tqdm
 
-    from ckpt import copier
+    from ckpt.lifecycle import copy as copier
 
     src_root, steps = args.src, list(args.step or [])
     match = _ROOT_AT_STEP.fullmatch(src_root)
@@ -794,12 +796,12 @@ def _rename(text: str) -> tuple[str, str]:
 
 
 def _cmd_export(args: argparse.Namespace, opts: dict[str, Any]) -> int:
-    from ckpt import interop
+    from ckpt.interop import _read as interop
 
     dst_opts = {**opts, **dict(args.dst_storage_options or [])}
     _open(args.root, opts)
     if args.format == "zarr":
-        from ckpt.zarr_archive import export_zarr
+        from ckpt.interop.zarr import export_zarr
 
         z = export_zarr(args.root, args.dst, args.step, storage_options=opts,
                         dst_storage_options=dst_opts, level=args.level)  # fmt: skip
@@ -807,7 +809,7 @@ def _cmd_export(args: argparse.Namespace, opts: dict[str, Any]) -> int:
                                "tensor_bytes": z.tensor_bytes, "seconds": round(z.seconds, 3)}  # fmt: skip
         line = f"exported step {z.step} to {args.dst}: {_count(z.num_tensors, 'tensor')} ({human_size(z.tensor_bytes)}) in {z.seconds:.2f} s"
     else:
-        from ckpt.hf_export import export_hf
+        from ckpt.interop.hf import export_hf
 
         try:
             limit = interop.parse_size(args.max_shard_size)
@@ -831,7 +833,7 @@ def _cmd_export(args: argparse.Namespace, opts: dict[str, Any]) -> int:
 
 
 def _cmd_import(args: argparse.Namespace, opts: dict[str, Any]) -> int:
-    from ckpt.zarr_archive import import_zarr
+    from ckpt.interop.zarr import import_zarr
 
     src_opts = {**opts, **dict(args.src_storage_options or [])}
     _open(args.root, opts)
@@ -846,7 +848,7 @@ def _cmd_import(args: argparse.Namespace, opts: dict[str, Any]) -> int:
 
 
 def _cmd_adopt(args: argparse.Namespace, opts: dict[str, Any]) -> int:
-    from ckpt.adoption import adopt
+    from ckpt.interop.adopt import adopt
 
     _open(args.root, opts)
     m = adopt(args.root, step=args.step, storage_options=opts)

@@ -28,9 +28,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from ckpt import strictjson
 from ckpt.errors import ManifestSchemaError, MissingKeyError, StateError, TargetMismatchError
-from ckpt.shard import Shard, is_dtensor
+from ckpt.format import strictjson
+from ckpt.state.shard import Shard, is_dtensor
 
 Json = Any  # a JSON-able value (dict/list/str/int/float/bool/None)
 MAX_NESTING = 128  # JSON levels in the tree and in each object; the manifest parser enforces it too

@@ -32,11 +32,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ckpt import dtypes, interop, regions, saver, tree
 from ckpt.errors import ManifestSchemaError, PlanError
-from ckpt.manifest import Manifest
+from ckpt.format import dtypes
+from ckpt.format.manifest import Manifest
+from ckpt.geometry import boxes as regions
+from ckpt.interop import _read as interop
+from ckpt.lifecycle import save as saver
+from ckpt.lifecycle.restore import resolve_step
 from ckpt.options import RestoreOptions, SaveOptions
-from ckpt.restorer import resolve_step
+from ckpt.state import tree
 from ckpt.storage import Storage
 
 if TYPE_CHECKING:

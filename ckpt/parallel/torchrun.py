@@ -20,9 +20,10 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from ckpt import saver, strictjson
-from ckpt.attempt import Attempt, Report
 from ckpt.errors import CkptError, PlanError, WorkerFailedError
+from ckpt.format import strictjson
+from ckpt.lifecycle import save as saver
+from ckpt.lifecycle.attempt import Attempt, Report
 from ckpt.options import SaveOptions
 
 _GROUPS: dict[tuple[int, float], Any] = {}
@@ -134,7 +135,7 @@ def save(
     and caches per timeout); ``timeout_s`` bounds every wait on a peer either way.
     """
     if not dist.is_initialized():
-        raise PlanError("ckpt.distributed.save needs an initialized torch.distributed process group")
+        raise PlanError("ckpt.parallel.torchrun.save needs an initialized torch.distributed process group")
     rank, world = dist.get_rank(), dist.get_world_size()
     timeout = datetime.timedelta(seconds=timeout_s)
     try:

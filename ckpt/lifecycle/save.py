@@ -12,14 +12,17 @@ from typing import Any, Literal
 
 import torch
 
-from ckpt import attempt as attempt_mod
-from ckpt import commit_protocol as commit_mod
-from ckpt import dtypes, executor, layout, save_plan, tree
-from ckpt.attempt import Attempt, Report
+from ckpt.engine import executor, save_plan
+from ckpt.engine import owners as layout
 from ckpt.errors import CheckpointExistsError, ConditionalWriteUnsupportedError, PlanError
-from ckpt.manifest import Manifest
+from ckpt.format import dtypes
+from ckpt.format.manifest import Manifest
+from ckpt.lifecycle import attempt as attempt_mod
+from ckpt.lifecycle import commit as commit_mod
+from ckpt.lifecycle.attempt import Attempt, Report
 from ckpt.options import SaveOptions
-from ckpt.shard import Shard, dtensor_layout, is_dtensor
+from ckpt.state import tree
+from ckpt.state.shard import Shard, dtensor_layout, is_dtensor
 from ckpt.storage import Storage
 
 

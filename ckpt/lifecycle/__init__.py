@@ -1,0 +1,1 @@
+"""The operations on a root: attempts, save, commit, restore, verify, copy, retirement, garbage collection and retention."""

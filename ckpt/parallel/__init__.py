@@ -1,0 +1,1 @@
+"""Transports for many writers: torchrun / torch.distributed (gloo) and Ray."""
