@@ -14,9 +14,10 @@ from ckpt.interop.hf import export_hf
 from ckpt.interop.zarr import export_zarr, import_zarr  # zarr itself is imported on first use
 from ckpt.lifecycle.attempt import Attempt, Report
 from ckpt.lifecycle.copy import CopyOptions, CopyReport, copy
-from ckpt.lifecycle.restore import latest_step, list_steps, read_manifest, restore
+from ckpt.lifecycle.restore import restore
 from ckpt.lifecycle.retention import RetentionPolicy
 from ckpt.lifecycle.save import begin, commit, describe, holders, save, write_shards
+from ckpt.lifecycle.steps import latest_step, list_steps, read_manifest
 from ckpt.lifecycle.verify import VerifyReport, verify
 from ckpt.manager import CheckpointManager, ManagerOptions
 from ckpt.options import RestoreOptions, RetryPolicy, SaveOptions

@@ -47,10 +47,11 @@ from ckpt.lifecycle import restore as restorer
 from ckpt.lifecycle import retention
 from ckpt.lifecycle import retire as retirement
 from ckpt.lifecycle import save as saver
+from ckpt.lifecycle import steps as steps_mod
 from ckpt.lifecycle.retention import RetentionPolicy
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.state.staging import Staging
-from ckpt.storage import Storage
+from ckpt.storage import open_storage
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,13 +275,13 @@ class CheckpointManager:
         policy = self.options.retention
         if self.rank != 0:
             return []
-        storage = Storage(self.root, self._storage_options)
-        steps = restorer.list_steps(self.root, storage_options=self._storage_options)
+        storage = open_storage(self.root, self._storage_options)
+        steps = steps_mod.list_steps(self.root, storage_options=self._storage_options)
         metrics: dict[int, float | None] = {}
         if policy.keep_best and policy.metric:
             for s in steps:
                 try:
-                    m = restorer.read_step(storage, s)
+                    m = steps_mod.read_step(storage, s)
                 except CheckpointNotFoundError:
                     continue
                 metrics[s] = retention.metric_value(dict(m.user_metadata), policy.metric)
@@ -300,7 +301,7 @@ class CheckpointManager:
     # --- restoring -----------------------------------------------------------------------------
 
     def latest_step(self) -> int | None:
-        return restorer.latest_step(self.root, storage_options=self._storage_options)
+        return steps_mod.latest_step(self.root, storage_options=self._storage_options)
 
     def restore(self, target: object, *, step: int | None = None) -> int | None:
         """Fill ``target`` from checkpoint ``step`` (default: the newest committed one) and return
@@ -320,12 +321,12 @@ class CheckpointManager:
         if step is not None:
             restorer.restore(self.root, step, target=target, options=opts, storage_options=self._storage_options)
             return step
-        storage = Storage(self.root, self._storage_options)
+        storage = open_storage(self.root, self._storage_options)
         ranks = self._ranks
         found = restorer.restore_newest(
             storage, target, opts, fallback=self.options.restore_fallback,
             pick=None if ranks is None else lambda below: ranks.share(
-                restorer.newest_step(storage, below=below, timeout_s=opts.io_timeout_s) if ranks.rank == 0 else None),
+                steps_mod.newest_step(storage, below=below, timeout_s=opts.io_timeout_s) if ranks.rank == 0 else None),
             agree=None if ranks is None else ranks.worst,
         )  # fmt: skip
         if found is None:

@@ -10,7 +10,7 @@ def save(root: str, opts_json: str, seed: int) -> None:
     from test_s3_fault_points import PART, SAVE, state
 
     import ckpt
-    from ckpt import storage as storage_mod
+    from ckpt.storage import _s3 as storage_mod
 
     storage_mod.S3_SINGLE_PUT_MAX_BYTES = PART  # the 12 MiB file goes up in three parts
     ckpt.save(root, state(seed), step=2, options=SAVE, storage_options=json.loads(opts_json))

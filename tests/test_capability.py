@@ -16,7 +16,7 @@ import torch
 import ckpt
 from benchmarks.proxy import FaultProxy
 from ckpt.errors import ConditionalWriteUnsupportedError, PlanError
-from ckpt.storage import PROBE_DIR, Storage
+from ckpt.storage import PROBE_DIR, open_storage
 
 pytestmark = pytest.mark.s3
 
@@ -43,7 +43,7 @@ def _probe_keys(s3_endpoint: str, bucket: str) -> list[str]:
 def test_a_normal_endpoint_passes_the_probe_once(s3_endpoint: str, bucket: str) -> None:
     with FaultProxy(s3_endpoint) as proxy:
         root, opts = f"s3://{bucket}/run", _opts(proxy.url)
-        Storage(root, opts).exists("warm-up")
+        open_storage(root, opts).exists("warm-up")
         proxy.reset()
         ckpt.begin(root, step=1, storage_options=opts)
         # probe: create-only PUT, the same again (412), DeleteObjects (a POST); then the HEAD
@@ -60,7 +60,7 @@ def test_a_normal_endpoint_passes_the_probe_once(s3_endpoint: str, bucket: str) 
 def test_an_endpoint_that_ignores_if_none_match_is_refused(s3_endpoint: str, bucket: str) -> None:
     with FaultProxy(s3_endpoint, strip_headers=("If-None-Match",)) as proxy:
         root, opts = f"s3://{bucket}/run", _opts(proxy.url)
-        st = Storage(root, opts)
+        st = open_storage(root, opts)
         assert not st.conditional_writes_work()
         with pytest.raises(ConditionalWriteUnsupportedError, match="If-None-Match") as info:
             ckpt.save(root, {"x": torch.arange(5)}, step=1, storage_options=opts)
@@ -77,8 +77,40 @@ def test_an_endpoint_that_ignores_if_none_match_is_refused(s3_endpoint: str, buc
         assert torch.equal(got["x"], torch.arange(5))
     assert _probe_keys(s3_endpoint, bucket) == []
     # the same bucket straight at moto (which honours the header) is another endpoint: it passes
-    assert Storage(f"s3://{bucket}/run", _opts(s3_endpoint)).conditional_writes_work()
+    assert open_storage(f"s3://{bucket}/run", _opts(s3_endpoint)).conditional_writes_work()
 
 
 def test_other_backends_need_no_probe(tmp_path: Any) -> None:
-    assert Storage(str(tmp_path / "run")).conditional_writes_work()
+    assert open_storage(str(tmp_path / "run")).conditional_writes_work()
+
+
+def test_copy_and_adopt_to_an_endpoint_that_ignores_if_none_match_are_refused_like_save(
+    s3_endpoint: str, bucket: str, tmp_path: Any
+) -> None:
+    """The one commit-permission check (``ckpt.lifecycle.steps.ensure_committable``) runs the
+    probe for every operation that commits: ``ckpt cp`` and ``ckpt adopt`` too, not only save."""
+    from safetensors.torch import save as st_save
+
+    from ckpt.cli import main
+
+    src = str(tmp_path / "src")
+    ckpt.save(src, {"x": torch.arange(5)}, step=1)
+    with FaultProxy(s3_endpoint, strip_headers=("If-None-Match",)) as proxy:
+        opts = _opts(proxy.url)
+        dst = f"s3://{bucket}/copy"
+        with pytest.raises(ConditionalWriteUnsupportedError, match="If-None-Match") as info:
+            ckpt.copy(src, dst, dst_storage_options=opts)
+        assert "CopyOptions(allow_non_atomic_commit=True)" in str(info.value)
+        assert ckpt.list_steps(dst, storage_options=opts) == []
+        adopt_root = f"s3://{bucket}/model"
+        fsspec.filesystem("s3", **opts).pipe_file(f"{bucket}/model/model.safetensors", st_save({"w": torch.ones(4)}))
+        with pytest.raises(ConditionalWriteUnsupportedError, match="If-None-Match"):
+            ckpt.adopt(adopt_root, storage_options=opts)
+        assert ckpt.list_steps(adopt_root, storage_options=opts) == []
+        # the CLI says so too, with the exit code of a refused operation
+        dst_opts = [f"--dst-opt={k}={v}" for k, v in opts.items() if k != "skip_instance_cache"]
+        assert main(["cp", src, dst, *dst_opts, "--quiet"]) != 0
+        # declared single-writer use copies
+        single = ckpt.CopyOptions(allow_non_atomic_commit=True)
+        ckpt.copy(src, dst, dst_storage_options=opts, options=single)
+        assert torch.equal(ckpt.restore(dst, storage_options=opts)["x"], torch.arange(5))

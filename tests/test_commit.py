@@ -18,13 +18,13 @@ import torch
 
 import ckpt
 from ckpt.lifecycle import commit as commit_mod
-from ckpt.storage import Storage
+from ckpt.storage import open_storage
 from ckpt.testing import Recorder, Rule
 from tests.conftest import Store
 
 
 def test_second_create_of_same_object_fails(store: Store) -> None:
-    s = Storage(store.root, store.opts)
+    s = open_storage(store.root, store.opts)
     assert s.put_if_absent("steps/000000000001/manifest.json", b"one", fsync=True)
     assert not s.put_if_absent("steps/000000000001/manifest.json", b"two", fsync=True)
     assert s.read("steps/000000000001/manifest.json") == b"one"
@@ -65,7 +65,7 @@ def test_lost_response_retry_is_our_own_commit(memory_store: Store) -> None:
     a = ckpt.begin(memory_store.root, step=5)
     report = ckpt.write_shards(a, {"x": torch.ones(3)})
     m = ckpt.commit(a, [report])
-    storage = Storage(memory_store.root)
+    storage = open_storage(memory_store.root)
     commit_mod.publish(storage, m, fsync=False, update_latest=False)  # the retry finds our attempt: fine
     b = ckpt.Attempt(a.root, a.step, "someoneelse", a.world_size, a.options)
     other = commit_mod.build_manifest(b, [{**report, "attempt": "someoneelse"}], created="x")

@@ -24,7 +24,7 @@ from ckpt.format.manifest import FileEntry, Manifest, TensorEntry
 from ckpt.lifecycle.commit import manifest_path
 from ckpt.lifecycle.copy import CopyOptions, FileTask, plan_copy
 from ckpt.options import SaveOptions
-from ckpt.storage import Storage
+from ckpt.storage import open_storage
 from tests.conftest import Store, make_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def _same_checkpoint(src: Store, dst: Store, step: int) -> None:
 
 
 def _dst_files(store: Store) -> set[str]:
-    return {f.path for f in Storage(store.root, store.opts).list_files()}
+    return {f.path for f in open_storage(store.root, store.opts).list_files()}
 
 
 def _local(tmp_path: Path, name: str) -> Store:
@@ -223,7 +223,7 @@ def _incremental(src: Store) -> Manifest:
         step=3, attempt=uuid.uuid4().hex[:16], created=m2.created, world_size=1,
         block_bytes=m2.block_bytes, files=files, tensors=tensors, objects=m2.objects, tree=m2.tree,
     )  # fmt: skip
-    assert Storage(src.root).put_if_absent(manifest_path(3), m3.to_json(), fsync=False)
+    assert open_storage(src.root).put_if_absent(manifest_path(3), m3.to_json(), fsync=False)
     return ckpt.read_manifest(src.root, 3)
 
 
@@ -277,7 +277,7 @@ def test_corrupt_source_block_is_refused_naming_file_and_key(
     assert ckpt.list_steps(dst.root, storage_options=dst.opts) == []
     assert shard.file not in _dst_files(dst)  # the write was aborted: nothing published
     if dst_kind == "s3":
-        assert Storage(dst.root, dst.opts).multipart_uploads() == []
+        assert open_storage(dst.root, dst.opts).multipart_uploads() == []
 
 
 def test_corrupt_source_header_is_caught_by_the_file_crc(tmp_path: Path) -> None:

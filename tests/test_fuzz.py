@@ -61,7 +61,7 @@ from ckpt.format import safetensors as safetensors_format
 from ckpt.geometry import boxes as regions
 from ckpt.lifecycle import verify as verifier
 from ckpt.state import tree
-from ckpt.storage import Storage
+from ckpt.storage import Storage, open_storage
 from tests.test_save_restore import _random
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,7 +167,7 @@ def pristine_bytes(i: int) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     """key -> (dtype, shape, bytes) of corpus checkpoint ``i`` as saved."""
     root, _ = corpus_roots()[i]
     m = manifest.parse(real_manifests()[i], where=WHERE)
-    return read_all(Storage(root), m)
+    return read_all(open_storage(root), m)
 
 
 def reseal(raw: bytes) -> bytes:
@@ -335,7 +335,7 @@ def check_manifest_bytes(i: int, raw: bytes) -> str:
     (m,) = got
     check_manifest_invariants(m)
     scratch = _scratch_root(i)
-    storage = Storage(scratch)
+    storage = open_storage(scratch)
     back: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
     try:
         back = read_all(storage, m)

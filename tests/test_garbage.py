@@ -13,7 +13,7 @@ import ckpt
 from ckpt.cli import main
 from ckpt.lifecycle import garbage
 from ckpt.lifecycle import retire as retirement
-from ckpt.storage import Listed, Storage, Upload
+from ckpt.storage import Listed, Upload, open_storage
 
 H = 3600.0
 NOW = 1_000_000.0
@@ -72,7 +72,7 @@ def _failed_attempt(store: Store, step: int) -> list[str]:
 def test_collect_deletes_failed_attempts_and_keeps_every_checkpoint(store: Store) -> None:
     ckpt.save(store.root, {"w": torch.zeros(64)}, step=1, storage_options=store.opts)
     orphans = _failed_attempt(store, 2)
-    st = Storage(store.root, store.opts)
+    st = open_storage(store.root, store.opts)
     assert all(st.exists(p) for p in orphans)
     young = garbage.collect(st)  # default grace: a day; these files are seconds old
     assert young.delete == ()
@@ -113,7 +113,7 @@ def test_files_that_are_not_ckpts_are_never_collected_nor_retired(store: Store) 
     ckpt.save(store.root, {"w": torch.zeros(64)}, step=1, storage_options=store.opts)
     m = ckpt.save(store.root, {"w": torch.ones(64)}, step=2, storage_options=store.opts)
     attempt_dir = os.path.dirname(next(iter(m.files)))
-    st = Storage(store.root, store.opts)
+    st = open_storage(store.root, store.opts)
     theirs = [
         "steps/000000000005/notes.txt",  # a step directory without a manifest
         "steps/000000000001/notes.txt",  # beside a manifest
@@ -134,7 +134,7 @@ def test_files_that_are_not_ckpts_are_never_collected_nor_retired(store: Store) 
 
 @pytest.mark.s3
 def test_stale_multipart_uploads_under_the_root_are_aborted(s3_store: Store) -> None:
-    st = Storage(s3_store.root, s3_store.opts)
+    st = open_storage(s3_store.root, s3_store.opts)
     bucket, key, _ = st.fs.split_path(st.path("data/000000000009-abc/00000-0.safetensors"))
     mine = st.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
     other = st.fs.call_s3("create_multipart_upload", Bucket=bucket, Key="elsewhere/x")["UploadId"]  # not under the root

@@ -13,7 +13,7 @@ and a GC thread run concurrently on local disk. Invariants after every step:
 Model time: ``now = time.time() + offset``; advancing the model clock raises ``offset``. GC
 runs with ``now``; every file the test writes gets the model time of its writing as its mtime:
 on local disk with ``os.utime``, on S3 (whose LastModified cannot be set) by shifting that
-file's listed mtime by the offset at its writing (a Storage subclass, for GC's listing only).
+file's listed mtime by the offset at its writing (a wrapper around the Storage, for GC's listing only).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import ckpt
 from ckpt.errors import CkptError
 from ckpt.lifecycle import garbage, retention
 from ckpt.lifecycle import retire as retirement
-from ckpt.storage import Listed, Storage
+from ckpt.storage import Listed, LocalStorage, S3Storage, Storage, open_storage
 
 GRACE = 1000.0  # model seconds
 SLACK = 30.0  # real seconds a step may take: ages within SLACK of the grace are not judged
@@ -63,15 +63,23 @@ class Live:
     maybe_collected: bool = False  # a GC ran when it was idle about as long as the grace, or longer
 
 
-class _Clocked(Storage):
-    """S3: what GC lists, with each file's mtime moved to the model time of its writing."""
+class _Clocked:
+    """What GC lists, with each file's mtime moved to the model time of its writing (S3's
+    LastModified cannot be set); every other call goes to the wrapped Storage."""
 
-    shift: dict[str, float]
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.shift: dict[str, float] = {}
+        self.is_local = isinstance(inner, LocalStorage)
+        self.is_s3 = isinstance(inner, S3Storage)
 
-    def list_files(self) -> list[Listed]:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def list_files(self, prefix: str = "") -> list[Listed]:
         return [
             Listed(f.path, f.size, f.mtime + self.shift.get(f.path, 0.0))
-            for f in super().list_files()
+            for f in self.inner.list_files(prefix)
         ]
 
 
@@ -84,8 +92,7 @@ class GcMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         STATS["examples"] += 1
-        self.storage = _Clocked(self.root, self.opts)
-        self.storage.shift = {}
+        self.storage = _Clocked(open_storage(self.root, self.opts))
         self.offset = 0.0
         self.next_step = 1
         # live attempts by the order they began: keys must not depend on the attempts' random ids,
@@ -364,7 +371,7 @@ def _threads(root: str, *, seconds: float, grace: float, seed: int) -> None:
     referenced: set[str] = set()  # files of committed, unretired steps
     errors: list[BaseException] = []
     stop = threading.Event()
-    st_ = Storage(root)
+    st_ = open_storage(root)
 
     def saver() -> None:
         step = 0

@@ -25,9 +25,9 @@ from forker import forker
 
 import ckpt
 from benchmarks.proxy import Fault, FaultProxy
-from ckpt import storage as storage_mod
 from ckpt.lifecycle import garbage
-from ckpt.storage import Storage
+from ckpt.storage import _s3 as storage_mod
+from ckpt.storage import open_storage
 
 # Timing-sensitive (a deadline of a few seconds against moto on a loaded 2-core machine): run with
 # `pytest -m stress tests/test_s3_fault_points.py`, not in CI.
@@ -134,7 +134,7 @@ def test_kill_at_each_s3_request_of_a_save(point: str, proxy: FaultProxy, root: 
         assert fk.reap(pid) == -signal.SIGKILL
     proxy.faults = []  # the hung request is still asleep in the proxy; nothing after it was sent
     _check_after(root, proxy.url, new_may_exist=False)
-    st = Storage(root, _opts(proxy.url))
+    st = open_storage(root, _opts(proxy.url))
     report = garbage.collect(st, grace_s=0.0)
     assert not st.multipart_uploads(), f"{point}: an upload was left after gc: {report}"
     _check_after(root, proxy.url, new_may_exist=False)

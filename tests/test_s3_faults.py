@@ -18,9 +18,9 @@ from s3fs.errors import translate_boto_error
 
 import ckpt
 from benchmarks.proxy import Fault, FaultProxy
-from ckpt import storage as storage_mod
 from ckpt.errors import CheckpointExistsError, MissingShardError, StorageError
-from ckpt.storage import Storage
+from ckpt.storage import Storage, open_storage
+from ckpt.storage import _s3 as storage_mod
 
 pytestmark = pytest.mark.s3
 
@@ -120,7 +120,7 @@ def test_slowdown_on_30_percent_of_requests(proxy: FaultProxy, bucket: str) -> N
     assert len(set(slept)) > 1  # full jitter: the sleeps differ
     assert all(0 <= s <= FAST.max_s for s in slept)
     proxy.faults = []
-    assert _uploads(Storage(root, opts)) == []
+    assert _uploads(open_storage(root, opts)) == []
     assert ckpt.list_steps(root, storage_options=opts) == [1]
 
 
@@ -175,7 +175,7 @@ def test_a_lost_reply_to_the_manifest_put_is_our_own_commit(proxy: FaultProxy, b
     proxy.faults = [Fault("lost_response", method="PUT", path="/steps/", limit=2)]
     m = ckpt.commit(mine, [mine_report], storage_options=opts)
     assert proxy.injected_counts.get("lost_response", 0) >= 1
-    st = Storage(root, opts)
+    st = open_storage(root, opts)
     assert st.read("steps/000000000001/manifest.json") == m.to_json()
     with pytest.raises(CheckpointExistsError, match=mine.attempt):
         ckpt.commit(other, [other_report], storage_options=opts)
@@ -183,7 +183,7 @@ def test_a_lost_reply_to_the_manifest_put_is_our_own_commit(proxy: FaultProxy, b
 
 
 def test_put_if_absent_reads_back_after_a_lost_reply(proxy: FaultProxy, bucket: str) -> None:
-    st = Storage(f"s3://{bucket}/run", _opts(proxy.url))
+    st = open_storage(f"s3://{bucket}/run", _opts(proxy.url))
     rel = "steps/000000000009/manifest.json"
     proxy.faults = [Fault("lost_response", method="PUT", path="/steps/", limit=2)]
     assert st.put_if_absent(rel, b'{"mine": 1}', fsync=False)  # landed, reply lost: ours
@@ -195,7 +195,7 @@ def test_put_if_absent_reads_back_after_a_lost_reply(proxy: FaultProxy, bucket: 
 
 
 def test_data_writes_whose_reply_was_lost_succeed(proxy: FaultProxy, bucket: str) -> None:
-    st = Storage(f"s3://{bucket}/run", _opts(proxy.url), part_bytes=PART, single_put_max_bytes=PART)
+    st = open_storage(f"s3://{bucket}/run", _opts(proxy.url), part_bytes=PART, single_put_max_bytes=PART)
     small = bytes(range(256)) * 4096  # 1 MiB: one PutObject
     big = torch.randint(0, 256, (2 * PART + 3,), dtype=torch.uint8, generator=torch.Generator().manual_seed(6)).numpy().tobytes()
     real, completed = st.fs._call_s3, set()
@@ -230,7 +230,7 @@ def test_data_writes_whose_reply_was_lost_succeed(proxy: FaultProxy, bucket: str
 def test_a_discarded_multipart_upload_is_started_over(proxy: FaultProxy, bucket: str) -> None:
     """S3 may discard an upload whose completion got 409 (its docs: start over): the retried
     completion meets NoSuchUpload, and the upload restarts when the data can be read again."""
-    st = Storage(f"s3://{bucket}/run", _opts(proxy.url), part_bytes=PART, single_put_max_bytes=PART)
+    st = open_storage(f"s3://{bucket}/run", _opts(proxy.url), part_bytes=PART, single_put_max_bytes=PART)
     data = torch.randint(0, 256, (2 * PART + 5,), dtype=torch.uint8, generator=torch.Generator().manual_seed(7)).numpy().tobytes()
     real = st.fs._call_s3
 
@@ -260,7 +260,7 @@ def test_a_discarded_multipart_upload_is_started_over(proxy: FaultProxy, bucket:
 
 
 def test_permanent_errors_are_not_retried(proxy: FaultProxy, bucket: str) -> None:
-    st = Storage(f"s3://{bucket}/run", _opts(proxy.url))
+    st = open_storage(f"s3://{bucket}/run", _opts(proxy.url))
     st.exists("warm-up")
     proxy.faults = [Fault("denied", method="PUT")]
     before = dict(storage_mod.RETRIES)
@@ -280,13 +280,13 @@ def test_permanent_errors_are_not_retried(proxy: FaultProxy, bucket: str) -> Non
 
 def test_retries_stop_at_the_attempt_cap_and_the_deadline(proxy: FaultProxy, bucket: str) -> None:
     proxy.faults = [Fault("slowdown", method="PUT")]
-    st = Storage(f"s3://{bucket}/run", _opts(proxy.url, ckpt.RetryPolicy(attempts=3, base_s=0.01)))
+    st = open_storage(f"s3://{bucket}/run", _opts(proxy.url, ckpt.RetryPolicy(attempts=3, base_s=0.01)))
     st.exists("warm-up")
     proxy.reset()
     with pytest.raises(StorageError, match="reduce your request rate"):
         st.write_file("data/x", [b"abc"], size=3, fsync=False)
     assert proxy.counts == {"PUT": 3}
-    slow = Storage(f"s3://{bucket}/run", _opts(proxy.url, ckpt.RetryPolicy(attempts=1000, base_s=0.1, max_s=0.1, deadline_s=0.5)))
+    slow = open_storage(f"s3://{bucket}/run", _opts(proxy.url, ckpt.RetryPolicy(attempts=1000, base_s=0.1, max_s=0.1, deadline_s=0.5)))
     slow.exists("warm-up")
     proxy.reset()
     t0 = time.monotonic()
@@ -298,7 +298,7 @@ def test_retries_stop_at_the_attempt_cap_and_the_deadline(proxy: FaultProxy, buc
 
 @pytest.mark.parametrize("action", ["reset", "lost_response", "truncate", "internal"])
 def test_a_failed_ranged_get_is_read_again(proxy: FaultProxy, bucket: str, action: str) -> None:
-    st = Storage(f"s3://{bucket}/run", _opts(proxy.url))
+    st = open_storage(f"s3://{bucket}/run", _opts(proxy.url))
     data = bytes(range(256)) * 8192  # 2 MiB
     st.write_file("data/g", [data], size=len(data), fsync=False)
     st.read_into("data/g", 0, [memoryview(bytearray(10))])  # a connection to reuse

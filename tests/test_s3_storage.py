@@ -16,9 +16,11 @@ import torch
 
 import ckpt
 from benchmarks.proxy import LatencyProxy
-from ckpt import storage as storage_mod
+from ckpt._concurrency import ByteBudget
 from ckpt.errors import MissingShardError, ShardSizeMismatchError, StorageError
-from ckpt.storage import Storage
+from ckpt.lifecycle.steps import committed_steps
+from ckpt.storage import Storage, open_storage
+from ckpt.storage import _s3 as storage_mod
 
 pytestmark = pytest.mark.s3
 
@@ -57,7 +59,7 @@ def _opts(url: str) -> dict[str, Any]:
 
 
 def _storage(url: str, bucket: str, **kw: Any) -> Storage:
-    return Storage(f"s3://{bucket}/run", _opts(url), **kw)
+    return open_storage(f"s3://{bucket}/run", _opts(url), **kw)
 
 
 def _data(n: int, seed: int = 0) -> bytes:
@@ -221,7 +223,7 @@ def test_metadata_operations_cost_one_request_each(proxy: LatencyProxy, bucket: 
         (lambda: st.exists("steps/000000000003/manifest.json"), True, {"HEAD": 1}),
         (lambda: st.exists("steps/000000000002/manifest.json"), False, {"HEAD": 1}),
         (lambda: st.read("LATEST"), b'{"step": 1}', {"GET": 1}),
-        (st.step_dirs, [1, 3], {"GET": 1}),  # one listing
+        (lambda: committed_steps(st), [1, 3], {"GET": 1}),  # one listing
     ]
     for call, want, requests in cases:
         proxy.reset()
@@ -229,8 +231,8 @@ def test_metadata_operations_cost_one_request_each(proxy: LatencyProxy, bucket: 
         assert proxy.counts == requests
     with pytest.raises(MissingShardError):
         st.read("steps/000000000002/manifest.json")
-    assert _storage(proxy.url, bucket).step_dirs() == [1, 3]
-    assert Storage(f"s3://{bucket}/other", _opts(proxy.url)).step_dirs() == []
+    assert committed_steps(_storage(proxy.url, bucket)) == [1, 3]
+    assert committed_steps(open_storage(f"s3://{bucket}/other", _opts(proxy.url))) == []
 
 
 def test_save_and_restore_through_multipart_and_split_reads(
@@ -268,7 +270,7 @@ def test_concurrent_writes_stay_within_the_upload_budget(proxy: LatencyProxy, bu
     )
     peak = 0
 
-    class Observed(storage_mod._Budget):
+    class Observed(ByteBudget):
         def acquire(self, n: int) -> None:
             nonlocal peak
             super().acquire(n)

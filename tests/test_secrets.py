@@ -30,7 +30,7 @@ import torch
 
 import ckpt
 import ckpt.parallel.ray
-from ckpt.storage import Storage, redaction
+from ckpt.storage import open_storage, redaction
 
 OPT_KEY = "AKIAFAKEOPTKEY7Q3Z"
 OPT_SECRET = "s3cr3t-XYZ-opt-4f1d9e0a7c"
@@ -242,7 +242,7 @@ def test_no_secret_in_logs_errors_manifests_reports(
         )
     assert_clean("LATEST", raw.cat_file(f"{bucket}/run/LATEST"))
     assert_clean(
-        "Storage repr", repr(Storage(root, opts)) + str(Storage(root, opts).__dict__.get("url"))
+        "Storage repr", repr(open_storage(root, opts)) + str(open_storage(root, opts).__dict__.get("url"))
     )
     a = ckpt.begin(root, step=7, storage_options=opts)  # an attempt (what travels to writers)
     assert_clean("Attempt", repr(a) + repr(dataclasses.asdict(a)))

@@ -62,9 +62,9 @@ from ckpt.errors import (
 from ckpt.format.manifest import Manifest
 from ckpt.lifecycle import garbage
 from ckpt.lifecycle import retire as retirement
-from ckpt.lifecycle.restore import read_step, resolve_step
+from ckpt.lifecycle.steps import committed_steps, read_step, resolve_step
 from ckpt.lifecycle.verify import Problem, VerifyReport, verify_manifest
-from ckpt.storage import Storage
+from ckpt.storage import Storage, open_storage
 
 __all__ = [
     "EXIT_BROKEN_PIPE",
@@ -351,7 +351,7 @@ def _split_root_at_step(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 def _open(root: str, opts: dict[str, Any]) -> Storage:
     try:
-        return Storage(root, opts)
+        return open_storage(root, opts)
     except (ValueError, TypeError) as err:  # unknown protocol, an option the backend refuses
         raise StorageError(f"cannot open {root!r}: {err}") from None
 
@@ -425,7 +425,7 @@ def _problem_json(error: str, file: str, key: str | None, message: str) -> dict[
 
 def _cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     storage = _open(args.root, opts)
-    steps = storage.step_dirs()
+    steps = committed_steps(storage)
     if not steps:
         raise CheckpointNotFoundError(f"{storage.url}: no checkpoints")
     found: dict[int, Manifest | ManifestError] = {}
@@ -617,7 +617,7 @@ def _cmd_verify(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     storage = _open(args.root, opts)
     targets: list[tuple[int, Manifest | ManifestError]] = []
     if args.all:
-        for step in storage.step_dirs():
+        for step in committed_steps(storage):
             try:
                 targets.append((step, read_step(storage, step)))
             except ManifestError as err:

@@ -10,23 +10,23 @@ The first failure cancels the reads not yet started.
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import crc32c
 import torch
 
+from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S as DEFAULT_IO_TIMEOUT_S
+from ckpt._concurrency import ByteBudget as ByteBudget
+from ckpt._concurrency import bounded as bounded
+from ckpt._concurrency import run_all as run_all
 from ckpt.engine.restore_plan import ReadOp, RestorePlan
 from ckpt.engine.save_plan import FilePlan
 from ckpt.errors import (
     ChecksumMismatchError,
     CkptError,
     CorruptCheckpointError,
-    StorageTimeoutError,
 )
 from ckpt.format import crc
 from ckpt.geometry import byte_ranges as ranges
@@ -34,29 +34,7 @@ from ckpt.storage import Storage
 
 T = TypeVar("T")
 R = TypeVar("R")
-DEFAULT_IO_TIMEOUT_S = 600.0  # SaveOptions/RestoreOptions.io_timeout_s; retirement's bound
 _MAX_IOVECS = 512  # beyond this many segments, read into scratch and copy instead
-
-
-class ByteBudget:
-    """A counting semaphore over bytes: ``acquire(n)`` blocks while more than the cap is out.
-    A single request larger than the cap is admitted alone."""
-
-    def __init__(self, cap: int) -> None:
-        self._cap = cap
-        self._used = 0
-        self._cond = threading.Condition()
-
-    def acquire(self, n: int) -> None:
-        with self._cond:
-            while self._used and self._used + n > self._cap:
-                self._cond.wait()
-            self._used += n
-
-    def release(self, n: int) -> None:
-        with self._cond:
-            self._used -= n
-            self._cond.notify_all()
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -65,100 +43,6 @@ def byte_view(t: torch.Tensor) -> memoryview:
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
     return memoryview(flat.numpy()).cast("B")  # type: ignore[arg-type]
-
-
-def run_all(
-    fn: Callable[[T], None],
-    items: Sequence[T],
-    *,
-    num_threads: int,
-    timeout_s: float | None = None,
-    what: Callable[[T], str] | None = None,
-) -> None:
-    """Run ``fn`` over ``items`` on a thread pool; re-raise the first error, cancel the rest.
-
-    With ``timeout_s``, every call of ``fn`` (one storage operation) must end within that many
-    seconds, else StorageTimeoutError naming ``what(item)`` (the file and the operation). A
-    Python thread cannot be stopped: a hung call's thread is abandoned (a daemon thread, so it
-    never holds up the interpreter's exit) and may still complete later; no new item starts."""
-    if not items:
-        return
-    if timeout_s is not None:
-        _run_bounded(fn, items, num_threads=num_threads, timeout_s=timeout_s, what=what or repr)
-        return
-    if len(items) == 1 or num_threads == 1:
-        for it in items:
-            fn(it)
-        return
-    with ThreadPoolExecutor(max_workers=min(num_threads, len(items)), thread_name_prefix="ckpt-io") as pool:
-        futures: list[Future[None]] = [pool.submit(fn, it) for it in items]
-        _done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in futures:
-            f.cancel()
-        for f in futures:
-            if f.done() and not f.cancelled() and f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
-
-
-def _run_bounded(
-    fn: Callable[[T], None], items: Sequence[T], *, num_threads: int, timeout_s: float, what: Callable[[T], str]
-) -> None:
-    """``run_all`` with a deadline per call, on daemon threads (see ``run_all``)."""
-    cond = threading.Condition()
-    todo = list(reversed(items))
-    running: dict[int, tuple[T, float]] = {}  # worker -> (its item, when it started)
-    errors: list[BaseException] = []
-    live = min(num_threads, len(items))
-
-    def worker(wid: int) -> None:
-        nonlocal live
-        while True:
-            with cond:
-                if errors or not todo:
-                    live -= 1
-                    cond.notify_all()
-                    return
-                it = todo.pop()
-                running[wid] = (it, time.monotonic())
-            try:
-                fn(it)
-            except BaseException as err:  # handed to the waiting thread
-                with cond:
-                    errors.append(err)
-            finally:
-                with cond:
-                    running.pop(wid, None)
-                    cond.notify_all()
-
-    for wid in range(live):
-        threading.Thread(target=worker, args=(wid,), name=f"ckpt-io-{wid}", daemon=True).start()
-    with cond:
-        while live:
-            now = time.monotonic()
-            late = [(t0, it) for it, t0 in running.values() if now - t0 >= timeout_s]
-            if late:
-                todo.clear()  # start nothing more; the hung call is abandoned
-                if errors:
-                    raise errors[0]  # the first failure is the one to report
-                _t0, it = min(late, key=lambda x: x[0])
-                raise StorageTimeoutError(
-                    f"{what(it)}: no answer within {timeout_s:g} s (io_timeout_s); the call was "
-                    "abandoned and may still complete in the background"
-                )
-            left = [t0 + timeout_s - now for _it, t0 in running.values()]
-            cond.wait(min(left) if left else None)
-    if errors:
-        raise errors[0]
-
-
-def bounded(fn: Callable[[], R], *, timeout_s: float | None, what: str) -> R:
-    """``fn()`` (one storage operation); with ``timeout_s``, StorageTimeoutError naming
-    ``what`` if it does not end in time (its thread is abandoned, see ``run_all``)."""
-    if timeout_s is None:
-        return fn()
-    out: list[R] = []
-    run_all(lambda _: out.append(fn()), [None], num_threads=1, timeout_s=timeout_s, what=lambda _: what)
-    return out[0]
 
 
 # --- save --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ckpt.errors import PlanError, StateError
-from ckpt.format import dtypes, manifest
+from ckpt.format import dtypes, layout, manifest
 from ckpt.format import safetensors as safetensors_format
 from ckpt.geometry.byte_ranges import ByteRange
 
@@ -52,10 +52,6 @@ class FilePlan:
 @dataclass(frozen=True, slots=True)
 class SavePlan:
     files: tuple[FilePlan, ...]
-
-
-def data_dir(step: int, attempt: str) -> str:
-    return f"data/{step:012d}-{attempt}"
 
 
 def plan_save(
@@ -99,7 +95,7 @@ def plan_save(
     for k, group in enumerate(g for g in groups if g or len(groups) == 1):
         if not group:
             break  # a writer with nothing to write writes no file
-        path = f"{data_dir(step, attempt)}/{rank:05d}-{k}.safetensors"
+        path = layout.shard_path(step, attempt, rank, k)
         manifest.check_path(path, where=f"rank {rank}")
         files.append(_layout(path, group))
     return SavePlan(tuple(files))

@@ -23,8 +23,9 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from ckpt.lifecycle import restore as restorer
 from ckpt.lifecycle import retire as retirement
 from ckpt.lifecycle import save as saver
+from ckpt.lifecycle import steps
 from ckpt.options import RestoreOptions, SaveOptions
-from ckpt.storage import Storage
+from ckpt.storage import open_storage
 
 
 class CkptCheckpointIO(CheckpointIO):
@@ -42,8 +43,8 @@ class CkptCheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         root = str(path)
-        storage = Storage(root, self.storage_options)
-        older = storage.step_dirs()
+        storage = open_storage(root, self.storage_options)
+        older = steps.committed_steps(storage)
         step = (max(older) + 1) if older else 0
         saver.save(root, checkpoint, step=step, options=self.save_options, storage_options=self.storage_options)
         committed = [s for s in older if s < step]
@@ -57,8 +58,8 @@ class CkptCheckpointIO(CheckpointIO):
         return out
 
     def remove_checkpoint(self, path: Any) -> None:
-        storage = Storage(str(path), self.storage_options)
-        steps = storage.step_dirs()
-        if steps:
-            retirement.retire(storage, steps)  # manifests first: never a manifest without its data
-        storage.delete("", recursive=True)  # what is left: the LATEST hint, empty directories
+        storage = open_storage(str(path), self.storage_options)
+        committed = steps.committed_steps(storage)
+        if committed:
+            retirement.retire(storage, committed)  # manifests first: never a manifest without its data
+        storage.delete_tree("")  # what is left: the LATEST hint, empty directories (a root of its own)

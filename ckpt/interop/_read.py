@@ -49,8 +49,8 @@ def read_box(
         m,
         [Request(key, box)],
         verify=options.verify,
-        max_gap_bytes=options.gap_bytes(local=storage.is_local),
-        read_chunk_bytes=options.chunk_bytes(local=storage.is_local),
+        max_gap_bytes=options.gap_bytes(local=storage.local_disk),
+        read_chunk_bytes=options.chunk_bytes(local=storage.local_disk),
     )
     executor.read_plan(
         storage,

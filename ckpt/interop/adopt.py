@@ -34,15 +34,17 @@ from typing import Any
 
 import crc32c
 
+from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S
 from ckpt.engine import executor
 from ckpt.errors import CheckpointExistsError, HeaderError, PlanError, StorageError
+from ckpt.format import layout, strictjson
 from ckpt.format import manifest as manifest_mod
 from ckpt.format import safetensors as safetensors_format
-from ckpt.format import strictjson
 from ckpt.format.manifest import FileEntry, Manifest, ShardEntry, TensorEntry
 from ckpt.geometry.byte_ranges import ByteRange
 from ckpt.lifecycle import commit as commit_protocol
-from ckpt.storage import Storage
+from ckpt.lifecycle import steps
+from ckpt.storage import Storage, open_storage
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 64 << 20
@@ -77,10 +79,9 @@ def adopt(
         raise PlanError(f"step {step} is outside [0, 999999999999]")
     if block_bytes < 1 or read_bytes < 1:
         raise ValueError("block_bytes and read_bytes must be positive")
-    storage = Storage(root, storage_options)
-    if not storage.atomic_create:
-        raise PlanError(f"{storage.url}: the {storage.protocol!r} backend has no create-only write ckpt trusts")
-    rel = commit_protocol.manifest_path(step)
+    storage = open_storage(root, storage_options)
+    steps.ensure_committable(storage, allow_non_atomic=False, switch=None, timeout_s=DEFAULT_IO_TIMEOUT_S)
+    rel = layout.manifest_path(step)
     if storage.exists(rel):
         raise CheckpointExistsError(f"{storage.url}: step {step} is already committed")
     index = _read_index(storage)

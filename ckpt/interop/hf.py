@@ -32,9 +32,9 @@ from ckpt.errors import PlanError, StorageError
 from ckpt.format import dtypes, strictjson
 from ckpt.format import safetensors as safetensors_format
 from ckpt.interop import _read as interop
-from ckpt.lifecycle.restore import resolve_step
+from ckpt.lifecycle.steps import resolve_step
 from ckpt.options import RestoreOptions
-from ckpt.storage import Storage
+from ckpt.storage import open_storage
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers' save_pretrained
@@ -81,9 +81,9 @@ def export_hf(
     if strip_prefix and not prefix:
         raise PlanError("strip_prefix needs a prefix")
     opts = options or RestoreOptions()
-    storage = Storage(root, storage_options)
+    storage = open_storage(root, storage_options)
     m = resolve_step(storage, step)
-    out = Storage(dst, dst_storage_options)
+    out = open_storage(dst, dst_storage_options)
     if out.exists(INDEX_NAME):
         raise StorageError(f"{out.where(INDEX_NAME)}: already exists; an export never overwrites")
     keys = [k for k in interop.tensor_keys_in_order(m.tree) if prefix is None or k.startswith(prefix)]

@@ -38,10 +38,10 @@ from ckpt.format.manifest import Manifest
 from ckpt.geometry import boxes as regions
 from ckpt.interop import _read as interop
 from ckpt.lifecycle import save as saver
-from ckpt.lifecycle.restore import resolve_step
+from ckpt.lifecycle.steps import resolve_step
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.state import tree
-from ckpt.storage import Storage
+from ckpt.storage import open_storage
 
 if TYPE_CHECKING:
     import zarr
@@ -152,7 +152,7 @@ def export_zarr(
 
     start = time.perf_counter()
     opts = options or RestoreOptions()
-    storage = Storage(root, storage_options)
+    storage = open_storage(root, storage_options)
     m = resolve_step(storage, step)
     keys = list(interop.tensor_keys_in_order(m.tree))
     interop.check_sizes(storage, m, keys, opts)

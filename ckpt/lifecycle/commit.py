@@ -28,16 +28,11 @@ from ckpt.errors import (
 )
 from ckpt.format import manifest as manifest_mod
 from ckpt.format import strictjson
+from ckpt.format.layout import LATEST, manifest_path
 from ckpt.format.manifest import I64, FileEntry, Manifest, ShardTable, TensorEntry
 from ckpt.lifecycle.attempt import Attempt, Report
 from ckpt.state import tree
 from ckpt.storage import Storage
-
-LATEST = "LATEST"
-
-
-def manifest_path(step: int) -> str:
-    return f"steps/{step:012d}/manifest.json"
 
 
 def build_manifest(attempt: Attempt, reports: list[Report], *, created: str) -> Manifest:

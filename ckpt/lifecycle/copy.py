@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import crc32c
 
+from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S
 from ckpt.engine import executor
 from ckpt.errors import (
     CheckpointExistsError,
@@ -51,11 +52,12 @@ from ckpt.errors import (
     PlanError,
     ShardSizeMismatchError,
 )
+from ckpt.format import layout
 from ckpt.format.manifest import Manifest
 from ckpt.lifecycle import commit as commit_protocol
-from ckpt.lifecycle.restore import read_step
+from ckpt.lifecycle.steps import committed_steps, ensure_committable, read_step
 from ckpt.lifecycle.verify import _BlockChecker, _Stored
-from ckpt.storage import Storage
+from ckpt.storage import Storage, open_storage
 
 __all__ = ["CopyOptions", "CopyPlan", "CopyReport", "FileTask", "copy", "plan_copy"]
 
@@ -283,24 +285,19 @@ def copy(
     """
     opts = options or CopyOptions()
     t0 = time.perf_counter()
-    src = Storage(src_root, src_storage_options)
-    dst = Storage(
+    src = open_storage(src_root, src_storage_options)
+    dst = open_storage(
         dst_root, dst_storage_options,
         part_bytes=opts.chunk_bytes, max_inflight_bytes=opts.max_inflight_bytes,
     )  # fmt: skip
-    if not dst.atomic_create and not opts.allow_non_atomic_commit:
-        raise PlanError(
-            f"{dst.url}: the {dst.protocol!r} backend has no create-only write ckpt trusts; "
-            "concurrent commits could overwrite each other. Pass "
-            "CopyOptions(allow_non_atomic_commit=True) if only one job ever writes this root."
-        )
+    ensure_committable(dst, allow_non_atomic=opts.allow_non_atomic_commit, switch="CopyOptions", timeout_s=DEFAULT_IO_TIMEOUT_S)
     manifests = _source_manifests(src, steps, opts.num_threads)
-    dst_steps = set(dst.step_dirs())
+    dst_steps = set(committed_steps(dst))
     there: dict[int, bytes] = {}
 
     def read_dst(step: int) -> None:
         with contextlib.suppress(FileNotFoundError):  # retired between the listing and the read
-            there[step] = dst.read(commit_protocol.manifest_path(step))
+            there[step] = dst.read(layout.manifest_path(step))
 
     executor.run_all(read_dst, [m.step for m in manifests if m.step in dst_steps], num_threads=opts.num_threads)
     listing = {f.path: f.size for f in dst.list_files()} if any(m.step not in there for m in manifests) else {}
@@ -362,7 +359,7 @@ def copy(
 def _source_manifests(src: Storage, steps: Sequence[int] | None, num_threads: int) -> list[Manifest]:
     found: dict[int, Manifest] = {}
     explicit = steps is not None
-    wanted = sorted(set(steps)) if steps is not None else src.step_dirs()
+    wanted = sorted(set(steps)) if steps is not None else committed_steps(src)
 
     def load(step: int) -> None:
         try:
@@ -398,7 +395,7 @@ class _Runner:
         self._referenced: set[str] | None = None
         self._lock = threading.Lock()
         # local disks and S3 consume each chunk before asking for the next: one buffer per file
-        self._reuse = dst.is_local or dst.is_s3
+        self._reuse = dst.streams_chunks
 
     def run(self, task: FileTask) -> None:
         action = task.action
@@ -470,7 +467,7 @@ class _Runner:
 
     def _dst_referenced(self) -> set[str]:
         out: set[str] = set()
-        for step in self.dst.step_dirs():
+        for step in committed_steps(self.dst):
             try:
                 out.update(read_step(self.dst, step).files)
             except CheckpointNotFoundError:

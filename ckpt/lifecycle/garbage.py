@@ -19,14 +19,13 @@ be a newer format's checkpoint).
 from __future__ import annotations
 
 import posixpath
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ckpt.errors import CheckpointNotFoundError, ManifestError
-from ckpt.lifecycle import commit as commit_protocol
-from ckpt.lifecycle.restore import read_step
+from ckpt.format import layout
+from ckpt.lifecycle.steps import committed_steps, read_step
 from ckpt.storage import Listed, Storage, Upload
 
 DEFAULT_GRACE_S = 24 * 3600.0
@@ -55,7 +54,7 @@ def plan_gc(
     cutoff = now - grace_s
     newest_in: dict[str, float] = {}
     for f in listed:
-        d = _attempt_dir(f.path)
+        d = layout.attempt_dir_of(f.path)
         if d is not None:
             newest_in[d] = max(newest_in.get(d, f.mtime), f.mtime)
     delete: list[Listed] = []
@@ -63,12 +62,12 @@ def plan_gc(
     for f in listed:
         if f.path in referenced:
             continue
-        d = _attempt_dir(f.path)
+        d = layout.attempt_dir_of(f.path)
         if d is not None:  # a shard file: its attempt's newest file decides
             if unreadable:
                 continue
             last = newest_in[d]
-        elif _is_temp(f.path):
+        elif layout.is_temp(f.path):
             last = f.mtime
         else:
             continue  # not ckpt's, or not garbage (a manifest, LATEST)
@@ -83,21 +82,6 @@ def plan_gc(
     )  # fmt: skip
 
 
-_SHARD_FILE = re.compile(r"(data/[0-9]{12}-[0-9A-Za-z]+)/[0-9]{5}-[0-9]+\.safetensors")
-_TEMP_FILE = re.compile(r"(?:(?:steps/[0-9]{12}|data/[0-9]{12}-[0-9A-Za-z]+)/)?\.[^/]+\.[0-9a-f]{32}\.tmp")
-
-
-def _attempt_dir(path: str) -> str | None:
-    """The attempt directory of a shard file ckpt writes; None for any other path."""
-    m = _SHARD_FILE.fullmatch(path)
-    return m.group(1) if m else None
-
-
-def _is_temp(path: str) -> bool:
-    """A temporary file of ckpt's create-only or atomic writes (Storage.put_if_absent, put)."""
-    return _TEMP_FILE.fullmatch(path) is not None
-
-
 def collect(
     storage: Storage, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False, now: float | None = None
 ) -> GcPlan:
@@ -107,16 +91,16 @@ def collect(
     uploads = storage.multipart_uploads()
     referenced: set[str] = set()
     unreadable: list[str] = []
-    for step in storage.step_dirs():
+    for step in committed_steps(storage):
         try:
             m = read_step(storage, step)
         except CheckpointNotFoundError:
             continue
         except ManifestError:
-            unreadable.append(commit_protocol.manifest_path(step))
+            unreadable.append(layout.manifest_path(step))
             continue
         referenced.update(m.files)
-        referenced.add(commit_protocol.manifest_path(step))
+        referenced.add(layout.manifest_path(step))
     plan = plan_gc(listed, uploads, referenced, now=now, grace_s=grace_s, unreadable=unreadable)
     if not dry_run:
         _delete(storage, plan.delete)

@@ -18,110 +18,26 @@ import numpy as np
 import torch
 
 from ckpt.engine import executor
-from ckpt.engine.executor import DEFAULT_IO_TIMEOUT_S
 from ckpt.engine.restore_plan import Request, plan_restore
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptWarning,
     CorruptCheckpointError,
     ManifestError,
-    ManifestTooLargeError,
     MissingShardError,
     NoIntactCheckpointError,
     ShardSizeMismatchError,
-    StorageError,
     TargetMismatchError,
     WorkerFailedError,
 )
 from ckpt.format import dtypes
-from ckpt.format import manifest as manifest_mod
 from ckpt.format.manifest import Manifest
 from ckpt.geometry import boxes as regions
-from ckpt.lifecycle import commit as commit_mod
+from ckpt.lifecycle.steps import newest_step, read_step, resolve_step
 from ckpt.options import RestoreOptions
 from ckpt.state import tree
 from ckpt.state.shard import Shard, dtensor_layout, is_dtensor
-from ckpt.storage import Storage
-
-
-def list_steps(
-    root: str, *, storage_options: dict[str, Any] | None = None, io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
-) -> list[int]:
-    """Steps with a manifest present, ascending (one listing; manifests are not parsed).
-    ``io_timeout_s`` bounds the listing (StorageTimeoutError); None waits as long as it takes."""
-    storage = Storage(root, storage_options)
-    return executor.bounded(storage.step_dirs, timeout_s=io_timeout_s, what=f"{storage.where('steps')}: listing")
-
-
-def latest_step(
-    root: str, *, storage_options: dict[str, Any] | None = None, io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
-) -> int | None:
-    """The newest step whose manifest exists and validates; None if there is none.
-
-    A newer manifest that fails validation is skipped with a CkptWarning (it is not a checkpoint).
-    ``io_timeout_s`` bounds each storage call.
-    """
-    m = _latest(Storage(root, storage_options), timeout_s=io_timeout_s)
-    return None if m is None else m.step
-
-
-def _latest(storage: Storage, *, timeout_s: float | None = None, below: int | None = None) -> Manifest | None:
-    """The newest manifest that validates (of the steps before ``below``, if given)."""
-    steps = executor.bounded(storage.step_dirs, timeout_s=timeout_s, what=f"{storage.where('steps')}: listing")
-    for step in reversed(steps):
-        if below is not None and step >= below:
-            continue
-        try:
-            return read_step(storage, step, timeout_s=timeout_s)
-        except ManifestError as err:
-            warnings.warn(f"skipping step {step}: {err}", CkptWarning, stacklevel=3)
-        except CheckpointNotFoundError:
-            continue  # retired between the listing and the read
-    return None
-
-
-def read_manifest(
-    root: str,
-    step: int | None = None,
-    *,
-    storage_options: dict[str, Any] | None = None,
-    io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S,
-) -> Manifest:
-    """The parsed, validated manifest of ``step`` (default: the latest); ``io_timeout_s``
-    bounds each storage call."""
-    return resolve_step(Storage(root, storage_options), step, timeout_s=io_timeout_s)
-
-
-def resolve_step(storage: Storage, step: int | None, *, timeout_s: float | None = None) -> Manifest:
-    """``step``'s manifest, or the newest one that validates when ``step`` is None (newer
-    invalid ones are skipped with a CkptWarning: they are not checkpoints). ``timeout_s``
-    bounds each storage operation (StorageTimeoutError)."""
-    if step is not None:
-        return read_step(storage, step, timeout_s=timeout_s)
-    m = _latest(storage, timeout_s=timeout_s)
-    if m is None:
-        raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
-    return m
-
-
-def read_step(storage: Storage, step: int, *, timeout_s: float | None = None) -> Manifest:
-    """The validated manifest of ``step``: CheckpointNotFoundError if absent, a ManifestError if
-    it does not validate. The size is checked before anything is read. ``timeout_s`` bounds
-    each storage operation (StorageTimeoutError)."""
-    rel = commit_mod.manifest_path(step)
-    where = storage.where(rel)
-    try:
-        size = executor.bounded(lambda: storage.size(rel), timeout_s=timeout_s, what=f"{where}: stat")
-        if size > manifest_mod.MAX_MANIFEST_BYTES:
-            raise ManifestTooLargeError(
-                f"{where}: {size} bytes is over the {manifest_mod.MAX_MANIFEST_BYTES}-byte manifest cap"
-            )
-        data = executor.bounded(lambda: storage.read(rel), timeout_s=timeout_s, what=f"{where}: read")
-    except MissingShardError:  # absent, or retired between the stat and the read
-        raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint for step {step}") from None
-    if len(data) < size:  # manifests are never rewritten: fewer bytes than stat said is a failed read
-        raise StorageError(f"{where}: short read: got {len(data)} of its {size} bytes")
-    return manifest_mod.parse(data, where=storage.where(rel), expected_step=step)
+from ckpt.storage import Storage, open_storage
 
 
 def restore(
@@ -153,7 +69,7 @@ def restore(
         The restored structure (the target's tensors are the same objects, now filled).
     """
     opts = options or RestoreOptions()
-    storage = Storage(root, storage_options)
+    storage = open_storage(root, storage_options)
     if step is None and fallback:
         found = restore_newest(storage, target, opts, fallback=True)
         if found is None:
@@ -230,12 +146,6 @@ def restore_newest(
     return None
 
 
-def newest_step(storage: Storage, *, below: int | None = None, timeout_s: float | None = None) -> int | None:
-    """The newest step (before ``below``) whose manifest exists and validates, or None."""
-    m = _latest(storage, timeout_s=timeout_s, below=below)
-    return None if m is None else m.step
-
-
 def assign(target: object, restored: object) -> None:
     """Copy the restored non-tensor values into ``target``'s dicts and lists, recursively
     (tensors and arrays were filled in place already). The rule of ``restore(target=)`` and
@@ -274,8 +184,8 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
         m,
         requests,
         verify=options.verify,
-        max_gap_bytes=options.gap_bytes(local=storage.is_local),
-        read_chunk_bytes=options.chunk_bytes(local=storage.is_local),
+        max_gap_bytes=options.gap_bytes(local=storage.local_disk),
+        read_chunk_bytes=options.chunk_bytes(local=storage.local_disk),
     )
     bufs: dict[str, torch.Tensor] = {}
     finals: dict[str, torch.Tensor] = {}

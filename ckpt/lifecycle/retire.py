@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from ckpt.engine.executor import DEFAULT_IO_TIMEOUT_S, bounded
 from ckpt.errors import CheckpointNotFoundError, ManifestError
+from ckpt.format import layout
 from ckpt.format.manifest import Manifest
-from ckpt.lifecycle import commit as commit_protocol
-from ckpt.lifecycle.restore import read_step
+from ckpt.lifecycle.steps import committed_steps, read_step
 from ckpt.storage import Storage
 
 
@@ -35,7 +35,7 @@ def retire(
     bounds each storage operation (StorageTimeoutError)."""
     doomed = sorted(set(steps))
     manifests = {s: read_step(storage, s, timeout_s=timeout_s) for s in doomed}
-    listed = bounded(storage.step_dirs, timeout_s=timeout_s, what=f"{storage.where('steps')}: listing")
+    listed = committed_steps(storage, timeout_s=timeout_s)
     remaining = [s for s in listed if s not in manifests]
     referenced: set[str] = set()
     unreadable = False
@@ -47,13 +47,13 @@ def retire(
         except ManifestError:
             unreadable = True  # not a checkpoint, but what it names is unknown: delete no data
     for s in doomed:  # refused before anything is deleted: never through a link (Storage.check_no_links)
-        for rel in (commit_protocol.manifest_path(s), *manifests[s].files):
+        for rel in (layout.manifest_path(s), *manifests[s].files):
             storage.check_no_links(rel)
     out = []
     for s in doomed:
         m = manifests[s]
         if not dry_run:
-            rel = commit_protocol.manifest_path(s)
+            rel = layout.manifest_path(s)
             _delete(storage, rel, timeout_s=timeout_s)  # the step ceases to exist here
             _remove_dir(storage, posixpath.dirname(rel), timeout_s=timeout_s)
         if unreadable:

@@ -12,18 +12,18 @@ from typing import Any, Literal
 
 import torch
 
-from ckpt.engine import executor, save_plan
-from ckpt.engine import owners as layout
-from ckpt.errors import CheckpointExistsError, ConditionalWriteUnsupportedError, PlanError
-from ckpt.format import dtypes
+from ckpt.engine import executor, owners, save_plan
+from ckpt.errors import CheckpointExistsError, PlanError
+from ckpt.format import dtypes, layout
 from ckpt.format.manifest import Manifest
 from ckpt.lifecycle import attempt as attempt_mod
 from ckpt.lifecycle import commit as commit_mod
+from ckpt.lifecycle import steps
 from ckpt.lifecycle.attempt import Attempt, Report
 from ckpt.options import SaveOptions
 from ckpt.state import tree
 from ckpt.state.shard import Shard, dtensor_layout, is_dtensor
-from ckpt.storage import Storage
+from ckpt.storage import open_storage
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,26 +49,15 @@ def begin(
 ) -> Attempt:
     """Start a save attempt (coordinator). Refuses a step that is already committed."""
     a = attempt_mod.new_attempt(root, step, world_size, options or SaveOptions(), user_metadata)
-    storage = Storage(root, storage_options)
-    if not storage.atomic_create and not a.options.allow_non_atomic_commit:
-        raise PlanError(
-            f"{storage.url}: the {storage.protocol!r} backend has no create-only write ckpt trusts; "
-            "concurrent commits could overwrite each other. Pass "
-            "SaveOptions(allow_non_atomic_commit=True) if only one job ever writes this root."
-        )
-    if storage.is_s3 and not a.options.allow_non_atomic_commit and not executor.bounded(
-        storage.conditional_writes_work, timeout_s=a.options.io_timeout_s, what=f"{storage.url}: conditional-write probe"
-    ):
-        raise ConditionalWriteUnsupportedError(
-            f"{storage.url}: the S3 endpoint {storage.endpoint()} ignores If-None-Match on PutObject "
-            "(a second create-only PUT of a probe key succeeded instead of failing with 412), so two "
-            "writers committing the same step could overwrite each other's manifest. Pass "
-            "SaveOptions(allow_non_atomic_commit=True) if only one job ever writes this root (docs/s3.md)."
-        )
-    rel = commit_mod.manifest_path(step)
+    storage = open_storage(root, storage_options)
+    steps.ensure_committable(
+        storage, allow_non_atomic=a.options.allow_non_atomic_commit, switch="SaveOptions",
+        timeout_s=a.options.io_timeout_s,
+    )  # fmt: skip
+    rel = layout.manifest_path(step)
     # a linked steps/ or data/ is refused here, before any writer writes (Storage.check_no_links)
     storage.check_no_links(rel)
-    storage.check_no_links(f"{save_plan.data_dir(step, a.attempt)}/00000-0.safetensors")
+    storage.check_no_links(layout.shard_path(step, a.attempt, 0, 0))
     if executor.bounded(lambda: storage.exists(rel), timeout_s=a.options.io_timeout_s, what=f"{storage.where(rel)}: exists"):
         raise CheckpointExistsError(f"{storage.url}: step {step} is already committed")
     return a
@@ -99,14 +88,14 @@ def write_shards(
         raise PlanError(f"rank {rank!r} is outside [0, {attempt.world_size})")
     if not isinstance(plain_tensors, Mapping) and plain_tensors not in ("exclusive", "replicated"):
         raise PlanError(f"plain_tensors must be 'exclusive', 'replicated' or a key -> ranks mapping, got {plain_tensors!r}")
-    storage = Storage(
+    storage = open_storage(
         attempt.root, storage_options,
         part_bytes=attempt.options.write_chunk_bytes, max_inflight_bytes=attempt.options.max_inflight_bytes,
     )  # fmt: skip
     flat = state if isinstance(state, tree.Flat) else tree.flatten(state)  # a Flat: a staged snapshot
     opts = attempt.options
     everyone = tuple(range(attempt.world_size))
-    regions: list[layout.Region] = []
+    regions: list[owners.Region] = []
     local: dict[str, tuple[torch.Tensor, tuple[int, ...], tuple[int, ...], str]] = {}
     for key, leaf in flat.tensors.items():
         if isinstance(leaf, Shard):
@@ -115,12 +104,12 @@ def write_shards(
             if rank not in holders:
                 raise PlanError(f"key {key!r}: rank {rank} holds a Shard whose replica_ranks {list(holders)} exclude it")
             dt = dtypes.from_torch(t.dtype, key=key)
-            regions.append(layout.Region(key, offs, tuple(t.shape), dt.itemsize, holders, False))
+            regions.append(owners.Region(key, offs, tuple(t.shape), dt.itemsize, holders, False))
         elif is_dtensor(leaf):
             lay = dtensor_layout(leaf, key)
             t, offs, gshape = lay.local, lay.offsets, lay.global_shape
             dt = dtypes.from_torch(t.dtype, key=key)
-            regions.extend(layout.Region(key, o, sz, dt.itemsize, h, True) for o, sz, h in lay.regions)
+            regions.extend(owners.Region(key, o, sz, dt.itemsize, h, True) for o, sz, h in lay.regions)
         else:
             t, gshape = leaf, tuple(leaf.shape)
             offs = (0,) * t.ndim
@@ -131,15 +120,15 @@ def write_shards(
                     raise PlanError(f"key {key!r}: rank {rank} holds {dt.code} {list(gshape)}, the holders map says {held}")
             else:
                 shared = plain_tensors == "replicated"
-                regions.append(layout.Region(key, offs, gshape, dt.itemsize, everyone if shared else (rank,), shared))
+                regions.append(owners.Region(key, offs, gshape, dt.itemsize, everyone if shared else (rank,), shared))
         local[key] = (t, offs, gshape, dt.code)
     if isinstance(plain_tensors, Mapping):  # every rank enumerates every plain tensor alike
         for key, held in plain_tensors.items():
             size = dtypes.from_code(held.dtype, where=f"key {key!r}").itemsize
-            regions.append(layout.Region(key, (0,) * len(held.shape), held.shape, size, held.ranks, True))
+            regions.append(owners.Region(key, (0,) * len(held.shape), held.shape, size, held.ranks, True))
     tensors: dict[str, torch.Tensor] = {}
     items: list[save_plan.WriteItem] = []
-    for piece in layout.assign(regions, split_bytes=opts.split_bytes):
+    for piece in owners.assign(regions, split_bytes=opts.split_bytes):
         if piece.owner != rank or piece.key not in local:
             continue
         t, offs, gshape, code = local[piece.key]
@@ -161,7 +150,7 @@ def write_shards(
         timeout_s=opts.io_timeout_s,
     )
     if opts.fsync and plan.files:
-        dirs = [save_plan.data_dir(attempt.step, attempt.attempt), "data", ""]
+        dirs = [layout.data_dir(attempt.step, attempt.attempt), "data", ""]
         executor.bounded(lambda: storage.sync_dirs(dirs), timeout_s=opts.io_timeout_s, what=f"{storage.where(dirs[0])}: fsync")
     shards = []
     for fp, wf in zip(plan.files, written, strict=True):
@@ -233,7 +222,7 @@ def commit(
     attempt: Attempt, reports: list[Report], *, storage_options: dict[str, Any] | None = None
 ) -> Manifest:
     """Validate the reports of every writer and write the manifest create-only (coordinator)."""
-    storage = Storage(attempt.root, storage_options)
+    storage = open_storage(attempt.root, storage_options)
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     m = commit_mod.build_manifest(attempt, reports, created=created)
     opts = attempt.options

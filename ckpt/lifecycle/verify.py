@@ -39,8 +39,8 @@ from ckpt.errors import (
 )
 from ckpt.format import safetensors as safetensors_format
 from ckpt.format.manifest import Manifest, ShardEntry
-from ckpt.lifecycle import restore as restorer
-from ckpt.storage import Storage
+from ckpt.lifecycle import steps
+from ckpt.storage import Storage, open_storage
 
 __all__ = ["Problem", "VerifyReport", "verify", "verify_manifest"]
 
@@ -122,8 +122,8 @@ def verify(
     number of bytes just checked, from worker threads. ``io_timeout_s`` bounds the manifest's
     reads and the check of each file (StorageTimeoutError); None waits as long as it takes.
     """
-    storage = Storage(root, storage_options)
-    m = restorer.resolve_step(storage, step, timeout_s=io_timeout_s)
+    storage = open_storage(root, storage_options)
+    m = steps.resolve_step(storage, step, timeout_s=io_timeout_s)
     return verify_manifest(
         storage, m, num_threads=num_threads, chunk_bytes=chunk_bytes, progress=progress,
         io_timeout_s=io_timeout_s,

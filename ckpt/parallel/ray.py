@@ -32,6 +32,7 @@ from ckpt.errors import PlanError, WorkerFailedError
 from ckpt.format.manifest import Manifest
 from ckpt.lifecycle import restore as restorer
 from ckpt.lifecycle import save as saver
+from ckpt.lifecycle import steps
 from ckpt.lifecycle.attempt import Attempt, Report
 from ckpt.options import RestoreOptions, SaveOptions
 
@@ -169,7 +170,7 @@ def restore(
     """Restore ``step`` (default: the latest) into every actor; returns the step."""
     opts = check_no_credentials(storage_options)
     if step is None:
-        step = restorer.read_manifest(root, storage_options=opts).step
+        step = steps.read_manifest(root, storage_options=opts).step
     refs = [
         actor.__ray_call__.remote(_restore_in_actor, root, step, target_fn, load_fn, options or RestoreOptions(), opts)
         for actor in actors

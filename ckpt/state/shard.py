@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ckpt.engine import owners as layout
+from ckpt.engine import owners
 from ckpt.errors import StateError
 
 
@@ -97,7 +97,7 @@ def dtensor_layout(dt: torch.Tensor, key: str) -> DTensorLayout:
             )
     mesh = dt.device_mesh
     ranks = mesh.mesh.tolist()
-    regions = layout.mesh_regions(tuple(dt.shape), ranks, shard_dims)
+    regions = owners.mesh_regions(tuple(dt.shape), ranks, shard_dims)
     me = torch.distributed.get_rank()
     mine = [(o, s) for o, s, h in regions if me in h]
     local = dt.to_local()

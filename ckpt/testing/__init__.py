@@ -56,7 +56,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import signal
 import threading
 import time
@@ -69,13 +68,12 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
-_RANK_FILE = re.compile(r"/data/[^/]+/(\d{5,})-\d+\.safetensors$")
+from ckpt.format import layout
 
 
 def rank_of(path: str) -> int | None:
     """The writer rank a data file path belongs to (None for any other path)."""
-    m = _RANK_FILE.search(path)
-    return int(m.group(1)) if m else None
+    return layout.writer_of(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +213,9 @@ class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
         if self._local:
             self._pipe_local(path, value, create=mode == "create")
         elif self._memory and mode == "create":
-            from ckpt.storage import _MEMORY_LOCK  # ckpt's memory:// create-only lock
+            from ckpt.storage._fsspec import (
+                MEMORY_LOCK as _MEMORY_LOCK,  # ckpt's memory:// create-only lock
+            )
 
             with _MEMORY_LOCK:
                 self.target.pipe_file(path, value, mode=mode, **kwargs)

@@ -1,0 +1,174 @@
+"""The storage contract: one checkpoint root on one backend, and the records it lists.
+
+Every backend (``_local``, ``_fsspec``, ``_s3``) implements the same dozen operations with the
+same semantics, checked by the conformance suite in :mod:`ckpt.testing.storage_tests`:
+
+- ``write_file``: create a file from chunks, never overwriting, never publishing a partial one;
+- ``put_if_absent``: the create-only commit (True if created, or if byte for byte ours already);
+- ``put``: replace a small file atomically (the LATEST hint only);
+- ``read`` / ``read_into`` / ``size`` / ``exists``: whole small files, ranged reads into caller
+  memory, sizes, presence; a missing file is ``MissingShardError``;
+- ``list_files`` / ``delete`` / ``remove_empty_dir``: listing under a prefix, deleting one file,
+  tidying empty directories (local disks);
+- ``multipart_uploads`` / ``abort_upload``: uploads in progress (object stores);
+- capabilities: ``atomic_create`` (a create-only write ckpt trusts), ``local_disk`` (read
+  planning for a disk rather than a network store), and ``conditional_writes_work()`` (the
+  per-endpoint probe where the backend needs one).
+
+Errors are translated once, here, into the ckpt hierarchy, naming the path (never credentials).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import errno
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from ckpt.errors import CkptError, MissingShardError, StorageError, UnsafePathError
+
+Chunks = Iterable[memoryview | bytes]
+ChunkSource = Chunks | Callable[[], Chunks]  # a function gives the data afresh on each call
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A file under the root: relative path, size, modification time (seconds since the epoch)."""
+
+    path: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A multipart upload in progress under the root (object stores)."""
+
+    key: str  # relative to the root
+    upload_id: str
+    initiated: float  # seconds since the epoch
+
+
+class Storage(abc.ABC):
+    """One checkpoint root on one backend. Build one with :func:`ckpt.storage.open_storage`."""
+
+    #: a create-only write ckpt trusts for the commit (see ``conditional_writes_work`` too)
+    atomic_create: bool = False
+    #: reads are planned for a local disk (small gaps, large chunks) rather than a network store
+    local_disk: bool = False
+    #: ``write_file`` consumes each chunk before asking for the next (a caller may reuse one buffer)
+    streams_chunks: bool = False
+
+    def __init__(self, root: str, url: str) -> None:
+        self.root = root  # the backend's path of the root (no trailing slash)
+        self.url = url  # the root for messages: no credentials
+
+    # --- paths and errors ------------------------------------------------------------------
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def where(self, rel: str) -> str:
+        """A path for messages: the URL plus the relative path, no credentials."""
+        return f"{self.url}/{rel}"
+
+    @contextlib.contextmanager
+    def _errors(self, op: str, rel: str) -> Iterator[None]:
+        """Translate whatever the backend raises into the ckpt hierarchy, naming the path."""
+        try:
+            yield
+        except CkptError:
+            raise
+        except FileNotFoundError as err:
+            raise MissingShardError(f"{self.where(rel)}: not found") from err
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+                raise UnsafePathError(
+                    f"{self.where(rel)}: is a symbolic link; ckpt never follows links in a checkpoint"
+                ) from err
+            raise StorageError(f"{self.where(rel)}: {op} failed: {err}") from err
+        except Exception as err:  # botocore NoCredentialsError, a bad storage option...
+            raise StorageError(f"{self.where(rel)}: {op} failed: {type(err).__name__}: {err}") from err
+
+    # --- capabilities ----------------------------------------------------------------------
+
+    def conditional_writes_work(self) -> bool:
+        """Whether the backend's create-only write holds against another writer (probed per
+        endpoint where the backend needs it: S3). True where there is nothing to probe."""
+        return True
+
+    def endpoint(self) -> str:
+        """The service this root lives on, for messages."""
+        return self.url
+
+    def check_no_links(self, rel: str, *, cached: bool = False) -> None:
+        """Refuse a symbolic link between the root and ``rel`` (backends that have links:
+        docs/guarantees.md, "Links"). No-op where there are none."""
+        return
+
+    # --- writes ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
+        """Create ``rel`` from ``chunks`` (``size`` bytes in all). Never overwrites (an existing
+        file is a StorageError saying so); never publishes a partial file on failure."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
+        """Create ``rel`` holding ``data`` only if it does not exist. True if we created it, or
+        if what is there is byte for byte ``data`` (a lost-reply retry, an identical commit)."""
+
+    @abc.abstractmethod
+    def put(self, rel: str, data: bytes, *, fsync: bool) -> None:
+        """Replace ``rel`` atomically (used only for the LATEST hint)."""
+
+    def sync_dirs(self, rels: Iterable[str]) -> None:
+        """Make new entries in these directories survive a crash (local disks; else nothing)."""
+        return
+
+    # --- reads -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def read(self, rel: str) -> bytes:
+        """A small whole file (a manifest, a hint); callers check ``size`` first."""
+
+    @abc.abstractmethod
+    def read_into(self, rel: str, start: int, buffers: list[memoryview]) -> None:
+        """Fill ``buffers`` with the bytes of ``rel`` from ``start`` on, in order; a file that
+        ends early is ShardSizeMismatchError."""
+
+    @abc.abstractmethod
+    def size(self, rel: str) -> int:
+        """The size of the regular file ``rel``."""
+
+    @abc.abstractmethod
+    def exists(self, rel: str) -> bool:
+        """Whether a file is at ``rel``."""
+
+    # --- listing and deleting --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def list_files(self, prefix: str = "") -> list[Listed]:
+        """Every file under ``prefix`` (relative, "" for the whole root), sorted by path; links
+        are listed as themselves, never followed."""
+
+    @abc.abstractmethod
+    def delete(self, rel: str) -> None:
+        """Delete the file ``rel`` (absent: nothing to do). Never by prefix, never through a link."""
+
+    @abc.abstractmethod
+    def delete_tree(self, rel: str) -> None:
+        """Delete everything under ``rel`` ("" for the root): only for a root ckpt owns whole (the
+        Lightning plugin's checkpoint directory); never through a link."""
+
+    def remove_empty_dir(self, rel: str) -> None:
+        """Remove the directory ``rel`` if it is empty (local disks; object stores have none)."""
+        return
+
+    def multipart_uploads(self) -> list[Upload]:
+        """Multipart uploads started under the root and neither completed nor aborted."""
+        return []
+
+    def abort_upload(self, upload: Upload) -> None:
+        raise StorageError(f"{self.where(upload.key)}: this backend has no multipart uploads")

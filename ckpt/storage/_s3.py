@@ -1,0 +1,483 @@
+"""S3 (and S3-compatible endpoints), through s3fs's client with ckpt's own retry layer.
+
+What the generic fsspec path lacks, and S3 needs (docs/s3.md):
+- retries: every request goes through :meth:`S3Storage._call_s3` (or ``_retrying``), which retries
+  transient errors (``_s3_errors.transient``) with exponential backoff and full jitter under a
+  :class:`~ckpt.options.RetryPolicy`; s3fs's and botocore's own retries are off for ckpt's client
+  so the two layers never multiply; at most ``max_requests`` requests in flight per Storage;
+- the create-only commit (``PutObject`` with ``If-None-Match: *``), trusted only after the
+  per-endpoint conditional-write probe; a write whose reply was lost and whose retry meets 412 is
+  checked against the object there (our own bytes are our success);
+- data files as one create-only PUT up to ``single_put_max_bytes``, else a multipart upload with
+  concurrent parts under the upload byte budget, completed create-only, aborted on any failure;
+- ranged GETs streamed straight into the destination buffers; one request per metadata op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import hashlib
+import io
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import fsspec
+
+from ckpt._concurrency import ByteBudget
+from ckpt.errors import ShardSizeMismatchError, StorageError
+from ckpt.options import RetryPolicy
+from ckpt.storage._base import Chunks as ChunkIter
+from ckpt.storage._base import ChunkSource, Upload
+from ckpt.storage._bodies import Body, Chunks, stream_into
+from ckpt.storage._fsspec import FsspecStorage
+from ckpt.storage._s3_errors import precondition_failed, s3_error, transient
+
+T = TypeVar("T")
+log = logging.getLogger("ckpt.storage")
+
+_S3_MIN_PART = 5 << 20  # S3's minimum multipart part size
+_S3_MAX_PARTS = 10_000  # S3's maximum number of parts of one multipart upload
+_MiB = 1 << 20
+# S3 writes. A file of at most S3_SINGLE_PUT_MAX_BYTES goes up as one PutObject (one request,
+# no multipart assembly on the server); a bigger one as a multipart upload of parts of
+# S3_PART_BYTES, at most S3_PARTS_PER_FILE of them in flight per file, while the writer
+# thread fills the next. Every part or single-PUT body is one contiguous copy of the file's
+# bytes; all of a Storage's bodies in flight together stay under S3_MAX_INFLIGHT_BYTES.
+S3_PART_BYTES = 16 * _MiB
+S3_PARTS_PER_FILE = 4
+S3_SINGLE_PUT_MAX_BYTES = 128 * _MiB
+S3_MAX_INFLIGHT_BYTES = 256 * _MiB
+S3_MAX_REQUESTS = 64  # requests in flight at once per Storage (storage_options "ckpt_max_requests")
+_S3_RESTARTS = 2  # a multipart upload S3 discarded (409 on completion) is started over this often
+# Retries done in this process, by "operation: reason" (observability and tests), and the
+# backoffs slept (the most recent ones); each Storage counts its own too (``S3Storage.retries``).
+RETRIES: collections.Counter[str] = collections.Counter()
+BACKOFFS: collections.deque[float] = collections.deque(maxlen=10_000)
+_RETRIES_LOCK = threading.Lock()
+# The conditional-write probe's verdicts, per (endpoint, bucket), for this process
+_PROBED: dict[tuple[str, str], bool] = {}
+_PROBE_LOCK = threading.Lock()
+PROBE_DIR = "_ckpt_probe"
+
+
+class S3Storage(FsspecStorage):
+    """A root in an S3 bucket."""
+
+    atomic_create = True
+    streams_chunks = True
+
+    def __init__(
+        self,
+        fs: Any,
+        path: str,
+        *,
+        retry: RetryPolicy,
+        max_requests: int,
+        part_bytes: int | None = None,
+        single_put_max_bytes: int | None = None,
+        max_inflight_bytes: int | None = None,
+    ) -> None:
+        super().__init__(fs, path)
+        self.atomic_create = True
+        self.retry = retry
+        self.max_requests = max_requests
+        self.retries: collections.Counter[str] = collections.Counter()  # this Storage's own
+        self._slots = asyncio.Semaphore(max_requests)  # requests in flight (bound on first use)
+        # multipart part size, the largest single PutObject, and the bytes of upload bodies in
+        # flight at once over all of this Storage's writes
+        self.part_bytes = max(_S3_MIN_PART, part_bytes or S3_PART_BYTES)
+        inflight = max(max_inflight_bytes or S3_MAX_INFLIGHT_BYTES, self.part_bytes)
+        # a single PUT's body is one copy of the whole file: never more than the budget allows
+        self.single_put_max_bytes = (
+            min(S3_SINGLE_PUT_MAX_BYTES, inflight) if single_put_max_bytes is None else single_put_max_bytes
+        )
+        self._upload_budget = ByteBudget(inflight)
+
+    def _count_retry(self, key: str, delay: float | None = None) -> None:
+        with _RETRIES_LOCK:
+            RETRIES[key] += 1
+            self.retries[key] += 1
+            if delay is not None:
+                BACKOFFS.append(delay)
+
+    # --- requests, retried (docs/s3.md) ------------------------------------------------------
+
+    async def _retrying(
+        self, op: str, attempt: Callable[[], Awaitable[T]], tries: list[str] | None = None
+    ) -> T:
+        """Run ``attempt`` (one request, made afresh each time) until it succeeds, retrying
+        transient failures under the policy; each try holds one of the Storage's request
+        slots, the backoff sleeps hold none. ``tries`` collects the reasons of failed tries (a
+        create-only write uses them to know its first try may have landed)."""
+        t0 = time.monotonic()
+        for i in itertools.count():
+            try:
+                async with self._slots:
+                    return await attempt()
+            except Exception as err:
+                reason = transient(err)
+                delay = self._backoff(reason, i, t0)
+                if reason is None or delay is None:
+                    raise
+                if tries is not None:
+                    tries.append(reason)
+                self._count_retry(f"{op}: {reason}", delay)
+                log.debug("%s: %s failed (%s), retry %d in %.3f s", self.url, op, reason, i + 1, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, reason: str | None, i: int, t0: float) -> float | None:
+        """The sleep before retry ``i + 1``, or None when the policy allows no more."""
+        if reason is None or i + 1 >= self.retry.attempts:
+            return None
+        delay = self.retry.backoff(i, random.random())
+        if time.monotonic() - t0 + delay > self.retry.deadline_s:
+            return None
+        return delay
+
+    async def _call_s3(self, method: str, tries: list[str] | None = None, **kwargs: Any) -> Any:
+        """One S3 API call through s3fs, retried; a file-like ``Body`` is rewound for each try."""
+        body = kwargs.get("Body")
+
+        async def once() -> Any:
+            if body is not None and hasattr(body, "seek"):
+                body.seek(0)
+            return await self.fs._call_s3(method, **kwargs)
+
+        return await self._retrying(method, once, tries)
+
+    def call_s3(self, method: str, tries: list[str] | None = None, **kwargs: Any) -> Any:
+        """:meth:`_call_s3` from a thread outside the file system's event loop."""
+        return fsspec.asyn.sync(self.fs.loop, self._call_s3, method, tries, **kwargs)
+
+    def _call(self, op: str, fn: Callable[[], T]) -> T:
+        """A blocking s3fs method (a listing, a recursive delete) retried like a request."""
+        t0 = time.monotonic()
+        for i in itertools.count():
+            try:
+                return fn()
+            except Exception as err:
+                reason = transient(err)
+                delay = self._backoff(reason, i, t0)
+                if reason is None or delay is None:
+                    raise
+                self._count_retry(f"{op}: {reason}", delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _s3_get(self, bucket: str, key: str) -> bytes:
+        """A whole object in one GetObject, retried (a body cut short is read again)."""
+
+        async def once() -> bytes:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            body = resp["Body"]
+            try:
+                data: bytes = await body.read()
+            finally:
+                body.close()
+            return data
+
+        return await self._retrying("get_object", once)
+
+    def _s3_holds(self, bucket: str, key: str, data: Body | io.BytesIO | bytes) -> bool:
+        """Whether the object at ``key`` is exactly ``data`` (the lost-response check): one
+        HeadObject when its ETag is the MD5 of ``data`` (a plain PutObject's), else its bytes."""
+        want = data if isinstance(data, bytes) else data.getvalue()
+        try:
+            head = self.call_s3("head_object", Bucket=bucket, Key=key)
+            if int(head.get("ContentLength", -1)) != len(want):
+                return False
+            if str(head.get("ETag", "")).strip('"') == hashlib.md5(want, usedforsecurity=False).hexdigest():
+                return True
+            got: bytes = fsspec.asyn.sync(self.fs.loop, self._s3_get, bucket, key)
+        except FileNotFoundError:
+            return False
+        return got == want
+
+    def endpoint(self) -> str:
+        """The S3 endpoint this Storage talks to (for messages and the probe's cache)."""
+        ep = getattr(self.fs, "endpoint_url", None) or (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
+        return str(ep or "https://s3.amazonaws.com")
+
+    def conditional_writes_work(self) -> bool:
+        """Whether the endpoint honours ``If-None-Match: *`` on PutObject. Probed once per
+        endpoint and bucket per process: a create-only PUT of a fresh key under
+        ``<root>/_ckpt_probe/``, then the same again, which must get 412; the key is deleted
+        after. Three requests."""
+        bucket, _, _ = self.fs.split_path(self.root + "/")
+        cache_key = (self.endpoint(), bucket)
+        with _PROBE_LOCK:
+            if cache_key in _PROBED:
+                return _PROBED[cache_key]
+        rel = f"{PROBE_DIR}/{uuid.uuid4().hex}"
+        _, key, _ = self.fs.split_path(self.path(rel))
+        with self._errors("conditional-write probe", rel):
+            self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(b"1"), IfNoneMatch="*")
+            try:
+                self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(b"2"), IfNoneMatch="*")
+                works = False  # the second create-only write replaced the first
+            except Exception as err:
+                if not precondition_failed(err):
+                    raise
+                works = True
+            finally:
+                with contextlib.suppress(Exception):  # a probe key left behind is harmless
+                    self.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": [{"Key": key}], "Quiet": True})
+        with _PROBE_LOCK:
+            _PROBED[cache_key] = works
+        return works
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
+        full = self.path(rel)
+        try:
+            with self._errors("write", rel):
+                if size > self.single_put_max_bytes:
+                    self._write_s3_multipart(full, chunks, size)
+                else:
+                    self._write_s3_single(full, chunks() if callable(chunks) else chunks, size)
+        except StorageError as err:
+            if isinstance(err.__cause__, FileExistsError):
+                raise StorageError(f"{self.where(rel)}: already exists; data files are never overwritten") from err
+            raise
+
+    def _write_s3_single(self, full: str, chunks: ChunkIter, size: int) -> None:
+        """One create-only PutObject; its body is the one copy of the file's bytes. A 412 is
+        checked against the object there (its ETag, else its bytes): a try whose reply was lost
+        may have landed, and its retry (ours, or aiohttp's own one-shot retry of an idempotent
+        request on a reused connection) then meets our own write, which is our success."""
+        bucket, key, _ = self.fs.split_path(full)
+        self._upload_budget.acquire(size)
+        try:
+            data = Chunks(chunks)
+            body, got = data.take(size)
+            if got != size or not data.exhausted():
+                raise ValueError(f"the data is not the {size} bytes announced")
+            try:
+                self.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+            except Exception as err:
+                if not (precondition_failed(err) and self._s3_holds(bucket, key, body)):
+                    raise
+                log.info("%s: a retried create-only PUT met its own earlier write", self.url)
+        finally:
+            self._upload_budget.release(size)
+        self.fs.invalidate_cache(full)
+
+    def _write_s3_multipart(
+        self,
+        full: str,
+        source: ChunkSource,
+        size: int,
+    ) -> None:
+        """A multipart upload (see :meth:`_multipart_once`), started over when S3 discarded it
+        after a 409 on its completion and ``source`` can give the data again."""
+        for restart in itertools.count():
+            try:
+                self._multipart_once(full, source() if callable(source) else source, size)
+                return
+            except _UploadGone as gone:
+                if not callable(source) or restart >= _S3_RESTARTS:
+                    raise StorageError(
+                        f"{full}: S3 discarded the multipart upload ({gone}) and the data cannot be "
+                        "read again here; the save must be retried"
+                    ) from gone.__cause__
+                self._count_retry("multipart upload: restarted")
+
+    def _multipart_once(self, full: str, chunks: ChunkIter, size: int) -> None:
+        """One multipart upload, parts uploaded concurrently on the file system's event loop while
+        this thread fills the next one (each part retried on its own); completed create-only.
+        On any failure (the data source, a part, the completion, an interrupt) the parts in
+        flight are waited for and the upload is aborted: nothing becomes visible, no part is
+        left stored. A completion whose reply was lost (its retry meets 412 or NoSuchUpload) is
+        ours if the object has our size and the ETag our parts make."""
+        bucket, key, _ = self.fs.split_path(full)
+        part = max(self.part_bytes, -(-size // _S3_MAX_PARTS))
+        n_parts = -(-size // part)
+        data = Chunks(chunks)
+        upload_id: str = self.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+        pending: collections.deque[concurrent.futures.Future[dict[str, Any]]] = collections.deque()
+        etags: list[str] = []
+        try:
+            for i in range(n_parts):
+                n = min(part, size - i * part)
+                while len(pending) >= S3_PARTS_PER_FILE:
+                    etags.append(pending.popleft().result()["ETag"])
+                self._upload_budget.acquire(n)
+                try:
+                    body, got = data.take(n)
+                    if got != n:
+                        raise ValueError(f"the data ends before the {size} bytes announced")
+                    fut = asyncio.run_coroutine_threadsafe(
+                        self._call_s3(
+                            "upload_part",
+                            Bucket=bucket,
+                            Key=key,
+                            UploadId=upload_id,
+                            PartNumber=i + 1,
+                            Body=body,
+                        ),
+                        self.fs.loop,
+                    )
+                except BaseException:
+                    self._upload_budget.release(n)
+                    raise
+                fut.add_done_callback(self._releaser(n))
+                del body
+                pending.append(fut)
+            if not data.exhausted():
+                raise ValueError(f"the data is longer than the {size} bytes announced")
+            while pending:
+                etags.append(pending.popleft().result()["ETag"])
+            tries: list[str] = []
+            try:
+                self.call_s3(
+                    "complete_multipart_upload", tries, Bucket=bucket, Key=key, UploadId=upload_id, IfNoneMatch="*",
+                    MultipartUpload={"Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]},
+                )  # fmt: skip
+            except Exception as err:
+                status, code = s3_error(err)
+                gone = code == "NoSuchUpload" or (status == 404 and not isinstance(err, FileExistsError))
+                if (gone or precondition_failed(err)) and self._s3_is_upload(bucket, key, size, etags):
+                    log.info("%s: a retried completion met its own earlier one", self.url)
+                elif tries and gone:
+                    raise _UploadGone(f"NoSuchUpload after {', '.join(tries)}") from err
+                else:
+                    raise
+        except BaseException:
+            # let the parts in flight end: none may land after the abort
+            concurrent.futures.wait(pending)
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                self.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
+        self.fs.invalidate_cache(full)
+
+    def _s3_is_upload(self, bucket: str, key: str, size: int, etags: list[str]) -> bool:
+        """Whether the object at ``key`` is the completion of our parts: our size and the ETag
+        S3 gives a multipart object (the MD5 of the parts' MD5s, then ``-<parts>``). Under
+        SSE-KMS part ETags are no MD5s and this says False: the write then fails closed."""
+        try:
+            head = self.call_s3("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        try:
+            digests = b"".join(bytes.fromhex(e.strip('"')) for e in etags)
+        except ValueError:
+            return False
+        want = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(etags)}"
+        return int(head.get("ContentLength", -1)) == size and str(head.get("ETag", "")).strip('"') == want
+
+    def _releaser(self, n: int) -> Any:
+        """A done-callback giving ``n`` bytes back to the upload budget."""
+        return lambda _fut: self._upload_budget.release(n)
+
+    def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
+        full = self.path(rel)
+        with self._errors("create-only write", rel):
+            bucket, key, _ = self.fs.split_path(full)
+            try:
+                self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data), IfNoneMatch="*")
+            except Exception as err:
+                if not precondition_failed(err):
+                    raise
+                return self._s3_holds(bucket, key, data)
+            finally:
+                self.fs.invalidate_cache(full)
+            return True
+
+    def put(self, rel: str, data: bytes, *, fsync: bool) -> None:
+        full = self.path(rel)
+        with self._errors("write", rel):
+            bucket, key, _ = self.fs.split_path(full)
+            self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data))
+            self.fs.invalidate_cache(full)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def read(self, rel: str) -> bytes:
+        """One GetObject (s3fs would HEAD first for the size otherwise)."""
+        with self._errors("read", rel):
+            bucket, key, _ = self.fs.split_path(self.path(rel))
+            blob: bytes = fsspec.asyn.sync(self.fs.loop, self._s3_get, bucket, key)
+            return blob
+
+    def read_into(self, rel: str, start: int, buffers: list[memoryview]) -> None:
+        total = sum(len(b) for b in buffers)
+        with self._errors(f"read of [{start}, {start + total})", rel):
+            got = fsspec.asyn.sync(self.fs.loop, self._s3_read_into, rel, start, buffers, total)
+        if got != total:
+            raise ShardSizeMismatchError(f"{self.where(rel)}: short read at [{start}, {start + total}): got {got} bytes")
+
+    async def _s3_read_into(
+        self, rel: str, start: int, buffers: list[memoryview], total: int
+    ) -> int:
+        """One ranged GetObject streamed straight into ``buffers`` (one copy: from the HTTP
+        client's receive chunks into place); the bytes read. A request that fails, or a body
+        that breaks off or is cut short, is tried again from the start of the range (retry
+        policy); the restorer checks the CRC of what lands."""
+        if total == 0:
+            return 0
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+
+        async def once() -> int:
+            resp = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{start + total - 1}"
+            )
+            body = resp["Body"]
+            try:
+                return await stream_into(body, buffers)
+            finally:
+                body.close()
+
+        return await self._retrying("get_object", once)
+
+    def size(self, rel: str) -> int:
+        """One HeadObject."""
+        with self._errors("stat", rel):
+            bucket, key, _ = self.fs.split_path(self.path(rel))
+            return int(self.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
+
+    def exists(self, rel: str) -> bool:
+        """One HeadObject (s3fs's ``exists`` would also list ``rel/`` for a directory on a miss)."""
+        with self._errors("exists", rel):
+            bucket, key, _ = self.fs.split_path(self.path(rel))
+            try:
+                self.call_s3("head_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                return False
+            return True
+
+    # --- uploads in progress -----------------------------------------------------------------
+
+    def multipart_uploads(self) -> list[Upload]:
+        """Multipart uploads started under the root and neither completed nor aborted (S3)."""
+        bucket, key, _ = self.fs.split_path(self.root + "/")
+        out: list[Upload] = []
+        with self._errors("listing uploads", ""):
+            kw: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
+            while True:
+                page = self.call_s3("list_multipart_uploads", **kw)
+                for u in page.get("Uploads", []):
+                    out.append(Upload(u["Key"][len(key) :], u["UploadId"], u["Initiated"].timestamp()))
+                if not page.get("IsTruncated"):
+                    return out
+                kw.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+
+    def abort_upload(self, upload: Upload) -> None:
+        bucket, key, _ = self.fs.split_path(self.path(upload.key))
+        with self._errors("abort upload", upload.key):
+            self.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
+
+
+
+class _UploadGone(Exception):
+    """S3 discarded a multipart upload before its completion took (409, then NoSuchUpload)."""
