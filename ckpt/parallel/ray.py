@@ -33,8 +33,9 @@ from ckpt.format.manifest import Manifest
 from ckpt.lifecycle import restore as restorer
 from ckpt.lifecycle import save as saver
 from ckpt.lifecycle import steps
-from ckpt.lifecycle.attempt import Attempt, Report
+from ckpt.lifecycle.attempt import Attempt
 from ckpt.options import RestoreOptions, SaveOptions
+from ckpt.parallel import _protocol
 
 StateFn = str | Callable[[Any], Any]
 _SECRET_KEYS = frozenset(
@@ -71,17 +72,11 @@ def _call(fn: StateFn, obj: Any, *args: Any) -> Any:
     return getattr(obj, fn)(*args) if isinstance(fn, str) else fn(obj, *args)
 
 
-def _describe_in_actor(self: Any, state_fn: StateFn) -> dict[str, list[Any]]:
-    return saver.describe(_call(state_fn, self))
-
-
-def _write_in_actor(
-    self: Any, attempt: Attempt, rank: int, state_fn: StateFn, plain: saver.PlainTensors,
+def _step_in_actor(
+    self: Any, step: _protocol.WriterStep, state_fn: StateFn, rank: int, payload: _protocol.Msg,
     storage_options: dict[str, Any],
-) -> Report:  # fmt: skip
-    return saver.write_shards(
-        attempt, _call(state_fn, self), rank=rank, plain_tensors=plain, storage_options=storage_options
-    )
+) -> _protocol.Msg:  # fmt: skip
+    return _protocol.writer_reply(step, lambda: _call(state_fn, self), rank, payload, storage_options)
 
 
 def _restore_in_actor(
@@ -94,8 +89,9 @@ def _restore_in_actor(
         _call(load_fn, self, state)
 
 
-def _gather(refs: Sequence[Any], *, what: str, timeout_s: float) -> list[Any]:
-    """ray.get every ref with one deadline; name every failed or late rank."""
+def _wait(refs: Sequence[Any], timeout_s: float) -> tuple[dict[int, Any], dict[int, str]]:
+    """ray.get every ref with one deadline: the results and the failed (or late) ranks by rank.
+    The first failure ends the wait: the refs still pending are cancelled and left out."""
     deadline = time.monotonic() + timeout_s
     pending = {ref: rank for rank, ref in enumerate(refs)}
     results: dict[int, Any] = {}
@@ -117,10 +113,38 @@ def _gather(refs: Sequence[Any], *, what: str, timeout_s: float) -> list[Any]:
         if not failures:
             failures[rank] = f"no answer within {timeout_s:.0f} s"
         ray.cancel(ref)
+    return results, failures
+
+
+def _gather(refs: Sequence[Any], *, what: str, timeout_s: float) -> list[Any]:
+    """Every ref's result, or WorkerFailedError naming every failed or late rank."""
+    results, failures = _wait(refs, timeout_s)
     if failures:
         ranks = ", ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
         raise WorkerFailedError(f"{what} failed on {len(failures)} of {len(refs)} workers ({ranks})", failures)
     return [results[r] for r in range(len(refs))]
+
+
+class _Actors:
+    """The protocol's transport for the driver pattern: the driver coordinates and holds no state
+    (a broadcast stays with it); every actor runs the writer steps through ``__ray_call__``."""
+
+    rank: int | None = None
+    coordinator = True
+
+    def __init__(self, actors: Sequence[Any], state_fn: StateFn, storage_options: dict[str, Any], timeout_s: float):
+        self.actors, self.world_size = actors, len(actors)
+        self.state_fn, self.storage_options, self.timeout_s = state_fn, storage_options, timeout_s
+
+    def broadcast(self, msg: _protocol.Msg | None) -> _protocol.Msg:
+        assert msg is not None
+        return msg
+
+    def gather(self, step: _protocol.WriterStep, payload: _protocol.Msg) -> dict[int, _protocol.Msg]:
+        refs = [a.__ray_call__.remote(_step_in_actor, step, self.state_fn, rank, payload, self.storage_options)
+                for rank, a in enumerate(self.actors)]  # fmt: skip
+        replies, failures = _wait(refs, self.timeout_s)
+        return {**replies, **{r: {"error": m} for r, m in failures.items()}}
 
 
 def save(
@@ -141,19 +165,10 @@ def save(
     of its plain tensors: a key several actors hold is a replica, written once.
     """
     opts = check_no_credentials(storage_options)
-    plain: saver.PlainTensors = "exclusive" if plain_tensors == "auto" else plain_tensors
-    if plain_tensors == "auto":
-        refs = [actor.__ray_call__.remote(_describe_in_actor, state_fn) for actor in actors]
-        plain = saver.holders(_gather(refs, what=f"save of step {step} (describe)", timeout_s=timeout_s))
-    attempt = saver.begin(
-        root, step=step, world_size=len(actors), options=options, user_metadata=user_metadata, storage_options=opts
-    )
-    refs = [
-        actor.__ray_call__.remote(_write_in_actor, attempt, rank, state_fn, plain, opts)
-        for rank, actor in enumerate(actors)
-    ]
-    reports = _gather(refs, what=f"save of step {step}", timeout_s=timeout_s)
-    return saver.commit(attempt, reports, storage_options=opts)
+    m = _protocol.coordinated_save(_Actors(actors, state_fn, opts, timeout_s), root, step=step, plain_tensors=plain_tensors,
+                                   options=options, user_metadata=user_metadata, storage_options=opts)  # fmt: skip
+    assert m is not None  # the driver is the coordinator
+    return m
 
 
 def restore(
@@ -191,45 +206,37 @@ class _Coordinator:
         self._root = root
         self._opts = check_no_credentials(storage_options)
         self._attempts: dict[int, Attempt] = {}
-        self._reports: dict[int, dict[int, Report | str]] = {}
+        self._replies: dict[int, dict[int, _protocol.Msg]] = {}
         self._done: dict[int, asyncio.Event] = {}
-        self._outcome: dict[int, Manifest | str] = {}
+        self._outcome: dict[int, _protocol.Msg] = {}
 
     def begin(self, step: int, world_size: int, options: SaveOptions | None = None) -> Attempt:
-        if step not in self._attempts or isinstance(self._outcome.get(step), str):
+        if step not in self._attempts or "step" not in self._outcome.get(step, {"step": step}):  # none, or failed
             self._attempts[step] = saver.begin(
                 self._root, step=step, world_size=world_size, options=options, storage_options=self._opts
             )
-            self._reports[step] = {}
+            self._replies[step] = {}
             self._done[step] = asyncio.Event()
             self._outcome.pop(step, None)
         return self._attempts[step]
 
-    async def report(self, step: int, attempt_id: str, rank: int, report: Report | str, timeout_s: float) -> int:
+    async def report(self, step: int, attempt_id: str, rank: int, reply: _protocol.Msg, timeout_s: float) -> _protocol.Msg:
+        """Hand in a writer's reply; returns the outcome (see ``_protocol.settle``) for every rank."""
         attempt = self._attempts.get(step)
         if attempt is None or attempt.attempt != attempt_id:
             raise PlanError(f"rank {rank}: attempt {attempt_id} is not the current attempt for step {step}")
-        reports = self._reports[step]
-        reports[rank] = report
-        if isinstance(report, str) and step not in self._outcome:
-            self._finish(step, f"rank {rank} failed: {report}")
-        elif len(reports) == attempt.world_size and step not in self._outcome:
-            try:
-                m = saver.commit(attempt, [r for r in reports.values() if not isinstance(r, str)], storage_options=self._opts)
-                self._finish(step, m)
-            except Exception as err:
-                self._finish(step, f"commit failed: {type(err).__name__}: {err}")
+        replies = self._replies[step]
+        replies[rank] = reply
+        if step not in self._outcome and ("error" in reply or len(replies) == attempt.world_size):
+            self._finish(step, _protocol.close(attempt, replies, self._opts)[0])  # the failed ranks, or commit
         try:
             await asyncio.wait_for(self._done[step].wait(), timeout=timeout_s)
         except TimeoutError:
-            missing = sorted(set(range(attempt.world_size)) - reports.keys())
-            self._finish(step, f"no report from ranks {missing} within {timeout_s:.0f} s")
-        outcome = self._outcome[step]
-        if isinstance(outcome, str):
-            raise WorkerFailedError(f"save of step {step} failed: {outcome}")
-        return outcome.step
+            missing = sorted(set(range(attempt.world_size)) - replies.keys())
+            self._finish(step, {"failed": {str(r): f"no report within {timeout_s:.0f} s" for r in missing}})
+        return self._outcome[step]
 
-    def _finish(self, step: int, outcome: Manifest | str) -> None:
+    def _finish(self, step: int, outcome: _protocol.Msg) -> None:
         self._outcome[step] = outcome
         self._done[step].set()
 
@@ -265,13 +272,10 @@ def spmd_save(
     opts = check_no_credentials(storage_options)
     coord = coordinator(root, storage_options=opts)
     attempt: Attempt = ray.get(coord.begin.remote(step, world_size, options), timeout=timeout_s)
+    payload = {"attempt": _protocol.attempt_wire(attempt), "plan": plain_tensors}
+    reply = _protocol.writer_reply("write", lambda: state, rank, payload, opts)
     try:
-        report: Report | str = saver.write_shards(
-            attempt, state, rank=rank, plain_tensors=plain_tensors, storage_options=opts
-        )
-    except Exception as err:
-        report = f"{type(err).__name__}: {err}"
-    try:
-        return int(ray.get(coord.report.remote(step, attempt.attempt, rank, report, timeout_s), timeout=timeout_s + 30))
+        outcome = ray.get(coord.report.remote(step, attempt.attempt, rank, reply, timeout_s), timeout=timeout_s + 30)
     except ray.exceptions.RayTaskError as err:
         raise WorkerFailedError(str(err).strip().splitlines()[-1]) from None
+    return int(_protocol.settle(outcome, step)["step"])

@@ -22,9 +22,8 @@ import torch.distributed as dist
 
 from ckpt.errors import CkptError, PlanError, WorkerFailedError
 from ckpt.format import strictjson
-from ckpt.lifecycle import save as saver
-from ckpt.lifecycle.attempt import Attempt, Report
 from ckpt.options import SaveOptions
+from ckpt.parallel import _protocol
 
 _GROUPS: dict[tuple[int, float], Any] = {}
 
@@ -99,20 +98,28 @@ def _all_gather(data: bytes, group: Any) -> list[bytes]:
     return [bytes(b[: int(s)].numpy()) for b, s in zip(bufs, sizes, strict=True)]
 
 
-def _attempt_json(a: Attempt) -> bytes:
-    return strictjson.dumps(
-        {"root": a.root, "step": a.step, "attempt": a.attempt, "world_size": a.world_size,
-         "options": {f: getattr(a.options, f) for f in SaveOptions.__slots__},
-         "user_metadata": [list(p) for p in a.user_metadata]}
-    )  # fmt: skip
+class _Gloo:
+    """The protocol's transport over a gloo group: rank 0 coordinates; JSON byte tensors only.
+    Before each gather a monitored barrier names, on rank 0, the ranks that are gone."""
 
+    def __init__(self, group: Any, timeout: datetime.timedelta, state: object, storage_options: dict[str, Any] | None):
+        self.rank: int | None = dist.get_rank()
+        self.world_size, self.coordinator = dist.get_world_size(), self.rank == 0
+        self.group, self.timeout, self.state, self.storage_options = group, timeout, state, storage_options
 
-def _attempt_from(data: bytes) -> Attempt:
-    d = json.loads(data)
-    return Attempt(
-        d["root"], d["step"], d["attempt"], d["world_size"], SaveOptions(**d["options"]),
-        tuple((k, v) for k, v in d["user_metadata"]),
-    )  # fmt: skip
+    def barrier(self) -> None:
+        dist.monitored_barrier(self.group, timeout=self.timeout, wait_all_ranks=True)
+
+    def broadcast(self, msg: _protocol.Msg | None) -> _protocol.Msg:
+        got: _protocol.Msg = json.loads(_broadcast(None if msg is None else strictjson.dumps(msg), self.group))
+        return got
+
+    def gather(self, step: _protocol.WriterStep, payload: _protocol.Msg) -> dict[int, _protocol.Msg] | None:
+        assert self.rank is not None
+        mine = _protocol.writer_reply(step, lambda: self.state, self.rank, payload, self.storage_options)
+        self.barrier()  # who died while working?
+        everyone = _all_gather(strictjson.dumps(mine), self.group)
+        return {r: json.loads(d) for r, d in enumerate(everyone)} if self.coordinator else None
 
 
 def save(
@@ -136,12 +143,14 @@ def save(
     """
     if not dist.is_initialized():
         raise PlanError("ckpt.parallel.torchrun.save needs an initialized torch.distributed process group")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    timeout = datetime.timedelta(seconds=timeout_s)
+    rank = dist.get_rank()
     try:
-        group = group if group is not None else _group(timeout_s)
-        return _save(root, state, step, rank, world, group, timeout, plain_tensors, options, user_metadata,
-                     storage_options)  # fmt: skip
+        t = _Gloo(group if group is not None else _group(timeout_s), datetime.timedelta(seconds=timeout_s), state,
+                  storage_options)  # fmt: skip
+        t.barrier()  # rank 0 learns here, by name, which ranks are gone before anything is written
+        _protocol.coordinated_save(t, root, step=step, plain_tensors=plain_tensors, options=options,
+                                   user_metadata=user_metadata, storage_options=storage_options)  # fmt: skip
+        return step
     except CkptError:
         raise
     except RuntimeError as err:  # a collective failed (DistError too): a rank died or timed out
@@ -150,63 +159,3 @@ def save(
             f"answering within {timeout_s:.0f} s): {err}"
         ) from err
 
-
-def _save(root: str, state: object, step: int, rank: int, world: int, group: Any, timeout: datetime.timedelta,
-          plain_tensors: Any,
-          options: SaveOptions | None, user_metadata: dict[str, str] | None,
-          storage_options: dict[str, Any] | None) -> int:  # fmt: skip
-    msg: bytes | None = None
-    attempt: Attempt | None = None
-    # Rank 0 learns here, by name, which ranks are gone (died or hung) before anything is written.
-    dist.monitored_barrier(group, timeout=timeout, wait_all_ranks=True)
-    if rank == 0:
-        try:
-            attempt = saver.begin(root, step=step, world_size=world, options=options,
-                                  user_metadata=user_metadata, storage_options=storage_options)  # fmt: skip
-            msg = b"A" + _attempt_json(attempt)
-        except CkptError as err:
-            msg = b"E" + f"{type(err).__name__}: {err}".encode()
-    got = _broadcast(msg, group)
-    if got[:1] == b"E":
-        raise WorkerFailedError(f"rank 0 could not start the save of step {step}: {got[1:].decode()}")
-    attempt = attempt or _attempt_from(got[1:])
-    plain: saver.PlainTensors = "exclusive" if plain_tensors == "auto" else plain_tensors
-    if plain_tensors == "auto":  # who holds which plain tensor: one small exchange
-        try:
-            described = b"D" + strictjson.dumps(saver.describe(state))
-        except CkptError as err:
-            described = b"E" + f"{type(err).__name__}: {err}".encode()
-        everyone = _all_gather(described, group)
-        failed = {r: d[1:].decode() for r, d in enumerate(everyone) if d[:1] == b"E"}
-        if failed:  # every rank saw the same answers: all stop here, no further collective
-            detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
-            raise WorkerFailedError(f"save of step {step} failed, nothing was committed ({detail})", failed)
-        try:
-            plain = saver.holders([json.loads(d[1:]) for d in everyone])
-        except PlanError as err:  # identical on every rank
-            raise WorkerFailedError(f"save of step {step} failed, nothing was committed: {err}") from None
-    try:
-        report = saver.write_shards(attempt, state, rank=rank, plain_tensors=plain, storage_options=storage_options)
-        mine = b"R" + strictjson.dumps(report)
-    except Exception as err:
-        mine = b"E" + f"{type(err).__name__}: {err}".encode()
-    dist.monitored_barrier(group, timeout=timeout, wait_all_ranks=True)  # again: died while writing?
-    gathered = _all_gather(mine, group)
-    outcome = b""
-    if rank == 0:
-        failures = {r: g[1:].decode() for r, g in enumerate(gathered) if g[:1] == b"E"}
-        if failures:
-            outcome = b"E" + strictjson.dumps({str(r): m for r, m in sorted(failures.items())})
-        else:
-            reports: list[Report] = [json.loads(g[1:]) for g in gathered]
-            try:
-                saver.commit(attempt, reports, storage_options=storage_options)
-                outcome = b"OK"
-            except CkptError as err:
-                outcome = b"E" + strictjson.dumps({"0": f"commit failed: {type(err).__name__}: {err}"})
-    outcome = _broadcast(outcome, group)
-    if outcome[:1] == b"E":
-        failed = {int(r): m for r, m in json.loads(outcome[1:]).items()}
-        detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
-        raise WorkerFailedError(f"save of step {step} failed, nothing was committed ({detail})", failed)
-    return step
