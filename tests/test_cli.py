@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.cli import human_size, main
+from ckpt.cli import main
 from ckpt.format.manifest import Manifest
+from ckpt.units import human_size
 from tests.conftest import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,6 +71,32 @@ def test_human_size() -> None:
     assert human_size(1536) == "1.5 KiB"
     assert human_size(int(1.2 * 2**30)) == "1.2 GiB"
     assert human_size(5 * 2**60) == "5120.0 PiB"
+
+
+def test_size_options_read_5gb_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`5GB` is 5*10**9 bytes for `cp --limit-rate` as for `export --max-shard-size` (cp once
+    read it as 5*2**30): both reach the library through the real argument handling."""
+    from ckpt.interop import hf
+    from ckpt.lifecycle import copy as copier
+
+    seen: dict[str, int] = {}
+
+    def fake_copy(*args: Any, options: Any, **kwargs: Any) -> Any:
+        seen["--limit-rate"] = options.max_bytes_per_s
+        raise ckpt.CheckpointNotFoundError("stopped by the test")
+
+    def fake_export_hf(*args: Any, max_shard_bytes: int, **kwargs: Any) -> Any:
+        seen["--max-shard-size"] = max_shard_bytes
+        raise ckpt.CheckpointNotFoundError("stopped by the test")
+
+    monkeypatch.setattr(copier, "copy", fake_copy)
+    monkeypatch.setattr(hf, "export_hf", fake_export_hf)
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    assert _run(capsys, "cp", src, dst, "--limit-rate", "5GB")[0] == 3
+    assert _run(capsys, "export", "--format", "hf", src, dst, "--max-shard-size", "5GB")[0] == 3
+    assert seen == {"--limit-rate": 5_000_000_000, "--max-shard-size": 5_000_000_000}
 
 
 # --- ls ------------------------------------------------------------------------------------------

@@ -384,7 +384,7 @@ def test_killed_cp_resumes_copying_only_the_missing_files(tmp_path: Path) -> Non
     assert total == 25
     cmd = [sys.executable, "-m", "ckpt", "cp", src.root, dst.root, "--json", "--quiet"]
     # 25 files of 256 KiB at 2 MiB/s, one at a time, 64 KiB per write: about 3 s
-    slow = subprocess.Popen([*cmd, "--threads", "1", "--chunk-size", "64K", "--limit-rate", "2M"],
+    slow = subprocess.Popen([*cmd, "--threads", "1", "--chunk-size", "64KiB", "--limit-rate", "2MiB"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
     def complete() -> int:

@@ -1,6 +1,7 @@
 """Helpers shared by the archive and interop modules (``zarr_archive``, ``hf_export``,
 ``adoption``): reading one tensor (or one box of it) of a committed checkpoint through the
-normal verified restore path, the tensors of a skeleton in state order, and size parsing.
+normal verified restore path, and the tensors of a skeleton in state order. (Sizes such as
+``"5GB"`` are read by :func:`ckpt.units.parse_size`.)
 
 Reading goes through :func:`ckpt.engine.restore_plan.plan_restore` and the executor, exactly as
 ``ckpt.restore`` does (block CRCs verified), one request at a time, so a caller streaming a
@@ -9,7 +10,6 @@ checkpoint holds one tensor (or one box) in memory.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,8 +24,6 @@ from ckpt.geometry import boxes as regions
 from ckpt.lifecycle import restore as restorer
 from ckpt.options import RestoreOptions
 from ckpt.storage import Storage
-
-_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGTP]?)(i?)B?\s*", re.IGNORECASE)
 
 
 def check_sizes(storage: Storage, m: Manifest, keys: list[str], options: RestoreOptions) -> None:
@@ -74,19 +72,3 @@ def tensor_keys_in_order(node: Any) -> Iterator[str]:
             stack.extend(child for _, child in reversed(body))
         elif kind in ("list", "tuple"):
             stack.extend(reversed(body))
-
-
-def parse_size(text: str | int) -> int:
-    """``5GB`` (10**9), ``5GiB`` (2**30), ``512MB``, ``1000`` -> bytes (at least 1)."""
-    if isinstance(text, int):
-        n = text
-    else:
-        match = _SIZE_RE.fullmatch(text)
-        if match is None:
-            raise ValueError(f"not a size: {text!r}; expected e.g. 5GB, 500MiB or a number of bytes")
-        value, unit, binary = match.groups()
-        power = "KMGTP".find(unit.upper()) + 1 if unit else 0
-        n = int(float(value) * ((1024 if binary else 1000) ** power))
-    if n < 1:
-        raise ValueError(f"a size must be at least 1 byte, got {text!r}")
-    return n

@@ -35,6 +35,7 @@ from ckpt.interop import _read as interop
 from ckpt.lifecycle.steps import resolve_step
 from ckpt.options import RestoreOptions
 from ckpt.storage import open_storage
+from ckpt.units import parse_size
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers' save_pretrained
@@ -72,12 +73,13 @@ def export_hf(
     """Write checkpoint ``step`` (default: the latest) under ``root`` to ``dst`` in the Hugging
     Face sharded safetensors layout (see the module docstring for names and limits).
 
-    ``max_shard_bytes`` takes bytes or a size string (``"5GB"`` = 5*10**9, ``"2GiB"``).
+    ``max_shard_bytes`` takes bytes or a size string read by :func:`ckpt.units.parse_size`
+    (``"5GB"`` = 5*10**9, ``"2GiB"`` = 2*2**30).
     Raises StorageError if ``dst`` already holds an index or one of the files (nothing is
     overwritten) and PlanError if no tensor is selected or two keys map to one name.
     """
     start = time.perf_counter()
-    limit = interop.parse_size(max_shard_bytes)
+    limit = parse_size(max_shard_bytes)
     if strip_prefix and not prefix:
         raise PlanError("strip_prefix needs a prefix")
     opts = options or RestoreOptions()

@@ -1,0 +1,264 @@
+"""``ckpt ls``, ``ckpt show`` and ``ckpt verify``: the commands that only read."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from typing import Any
+
+from ckpt.cli._common import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    clean,
+    count,
+    open_root,
+    print_json,
+    problem_json,
+    progress_bar,
+    table,
+)
+from ckpt.engine import executor
+from ckpt.errors import CheckpointNotFoundError, ManifestError
+from ckpt.format.layout import manifest_path
+from ckpt.format.manifest import Manifest
+from ckpt.lifecycle.steps import committed_steps, read_step, resolve_step
+from ckpt.lifecycle.verify import Problem, VerifyReport, verify_manifest
+from ckpt.storage import Storage
+from ckpt.units import human_size
+
+_LIST_THREADS = 8  # manifests read concurrently by `ls`
+
+
+# --- ls ----------------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    storage = open_root(args.root, opts)
+    steps = committed_steps(storage)
+    if not steps:
+        raise CheckpointNotFoundError(f"{storage.url}: no checkpoints")
+    found: dict[int, Manifest | ManifestError] = {}
+
+    def load(step: int) -> None:
+        try:
+            found[step] = read_step(storage, step)
+        except ManifestError as err:
+            found[step] = err
+        except CheckpointNotFoundError:
+            pass  # retired between the listing and the read
+
+    executor.run_all(load, steps, num_threads=_LIST_THREADS)
+    listed = [s for s in steps if s in found]
+    if args.json:
+        print_json({"root": storage.url, "steps": [_ls_json(s, found[s]) for s in listed]})
+        return EXIT_OK
+    rows = [["STEP", "CREATED", "SIZE", "TENSORS", "FILES", "WORLD"]]
+    invalid: dict[int, str] = {}
+    for s in listed:
+        m = found[s]
+        if isinstance(m, Manifest):
+            rows.append(
+                [
+                    str(s),
+                    clean(m.created),
+                    human_size(m.total_bytes),
+                    str(len(m.tensors)),
+                    str(len(m.files)),
+                    str(m.world_size),
+                ]
+            )
+        else:
+            rows.append([str(s), "INVALID", "", "", "", ""])
+            invalid[s] = clean(str(m))
+    lines = table(rows, right={0, 2, 3, 4, 5})
+    print(lines[0])
+    for line, s in zip(lines[1:], listed, strict=True):
+        print(f"{line}  {invalid[s]}" if s in invalid else line)
+    return EXIT_OK
+
+
+def _ls_json(step: int, m: Manifest | ManifestError) -> dict[str, Any]:
+    if isinstance(m, Manifest):
+        return {
+            "step": step,
+            "valid": True,
+            "created": m.created,
+            "attempt": m.attempt,
+            "total_bytes": m.total_bytes,
+            "num_tensors": len(m.tensors),
+            "num_files": len(m.files),
+            "num_objects": len(m.objects),
+            "world_size": m.world_size,
+            "problem": None,
+        }
+    return {
+        "step": step,
+        "valid": False,
+        "created": None,
+        "attempt": None,
+        "total_bytes": None,
+        "num_tensors": None,
+        "num_files": None,
+        "num_objects": None,
+        "world_size": None,
+        "problem": {"error": type(m).__name__, "message": str(m)},
+    }
+
+
+# --- show --------------------------------------------------------------------------------------
+
+
+def cmd_show(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    storage = open_root(args.root, opts)
+    m = resolve_step(storage, args.step)
+    if args.json:
+        print_json(_show_json(storage, m))
+        return EXIT_OK
+    meta = [f"{clean(k)} = {clean(v)}" for k, v in sorted(m.user_metadata.items())] or ["(none)"]
+    head = [
+        ["root", storage.url],
+        ["step", str(m.step)],
+        ["attempt", m.attempt],
+        ["created", clean(m.created)],
+        ["format_version", str(m.format_version)],
+        ["world_size", str(m.world_size)],
+        ["block_bytes", human_size(m.block_bytes)],
+        ["total size", f"{human_size(m.total_bytes)} in {count(len(m.files), 'file')}"],
+        ["user_metadata", meta[0]],
+        *[["", line] for line in meta[1:]],
+    ]
+    for line in table(head, right=set()):
+        print(line)
+    print(f"files ({len(m.files)}):")
+    if m.files:
+        rows = [["PATH", "SIZE"]] + [[p, human_size(f.size)] for p, f in sorted(m.files.items())]
+        for line in table(rows, right={1}, indent="  "):
+            print(line)
+    print(f"tensors ({len(m.tensors)}):")
+    if m.tensors:
+        rows = [["KEY", "DTYPE", "SHAPE", "SHARDS", "SIZE"]]
+        for key, t in m.tensors.items():
+            rows.append(
+                [clean(key), t.dtype, _shape(t.shape), str(len(t.shards)), human_size(t.nbytes)]
+            )
+        for line in table(rows, right={3, 4}, indent="  "):
+            print(line)
+    print(f"objects ({len(m.objects)}):")
+    for key in m.objects:
+        print(f"  {clean(key)}")
+    return EXIT_OK
+
+
+def _show_json(storage: Storage, m: Manifest) -> dict[str, Any]:
+    return {
+        "root": storage.url,
+        "step": m.step,
+        "attempt": m.attempt,
+        "created": m.created,
+        "format_version": m.format_version,
+        "world_size": m.world_size,
+        "block_bytes": m.block_bytes,
+        "total_bytes": m.total_bytes,
+        "user_metadata": dict(m.user_metadata),
+        "files": [
+            {"path": p, "size": f.size, "crc32c": f.crc32c} for p, f in sorted(m.files.items())
+        ],
+        "tensors": [
+            {
+                "key": k,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "num_shards": len(t.shards),
+                "nbytes": t.nbytes,
+            }
+            for k, t in m.tensors.items()
+        ],
+        "objects": list(m.objects),
+    }
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+# --- verify ------------------------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    storage = open_root(args.root, opts)
+    targets: list[tuple[int, Manifest | ManifestError]] = []
+    if args.all:
+        for step in committed_steps(storage):
+            try:
+                targets.append((step, read_step(storage, step)))
+            except ManifestError as err:
+                targets.append((step, err))
+            except CheckpointNotFoundError:
+                continue  # retired between the listing and the read
+        if not targets:
+            raise CheckpointNotFoundError(f"{storage.url}: no checkpoints")
+    else:
+        latest = resolve_step(storage, args.step)  # a bad manifest raises here: exit 4
+        targets.append((latest.step, latest))
+    results: list[dict[str, Any]] = []
+    all_ok = True
+    for step, m in targets:
+        if isinstance(m, ManifestError):
+            problem = problem_json(type(m).__name__, manifest_path(step), None, str(m))
+            doc = _verify_json_step(step, None, [problem])
+            if not args.json:
+                print(f"step {step}: INVALID manifest")
+                print(f"  {type(m).__name__}: {clean(str(m))}")
+        else:
+            report = _run_verify(storage, m, args)
+            doc = _verify_json_step(step, report, [_finding_json(p) for p in report.findings])
+            if not args.json:
+                _print_report(report)
+        all_ok = all_ok and doc["ok"]
+        results.append(doc)
+    if args.json:
+        print_json({"root": storage.url, "ok": all_ok, "steps": results})
+    return EXIT_OK if all_ok else EXIT_PROBLEMS
+
+
+def _run_verify(storage: Storage, m: Manifest, args: argparse.Namespace) -> VerifyReport:
+    bar = progress_bar(m.total_bytes, f"step {m.step}", disable=args.json)
+    lock = threading.Lock()
+
+    def progress(n: int) -> None:
+        with lock:
+            bar.update(n)
+
+    try:
+        return verify_manifest(storage, m, num_threads=args.threads, progress=progress)
+    finally:
+        bar.close()
+
+
+def _print_report(r: VerifyReport) -> None:
+    files, blocks = count(r.files_checked, "file"), count(r.blocks_checked, "block")
+    what = f"{files}, {human_size(r.bytes_read)}, {blocks} checked"
+    if r.ok:
+        print(f"step {r.step}: OK ({what})")
+        return
+    print(f"step {r.step}: FAILED, {count(len(r.findings), 'problem')} ({what})")
+    for p in r.findings:
+        print(f"  {p.error.__name__}: {clean(p.message)}")
+
+
+def _finding_json(p: Problem) -> dict[str, Any]:
+    return problem_json(p.error.__name__, p.file, p.key, p.message)
+
+
+def _verify_json_step(
+    step: int, r: VerifyReport | None, problems: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "step": step,
+        "ok": not problems,
+        "manifest_valid": r is not None,
+        "files_checked": r.files_checked if r else 0,
+        "bytes_read": r.bytes_read if r else 0,
+        "blocks_checked": r.blocks_checked if r else 0,
+        "problems": problems,
+    }
