@@ -14,6 +14,7 @@ from ckpt.interop.hf import export_hf
 from ckpt.interop.zarr import export_zarr, import_zarr  # zarr itself is imported on first use
 from ckpt.lifecycle.attempt import Attempt, Report
 from ckpt.lifecycle.copy import CopyOptions, CopyReport, copy
+from ckpt.lifecycle.cleanup import GcPlan, Retired, collect, retire
 from ckpt.lifecycle.restore import restore
 from ckpt.lifecycle.retention import RetentionPolicy
 from ckpt.lifecycle.save import begin, commit, describe, holders, save, write_shards
@@ -32,12 +33,14 @@ __all__ = [
     "FORMAT_VERSION",
     "Attempt",
     "CheckpointManager",
+    "GcPlan",
     "CopyOptions",
     "CopyReport",
     "ManagerOptions",
     "Manifest",
     "Report",
     "RestoreOptions",
+    "Retired",
     "RetentionPolicy",
     "RetryPolicy",
     "SaveOptions",
@@ -45,6 +48,7 @@ __all__ = [
     "VerifyReport",
     "adopt",
     "begin",
+    "collect",
     "commit",
     "copy",
     "describe",
@@ -56,6 +60,7 @@ __all__ = [
     "list_steps",
     "read_manifest",
     "restore",
+    "retire",
     "save",
     "verify",
     "write_shards",

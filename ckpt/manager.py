@@ -43,9 +43,8 @@ from ckpt.errors import (
     PlanError,
     WorkerFailedError,
 )
+from ckpt.lifecycle import cleanup, retention
 from ckpt.lifecycle import restore as restorer
-from ckpt.lifecycle import retention
-from ckpt.lifecycle import retire as retirement
 from ckpt.lifecycle import save as saver
 from ckpt.lifecycle import steps as steps_mod
 from ckpt.lifecycle.retention import RetentionPolicy
@@ -290,7 +289,7 @@ class CheckpointManager:
             # one step at a time: a step that cannot be retired (its data behind a link, a storage
             # failure) is reported and kept, and does not keep the others, nor fail the save
             try:
-                retirement.retire(storage, [s], dry_run=dry_run)
+                cleanup.retire_steps(storage, [s], dry_run=dry_run)
             except CkptError as err:
                 warnings.warn(f"{self.root}: retention kept step {s}, which it could not retire: {err}",
                               CkptWarning, stacklevel=2)  # fmt: skip

@@ -37,7 +37,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.lifecycle import retire as retirement
+from ckpt.lifecycle import cleanup
 from ckpt.storage import open_storage
 from ckpt.testing import Call, Recorder, Rule
 
@@ -67,7 +67,7 @@ def save_step(root: str, step: int, opts: dict[str, Any] | None, options: ckpt.S
 def save_and_retire(root: str, opts: dict[str, Any] | None) -> None:
     """The faulted workload: save step NEW, then retire step 1 (keep the newest two)."""
     save_step(root, NEW, opts)
-    retirement.retire(open_storage(root, opts), [1], timeout_s=TIMEOUT_S)
+    cleanup.retire_steps(open_storage(root, opts), [1], timeout_s=TIMEOUT_S)
 
 
 # --- operation points ---------------------------------------------------------------------------

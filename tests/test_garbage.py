@@ -11,8 +11,7 @@ from conftest import Store
 
 import ckpt
 from ckpt.cli import main
-from ckpt.lifecycle import garbage
-from ckpt.lifecycle import retire as retirement
+from ckpt.lifecycle import cleanup
 from ckpt.storage import Listed, Upload, open_storage
 
 H = 3600.0
@@ -35,7 +34,7 @@ def test_unreferenced_attempts_go_only_when_their_newest_file_is_old() -> None:
         _f("notes.txt", 300),  # not ckpt's
     ]
     referenced = {"steps/000000000001/manifest.json", "data/000000000001-aaa/00000-0.safetensors"}
-    plan = garbage.plan_gc(listed, [], referenced, now=NOW, grace_s=24 * H)
+    plan = cleanup.plan_gc(listed, [], referenced, now=NOW, grace_s=24 * H)
     assert plan.delete == ("data/000000000002-bbb/00000-0.safetensors", "data/000000000002-bbb/00001-0.safetensors")
     assert plan.delete_bytes == 20
     assert plan.too_recent == ("data/000000000003-ccc/00000-0.safetensors", "data/000000000003-ccc/00001-0.safetensors")
@@ -49,7 +48,7 @@ def test_temp_files_and_stale_uploads() -> None:
     ]
     uploads = [Upload("data/000000000006-x/00000-0.safetensors", "u1", NOW - 30 * H),
                Upload("data/000000000007-y/00000-0.safetensors", "u2", NOW - 1 * H)]  # fmt: skip
-    plan = garbage.plan_gc(listed, uploads, set(), now=NOW, grace_s=24 * H)
+    plan = cleanup.plan_gc(listed, uploads, set(), now=NOW, grace_s=24 * H)
     assert plan.delete == ("steps/000000000004/.manifest.json.0123456789abcdef0123456789abcdef.tmp",)
     assert plan.too_recent == (".LATEST.0123456789abcdef0123456789abcdef.tmp",)
     assert [u.upload_id for u in plan.abort] == ["u1"]
@@ -57,7 +56,7 @@ def test_temp_files_and_stale_uploads() -> None:
 
 def test_an_unreadable_manifest_blocks_data_collection() -> None:
     listed = [_f("data/000000000002-bbb/00000-0.safetensors", 100), _f("steps/000000000003/.x.0123456789abcdef0123456789abcdef.tmp", 100)]
-    plan = garbage.plan_gc(listed, [], set(), now=NOW, grace_s=H, unreadable=["steps/000000000009/manifest.json"])
+    plan = cleanup.plan_gc(listed, [], set(), now=NOW, grace_s=H, unreadable=["steps/000000000009/manifest.json"])
     assert plan.delete == ("steps/000000000003/.x.0123456789abcdef0123456789abcdef.tmp",)
     assert plan.blocked_by == ("steps/000000000009/manifest.json",)
 
@@ -74,13 +73,13 @@ def test_collect_deletes_failed_attempts_and_keeps_every_checkpoint(store: Store
     orphans = _failed_attempt(store, 2)
     st = open_storage(store.root, store.opts)
     assert all(st.exists(p) for p in orphans)
-    young = garbage.collect(st)  # default grace: a day; these files are seconds old
+    young = cleanup.collect_garbage(st)  # default grace: a day; these files are seconds old
     assert young.delete == ()
     assert set(orphans) <= set(young.too_recent)
-    dry = garbage.collect(st, grace_s=0.0, now=time.time() + 1, dry_run=True)
+    dry = cleanup.collect_garbage(st, grace_s=0.0, now=time.time() + 1, dry_run=True)
     assert dry.delete == tuple(orphans)
     assert all(st.exists(p) for p in orphans)
-    done = garbage.collect(st, grace_s=0.0, now=time.time() + 1)
+    done = cleanup.collect_garbage(st, grace_s=0.0, now=time.time() + 1)
     assert done.delete == tuple(orphans)
     assert not any(st.exists(p) for p in orphans)
     assert ckpt.list_steps(store.root, storage_options=store.opts) == [1]
@@ -123,10 +122,10 @@ def test_files_that_are_not_ckpts_are_never_collected_nor_retired(store: Store) 
     ]
     for p in theirs:
         st.put(p, b"mine", fsync=False)
-    plan = garbage.collect(st, grace_s=0.0, now=time.time() + 10 * 24 * H)
+    plan = cleanup.collect_garbage(st, grace_s=0.0, now=time.time() + 10 * 24 * H)
     assert not set(plan.delete) & set(theirs)
     assert all(st.exists(p) for p in theirs)
-    retirement.retire(st, [1, 2])  # what `ckpt rm` and retention run
+    cleanup.retire_steps(st, [1, 2])  # what `ckpt rm` and retention run
     assert ckpt.list_steps(store.root, storage_options=store.opts) == []
     assert all(st.exists(p) for p in theirs), [p for p in theirs if not st.exists(p)]
     assert not st.exists(next(iter(m.files)))  # ckpt's own data went
@@ -141,8 +140,26 @@ def test_stale_multipart_uploads_under_the_root_are_aborted(s3_store: Store) -> 
     assert [u.upload_id for u in st.multipart_uploads()] == [mine]
     # (moto reports a fixed Initiated time from 2010, so the grace period is exercised by the
     # pure planner's test above, not here)
-    done = garbage.collect(st, grace_s=0.0, now=time.time() + 1)
+    done = cleanup.collect_garbage(st, grace_s=0.0, now=time.time() + 1)
     assert [u.upload_id for u in done.abort] == [mine]
     assert st.multipart_uploads() == []
     left = st.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
     assert [u["UploadId"] for u in left] == [other]  # outside the root: never touched
+
+
+def test_retire_and_collect_take_a_root_like_save_and_verify(store: Store) -> None:
+    """The public maintenance API has the shape of ``save``/``verify``: a root and
+    ``storage_options``, no Storage object."""
+    for step in (1, 2):
+        ckpt.save(store.root, {"w": torch.full((64,), float(step))}, step=step, storage_options=store.opts)
+    orphans = _failed_attempt(store, 3)
+    done = ckpt.retire(store.root, [1], storage_options=store.opts)
+    assert [r.step for r in done] == [1]
+    assert isinstance(done[0], ckpt.Retired)
+    assert done[0].files_deleted
+    assert ckpt.list_steps(store.root, storage_options=store.opts) == [2]
+    plan = ckpt.collect(store.root, grace_s=0.0, dry_run=True, storage_options=store.opts)
+    assert isinstance(plan, ckpt.GcPlan)
+    assert set(orphans) <= set(plan.delete)
+    assert set(orphans) <= set(ckpt.collect(store.root, grace_s=0.0, storage_options=store.opts).delete)
+    assert ckpt.verify(store.root, 2, storage_options=store.opts).ok

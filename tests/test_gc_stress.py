@@ -1,7 +1,7 @@
 """GC under interleavings (reliability 5.1 items 15 and 16).
 
 Saves (some left running: begin + write_shards without commit, i.e. live attempts; some
-abandoned: crashed writers), commits, retention and ``ckpt.lifecycle.garbage.collect`` interleave in
+abandoned: crashed writers), commits, retention and ``ckpt.lifecycle.cleanup.collect_garbage`` interleave in
 random orders (Hypothesis stateful) on local disk and, shorter, on moto S3; and a saver thread
 and a GC thread run concurrently on local disk. Invariants after every step:
 
@@ -36,8 +36,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import ckpt
 from ckpt.errors import CkptError
-from ckpt.lifecycle import garbage, retention
-from ckpt.lifecycle import retire as retirement
+from ckpt.lifecycle import cleanup, retention
 from ckpt.storage import Listed, LocalStorage, S3Storage, Storage, open_storage
 
 GRACE = 1000.0  # model seconds
@@ -200,7 +199,7 @@ class GcMachine(RuleBasedStateMachine):
         doomed = retention.to_retire(
             sorted(self.committed), {}, retention.RetentionPolicy(keep_last=keep)
         )
-        done = retirement.retire(self.storage, doomed)
+        done = cleanup.retire_steps(self.storage, doomed)
         for r in done:
             del self.committed[r.step]
         STATS["retired"] += len(done)
@@ -210,7 +209,7 @@ class GcMachine(RuleBasedStateMachine):
         now = self.now()
         before = {f.path for f in self.storage.list_files()}
         protected = self._referenced()
-        plan = garbage.collect(self.storage, grace_s=GRACE, now=now)
+        plan = cleanup.collect_garbage(self.storage, grace_s=GRACE, now=now)
         STATS["gc_runs"] += 1
         STATS["collected"] += len(plan.delete)
         deleted = set(plan.delete)
@@ -415,14 +414,14 @@ def _threads(root: str, *, seconds: float, grace: float, seed: int) -> None:
                     referenced.intersection_update(keep)
                     for s_ in doomed:
                         committed.pop(s_)
-                retirement.retire(st_, doomed)
+                cleanup.retire_steps(st_, doomed)
 
     def collector() -> None:
         while not stop.is_set():
             with lock:
                 protected = set(referenced)
             now = time.time()
-            plan = garbage.collect(st_, grace_s=grace, now=now)
+            plan = cleanup.collect_garbage(st_, grace_s=grace, now=now)
             STATS["thread_gcs"] += 1
             STATS["thread_collected"] += len(plan.delete)
             with lock:
@@ -455,7 +454,7 @@ def _threads(root: str, *, seconds: float, grace: float, seed: int) -> None:
         back = ckpt.restore(root, step)
         assert back["meta"] == {"seed": s}
         assert torch.equal(back["w"], _tensor_state(s)["w"])
-    plan = garbage.collect(st_, grace_s=grace, now=time.time() + grace + 1)
+    plan = cleanup.collect_garbage(st_, grace_s=grace, now=time.time() + grace + 1)
     STATS["thread_collected"] += len(plan.delete)
     left = [f.path for f in st_.list_files() if f.path.startswith("data/")]
     assert set(left) == set(referenced), sorted(set(left) ^ set(referenced))

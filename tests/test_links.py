@@ -90,7 +90,7 @@ def test_a_linked_attempt_directory_is_refused_by_restore_verify_rm_and_retentio
     assert ckpt.list_steps(str(root)) == [1, 3]  # 2 retired normally, 1 kept: it sits behind a link
     assert torch.equal(ckpt.restore(str(root))["w"], torch.full((64, 16), 3.0))
     # gc lists links as themselves, never what they point to
-    plan = ckpt.lifecycle.garbage.collect(ckpt.storage.open_storage(str(root)), grace_s=0.0)
+    plan = ckpt.lifecycle.cleanup.collect_garbage(ckpt.storage.open_storage(str(root)), grace_s=0.0)
     assert not [p for p in plan.delete if p.startswith(attempt_dir)]
     assert _outside_files(outside) == before
     assert moved.is_dir()

@@ -25,7 +25,7 @@ from forker import forker
 
 import ckpt
 from benchmarks.proxy import Fault, FaultProxy
-from ckpt.lifecycle import garbage
+from ckpt.lifecycle import cleanup
 from ckpt.storage import _s3 as storage_mod
 from ckpt.storage import open_storage
 
@@ -135,6 +135,6 @@ def test_kill_at_each_s3_request_of_a_save(point: str, proxy: FaultProxy, root: 
     proxy.faults = []  # the hung request is still asleep in the proxy; nothing after it was sent
     _check_after(root, proxy.url, new_may_exist=False)
     st = open_storage(root, _opts(proxy.url))
-    report = garbage.collect(st, grace_s=0.0)
+    report = cleanup.collect_garbage(st, grace_s=0.0)
     assert not st.multipart_uploads(), f"{point}: an upload was left after gc: {report}"
     _check_after(root, proxy.url, new_may_exist=False)

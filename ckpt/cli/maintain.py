@@ -6,14 +6,13 @@ import argparse
 from typing import Any
 
 from ckpt.cli._common import EXIT_OK, count, open_root, print_json
-from ckpt.lifecycle import garbage
-from ckpt.lifecycle import retire as retirement
+from ckpt.lifecycle import cleanup
 from ckpt.units import human_size
 
 
 def cmd_rm(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     storage = open_root(args.root, opts)
-    done = retirement.retire(storage, args.steps, dry_run=args.dry_run)  # every step read first
+    done = cleanup.retire_steps(storage, args.steps, dry_run=args.dry_run)  # every step read first
     if args.json:
         retired = [
             {
@@ -36,7 +35,7 @@ def cmd_rm(args: argparse.Namespace, opts: dict[str, Any]) -> int:
 
 def cmd_gc(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     storage = open_root(args.root, opts)
-    plan = garbage.collect(storage, grace_s=args.grace_hours * 3600.0, dry_run=args.dry_run)
+    plan = cleanup.collect_garbage(storage, grace_s=args.grace_hours * 3600.0, dry_run=args.dry_run)
     if args.json:
         doc = {
             "root": storage.url,

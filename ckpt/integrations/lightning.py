@@ -20,10 +20,9 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from ckpt.lifecycle import cleanup, steps
 from ckpt.lifecycle import restore as restorer
-from ckpt.lifecycle import retire as retirement
 from ckpt.lifecycle import save as saver
-from ckpt.lifecycle import steps
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.storage import open_storage
 
@@ -49,7 +48,7 @@ class CkptCheckpointIO(CheckpointIO):
         saver.save(root, checkpoint, step=step, options=self.save_options, storage_options=self.storage_options)
         committed = [s for s in older if s < step]
         if committed:
-            retirement.retire(storage, committed)
+            cleanup.retire_steps(storage, committed)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         # weights_only is moot: nothing is ever unpickled. Tensors come back on the CPU; Lightning
@@ -61,5 +60,5 @@ class CkptCheckpointIO(CheckpointIO):
         storage = open_storage(str(path), self.storage_options)
         committed = steps.committed_steps(storage)
         if committed:
-            retirement.retire(storage, committed)  # manifests first: never a manifest without its data
+            cleanup.retire_steps(storage, committed)  # manifests first: never a manifest without its data
         storage.delete_tree("")  # what is left: the LATEST hint, empty directories (a root of its own)
