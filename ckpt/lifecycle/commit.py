@@ -29,6 +29,7 @@ from ckpt.errors import (
 from ckpt.format import manifest as manifest_mod
 from ckpt.format import strictjson
 from ckpt.format.manifest import I64, FileEntry, Manifest, ShardTable, TensorEntry
+from ckpt.geometry.coverage import coverage_problem
 from ckpt.lifecycle.attempt import Attempt, Report
 from ckpt.state import tree
 from ckpt.storage import Storage
@@ -113,7 +114,7 @@ class _Columns:
                 f"key {key!r}: rank {self.ranks[i]} wrote the region at {offsets[i].tolist()} of size "
                 f"{sizes[i].tolist()}, outside the shape {list(shape)}"
             )
-        problem = manifest_mod.coverage_problem(shape, offsets, sizes)
+        problem = coverage_problem(shape, offsets, sizes)
         if problem is not None and problem.kind == "overlap":
             ra, rb = self.ranks[problem.a], self.ranks[problem.b]
             raise PlanError(
