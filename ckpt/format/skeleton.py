@@ -55,7 +55,7 @@ def check_tree(node: object, tensors: Mapping[str, object], objects: Mapping[str
             raise ManifestSchemaError(f"{where}: tree: unknown fields {fields(dict.fromkeys(extra))} in a {kind[:40]!r} node")
         if "metadata" in n:
             tree.decode_value(n["metadata"], f"{where}: tree metadata")
-        if kind in ("tensor", "ndarray", "object"):
+        if kind in tree.LEAF_KINDS:
             pool: Mapping[str, object] = objects if kind == "object" else tensors
             if not isinstance(body, str) or body not in pool or body in seen:
                 raise ManifestSchemaError(f"{where}: tree references {kind} {_show(body)} that is missing or repeated")
