@@ -52,6 +52,7 @@ import ckpt
 from ckpt import errors
 from ckpt.format import manifest, strictjson
 from ckpt.format import safetensors as safetensors_format
+from ckpt.geometry import coverage
 from ckpt.testing import Recorder
 from tests.conftest import Store
 
@@ -618,7 +619,7 @@ def tiling_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     """Run a coverage test through both coverage checks: the pairwise one (few shards) and the
     vectorized one (interval sort, corner test, sweep) that many-shard tensors take."""
     if request.param == "vectorized":
-        monkeypatch.setattr(manifest, "SMALL_TILING", 1)
+        monkeypatch.setattr(coverage, "SMALL_TILING", 1)
     return str(request.param)
 
 

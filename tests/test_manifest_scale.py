@@ -20,6 +20,7 @@ from ckpt import errors
 from ckpt.engine.restore_plan import Request, plan_restore
 from ckpt.format import manifest
 from ckpt.format.manifest import ShardEntry, ShardTable, TensorEntry
+from ckpt.geometry import coverage
 from ckpt.geometry.boxes import Box
 from ckpt.geometry.byte_ranges import ByteRange
 from ckpt.lifecycle import attempt as attempt_mod
@@ -312,13 +313,13 @@ def test_vectorized_coverage_agrees_with_pairwise_on_random_boxes() -> None:
             boxes = [([a, 0], [b - a, 6]) for a, b in itertools.pairwise(edges)]
         off = np.array([b[0] for b in boxes], dtype=np.int64)
         siz = np.array([b[1] for b in boxes], dtype=np.int64)
-        slow = manifest.coverage_problem(shape, off, siz)
-        saved = manifest.SMALL_TILING
-        manifest.SMALL_TILING = 1
+        slow = coverage.coverage_problem(shape, off, siz)
+        saved = coverage.SMALL_TILING
+        coverage.SMALL_TILING = 1
         try:
-            fast = manifest.coverage_problem(shape, off, siz)
+            fast = coverage.coverage_problem(shape, off, siz)
         finally:
-            manifest.SMALL_TILING = saved
+            coverage.SMALL_TILING = saved
         assert (slow is None) == (fast is None), boxes
         if slow is not None and fast is not None:
             assert (slow.kind == "overlap") == (fast.kind == "overlap"), boxes

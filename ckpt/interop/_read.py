@@ -23,6 +23,7 @@ from ckpt.format.manifest import Manifest
 from ckpt.geometry import boxes as regions
 from ckpt.lifecycle import restore as restorer
 from ckpt.options import RestoreOptions
+from ckpt.state import tree
 from ckpt.storage import Storage
 
 
@@ -68,7 +69,6 @@ def tensor_keys_in_order(node: Any) -> Iterator[str]:
         kind, body = next(iter(n.items()))
         if kind in ("tensor", "ndarray"):
             yield body
-        elif kind in ("dict", "odict"):
-            stack.extend(child for _, child in reversed(body))
-        elif kind in ("list", "tuple"):
+        else:  # the child nodes, in order
+            body = tree.child_nodes(n)
             stack.extend(reversed(body))

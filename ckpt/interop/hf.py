@@ -34,6 +34,7 @@ from ckpt.format import safetensors as safetensors_format
 from ckpt.interop import _read as interop
 from ckpt.lifecycle.steps import resolve_step
 from ckpt.options import RestoreOptions
+from ckpt.state import tree
 from ckpt.storage import open_storage
 from ckpt.units import parse_size
 
@@ -160,14 +161,10 @@ def _group(items: list[tuple[str, str, tuple[int, ...]]], limit: int) -> list[li
 
 def _leaves(node: Any) -> Iterator[tuple[str, str]]:
     kind, body = next(iter(node.items()))
-    if kind in ("tensor", "ndarray", "object"):
+    if kind in tree.LEAF_KINDS:
         yield kind, body
-    elif kind in ("dict", "odict"):
-        for _, child in body:
-            yield from _leaves(child)
-    else:
-        for child in body:
-            yield from _leaves(child)
+    for child in tree.child_nodes(node):
+        yield from _leaves(child)
 
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "INDEX_NAME", "HfExport", "export_hf"]

@@ -30,6 +30,7 @@ from ckpt.format import manifest as manifest_mod
 from ckpt.format import strictjson
 from ckpt.format.layout import LATEST, manifest_path
 from ckpt.format.manifest import I64, FileEntry, Manifest, ShardTable, TensorEntry
+from ckpt.geometry.coverage import coverage_problem
 from ckpt.lifecycle.attempt import Attempt, Report
 from ckpt.state import tree
 from ckpt.storage import Storage
@@ -62,7 +63,7 @@ def build_manifest(attempt: Attempt, reports: list[Report], *, created: str) -> 
     if columns is None:
         columns = _columns(ranks, by_rank, file_index)
     block_bytes = attempt.options.block_bytes
-    tensors = {key: c.entry(key, paths) for key, c in columns.items()}
+    tensors = {key: c.entry(key) for key, c in columns.items()}
     skeleton, objects = _merge_trees(by_rank)
     m = Manifest(
         step=attempt.step,
@@ -84,22 +85,18 @@ _FIELDS = operator.itemgetter("key", "dtype", "shape", "file", "offsets", "sizes
 
 @dataclass(frozen=True, slots=True)
 class _Columns:
-    """One tensor's shards as the writers reported them, in rank order (the manifest's columns)."""
+    """One tensor's shards as the writers reported them, in rank order: the manifest's shard
+    table, and the rank that wrote each shard."""
 
     dtype: str
     shape: tuple[int, ...]
     ranks: list[int]  # of each shard
-    file: I64
-    offsets: I64  # (n, ndim)
-    sizes: I64
-    byte_range: I64  # (n, 2)
-    crc32c: I64  # flat
-    crc_counts: I64  # (n,)
+    shards: ShardTable
 
-    def entry(self, key: str, paths: tuple[str, ...]) -> TensorEntry:
+    def entry(self, key: str) -> TensorEntry:
         """The tensor entry, once every region is known to be written exactly once (the
         manifest parser's coverage check, with the writers' ranks in the message)."""
-        shape, offsets, sizes = self.shape, self.offsets, self.sizes
+        shape, offsets, sizes = self.shape, self.shards.offsets, self.shards.sizes
         shp = np.array(shape, dtype=np.int64)
         outside = np.flatnonzero(np.any((offsets < 0) | (sizes < 0) | (sizes > shp) | (offsets > shp - sizes), axis=1))
         if outside.size:
@@ -108,7 +105,7 @@ class _Columns:
                 f"key {key!r}: rank {self.ranks[i]} wrote the region at {offsets[i].tolist()} of size "
                 f"{sizes[i].tolist()}, outside the shape {list(shape)}"
             )
-        problem = manifest_mod.coverage_problem(shape, offsets, sizes)
+        problem = coverage_problem(shape, offsets, sizes)
         if problem is not None and problem.kind == "overlap":
             ra, rb = self.ranks[problem.a], self.ranks[problem.b]
             raise PlanError(
@@ -122,9 +119,13 @@ class _Columns:
             )
         if problem is not None:
             raise PlanError(f"key {key!r}: {problem.describe(lambda i: f'rank {self.ranks[i]}')}")
-        crc_start = np.concatenate([[0], np.cumsum(self.crc_counts)]).astype(np.int64)
-        table = ShardTable(paths, self.file, offsets, sizes, self.byte_range, self.crc32c, crc_start)
-        return TensorEntry(self.dtype, shape, table)
+        return TensorEntry(self.dtype, shape, self.shards)
+
+
+def _crc_start(counts: I64) -> I64:
+    """``ShardTable.crc_start`` from the number of crc32c values of each shard."""
+    out: I64 = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return out
 
 
 def _ints(values: list[Any], what: str) -> I64:
@@ -157,17 +158,19 @@ def _columns(ranks: list[int], by_rank: dict[int, Report], file_index: dict[str,
             c[4] += byte_range
             c[5] += crcs
             c[6].append(len(crcs))
+    paths = tuple(file_index)  # file_index lists the paths in order
     out: dict[str, _Columns] = {}
     for key, (dtype, shape, c) in acc.items():
         n, nd = len(c[0]), len(shape)
         if (len(c[2]), len(c[3]), len(c[4])) != (n * nd, n * nd, 2 * n):
             raise PlanError(f"key {key!r}: the writers reported offsets, sizes or byte ranges of the wrong length for a {nd}-d tensor")
-        out[key] = _Columns(
-            dtype, tuple(shape), c[0], np.array(c[1], dtype=np.int64),
+        table = ShardTable(
+            paths, np.array(c[1], dtype=np.int64),
             _ints(c[2], f"key {key!r}: an offset").reshape(n, nd), _ints(c[3], f"key {key!r}: a size").reshape(n, nd),
             _ints(c[4], f"key {key!r}: a byte range").reshape(n, 2), _ints(c[5], f"key {key!r}: a crc32c"),
-            np.array(c[6], dtype=np.int64),
+            _crc_start(np.array(c[6], dtype=np.int64)),
         )  # fmt: skip
+        out[key] = _Columns(dtype, tuple(shape), c[0], table)
     return out
 
 
@@ -199,13 +202,15 @@ def _uniform_columns(ranks: list[int], by_rank: dict[int, Report], file_index: d
     crc = crc[np.repeat(starts - tm_at, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)]
     per_key = np.concatenate([[0], np.cumsum(counts.sum(axis=0))]).astype(np.int64)
     dim_at = np.concatenate([[0], np.cumsum(nd)]).astype(np.int64).tolist()
+    paths = tuple(file_index)  # file_index lists the paths in order
     out: dict[str, _Columns] = {}
     for t, key in enumerate(keys):
         a, b = dim_at[t], dim_at[t + 1]
-        out[key] = _Columns(
-            dts[t], tuple(shapes[t]), ranks, file[:, t], offsets[:, a:b], sizes[:, a:b], byte_range[:, t],
-            crc[per_key[t] : per_key[t + 1]], counts[:, t],
+        table = ShardTable(
+            paths, file[:, t], offsets[:, a:b], sizes[:, a:b], byte_range[:, t],
+            crc[per_key[t] : per_key[t + 1]], _crc_start(counts[:, t]),
         )  # fmt: skip
+        out[key] = _Columns(dts[t], tuple(shapes[t]), ranks, table)
     return out
 
 

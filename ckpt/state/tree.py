@@ -377,6 +377,21 @@ def _key_token(k: Json) -> str:
     return repr(k)
 
 
+LEAF_KINDS = ("tensor", "ndarray", "object")  # a leaf's body is the key of its entry
+
+
+def child_nodes(node: Json) -> list[Json]:
+    """The children of a skeleton node ``{kind: body}``, in order: a ``dict`` or ``odict``
+    body holds ``[key, node]`` pairs, a ``list`` or ``tuple`` body the nodes; a leaf (or an
+    unknown kind) has none. For skeletons ckpt wrote or the manifest parser accepted."""
+    kind, body = next(iter(node.items()))
+    if kind in ("dict", "odict"):
+        return [child for _, child in body]
+    if kind in ("list", "tuple"):
+        return list(body)
+    return []
+
+
 def references(node: Json) -> list[tuple[str, str]]:
     """``(kind, key)`` of every leaf of a skeleton."""
     out: list[tuple[str, str]] = []
@@ -384,10 +399,8 @@ def references(node: Json) -> list[tuple[str, str]]:
     while stack:
         n = stack.pop()
         kind, body = next(iter(n.items()))
-        if kind in ("tensor", "ndarray", "object"):
+        if kind in LEAF_KINDS:
             out.append((kind, body))
-        elif kind in ("dict", "odict"):
-            stack.extend(child for _, child in body)
         else:
-            stack.extend(body)
+            stack.extend(child_nodes(n))
     return out
