@@ -13,8 +13,8 @@ from ckpt.interop.adopt import adopt
 from ckpt.interop.hf import export_hf
 from ckpt.interop.zarr import export_zarr, import_zarr  # zarr itself is imported on first use
 from ckpt.lifecycle.attempt import Attempt, Report
-from ckpt.lifecycle.copy import CopyOptions, CopyReport, copy
 from ckpt.lifecycle.cleanup import GcPlan, Retired, collect, retire
+from ckpt.lifecycle.copy import CopyOptions, CopyReport, copy
 from ckpt.lifecycle.restore import restore
 from ckpt.lifecycle.retention import RetentionPolicy
 from ckpt.lifecycle.save import begin, commit, describe, holders, save, write_shards

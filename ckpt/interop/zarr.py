@@ -1,7 +1,7 @@
 """Zarr v3 archives of checkpoints: :func:`export_zarr` and :func:`import_zarr`.
 
 The only module that imports ``zarr`` (lazily, inside the functions: ``import ckpt`` works
-without it). Zarr is for archives and interop, not the hot path (DESIGN section 8).
+without it). Zarr is for archives and interop, not the hot path (docs/CLI.md, "ckpt export").
 
 Layout (docs/FORMAT.md, "Archives and interop"): one checkpoint is one Zarr v3 group at DST
 itself. Each tensor is one chunked, zstd-compressed array, at ``tensors/<key>`` when the ckpt

@@ -4,7 +4,7 @@
 reported once, that writers agree on each tensor's dtype and shape, and that each tensor's
 regions are covered exactly once, naming keys and ranks; then it runs the manifest parser over
 the result, so a committed manifest always passes the same validation a reader applies.
-``publish`` is the commit point (DESIGN section 4).
+``publish`` is the commit point (docs/FORMAT.md section 9).
 """
 
 from __future__ import annotations
