@@ -5,7 +5,7 @@
 
 The program starts its own S3 endpoint on 127.0.0.1 (moto's ThreadedMotoServer, port 0, in a
 subprocess; or ``--endpoint s3rver``, the npm package, throughput only) and two latency proxies
-(benchmarks/proxy.py, subprocesses) in front of it: one adding 0 ms, one adding ``--latency-ms``
+(ckpt/testing/proxy.py, subprocesses) in front of it: one adding 0 ms, one adding ``--latency-ms``
 per request. Every case talks to S3 through a proxy, so every case's HTTP requests are counted;
 endpoint ``moto`` is the 0 ms proxy, ``moto+20ms`` the other one.
 
@@ -126,7 +126,7 @@ def run_case(spec: dict[str, Any]) -> None:
     """One timed save or restore of one method on one rank; writes spec['out'] + .rank<r>.json."""
     import torch
 
-    from benchmarks.proxy import fetch_stats
+    from ckpt.testing.proxy import fetch_stats
 
     method, phase, rank, world = spec["method"], spec["phase"], spec["rank"], spec["world"]
     size, url, proxy = spec["size_bytes"], spec["root"], spec["endpoint_url"]
@@ -505,7 +505,7 @@ def main() -> None:
             proxies = {}
             for lat in (0.0, args.latency_ms):
                 name = args.endpoint if lat == 0 else f"{args.endpoint}+{lat:g}ms"
-                cmd = [sys.executable, "-m", "benchmarks.proxy", "--upstream", upstream, "--latency-ms", str(lat)]
+                cmd = [sys.executable, "-m", "ckpt.testing.proxy", "--upstream", upstream, "--latency-ms", str(lat)]
                 _, proxies[name] = stack.enter_context(_server(cmd, f"proxy +{lat:g} ms", stderr=subprocess.DEVNULL))
             import fsspec
 

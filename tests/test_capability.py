@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import ckpt
-from benchmarks.proxy import FaultProxy
 from ckpt.errors import ConditionalWriteUnsupportedError, PlanError
 from ckpt.storage import PROBE_DIR, open_storage
+from ckpt.testing.proxy import FaultProxy
 
 pytestmark = pytest.mark.s3
 

@@ -1,4 +1,4 @@
-"""The latency proxy of the S3 benchmarks (benchmarks/proxy.py), in front of the moto endpoint:
+"""The latency proxy of the S3 benchmarks (ckpt/testing/proxy.py), in front of the moto endpoint:
 S3 semantics survive it, each request pays its latency, and requests are counted."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import fsspec
 import pytest
 
-from benchmarks.proxy import STATS_PATH, LatencyProxy, fetch_stats
+from ckpt.testing.proxy import STATS_PATH, LatencyProxy, fetch_stats
 
 LATENCY_S = 0.05
 

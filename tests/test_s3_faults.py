@@ -1,4 +1,4 @@
-"""Save, restore and verify against moto through a fault-injecting proxy (benchmarks.proxy
+"""Save, restore and verify against moto through a fault-injecting proxy (ckpt.testing.proxy
 FaultProxy): throttling, server errors, resets, truncated bodies, 409 conflicts and lost replies
 are retried (ckpt.storage's retry layer, docs/s3.md) and the data stays bitwise correct;
 permanent errors are not retried."""
@@ -17,10 +17,10 @@ from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 from s3fs.errors import translate_boto_error
 
 import ckpt
-from benchmarks.proxy import Fault, FaultProxy
 from ckpt.errors import CheckpointExistsError, MissingShardError, StorageError
 from ckpt.storage import Storage, open_storage
 from ckpt.storage import _s3 as storage_mod
+from ckpt.testing.proxy import Fault, FaultProxy
 
 pytestmark = pytest.mark.s3
 

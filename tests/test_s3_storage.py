@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import ckpt
-from benchmarks.proxy import LatencyProxy
 from ckpt._concurrency import ByteBudget
 from ckpt.errors import MissingShardError, ShardSizeMismatchError, StorageError
 from ckpt.lifecycle.steps import committed_steps
 from ckpt.storage import Storage, open_storage
 from ckpt.storage import _s3 as storage_mod
+from ckpt.testing.proxy import LatencyProxy
 
 pytestmark = pytest.mark.s3
 

@@ -1,10 +1,10 @@
 """A latency-injecting HTTP reverse proxy on loopback, for measuring S3 clients on one machine.
 
-    python -m benchmarks.proxy --upstream http://127.0.0.1:5000 --latency-ms 20 [--bandwidth 100e6]
+    python -m ckpt.testing.proxy --upstream http://127.0.0.1:5000 --latency-ms 20 [--bandwidth 100e6]
 
 It listens on 127.0.0.1 (port 0 unless ``--port``), prints its URL on the first line of stdout
 and forwards every request to ``--upstream`` after sleeping ``--latency-ms``: a stand-in for
-the round trip to a real bucket (DESIGN section 13). Bodies stream both ways (large PUTs,
+the round trip to a real bucket (BENCHMARKS.md, S3). Bodies stream both ways (large PUTs,
 ranged GETs); the method, the raw path and query, and every end-to-end header are forwarded
 unchanged, the Host header included, so SigV4 signatures (made for the proxy's host:port) stay
 valid. ``Expect: 100-continue`` is answered by the proxy itself and not forwarded (SigV4 never
