@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from ckpt.errors import PlanError
 from ckpt.options import SaveOptions
@@ -46,11 +46,42 @@ def new_attempt(
     return Attempt(root, step, uuid.uuid4().hex[:16], world_size, options, tuple(sorted(meta.items())))
 
 
-Report = dict[str, Any]
-"""What ``write_shards`` returns: JSON-able, small (no tensor data), no credentials::
+class FileRecord(TypedDict):
+    """A file a writer wrote: its size and whole-file CRC32C."""
 
-    {"step": int, "attempt": str, "rank": int,
-     "files": {path: {"size": int, "crc32c": int}},
-     "shards": [{"key", "dtype", "shape", "offsets", "sizes", "file", "byte_range", "crc32c"}],
-     "objects": {key: tagged JSON}, "tree": skeleton or None}
-"""
+    size: int
+    crc32c: int
+
+
+class ShardRecord(TypedDict):
+    """One region of one tensor in one file: the manifest's shard columns, as one row."""
+
+    key: str
+    dtype: str
+    shape: list[int]  # the global shape
+    offsets: list[int]
+    sizes: list[int]
+    file: str
+    byte_range: list[int]  # [start, end) in the file
+    crc32c: list[int]  # one per block of ``block_bytes``
+
+
+class KeyRecord(TypedDict):
+    """A tensor this rank holds (whether or not it wrote it): for the coordinator's checks."""
+
+    dtype: str
+    shape: list[int]
+
+
+class Report(TypedDict):
+    """What ``write_shards`` returns: JSON-able, small (no tensor data), no credentials. Its JSON
+    form is the wire form between writers and the coordinator (Ray, gloo): plain dicts and lists."""
+
+    step: int
+    attempt: str
+    rank: int
+    files: dict[str, FileRecord]
+    shards: list[ShardRecord]
+    keys: dict[str, KeyRecord]
+    objects: dict[str, Any]  # key -> tagged JSON value (ckpt.state.tree)
+    tree: Any  # the state's skeleton, or None

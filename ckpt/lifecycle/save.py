@@ -19,11 +19,11 @@ from ckpt.format.manifest import Manifest
 from ckpt.lifecycle import attempt as attempt_mod
 from ckpt.lifecycle import commit as commit_mod
 from ckpt.lifecycle import steps
-from ckpt.lifecycle.attempt import Attempt, Report
+from ckpt.lifecycle.attempt import Attempt, Report, ShardRecord
 from ckpt.options import SaveOptions
 from ckpt.state import tree
 from ckpt.state.shard import Shard, dtensor_layout, is_dtensor
-from ckpt.storage import open_storage
+from ckpt.storage import Storage, open_storage
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,19 @@ def begin(
 ) -> Attempt:
     """Start a save attempt (coordinator). Refuses a step that is already committed."""
     a = attempt_mod.new_attempt(root, step, world_size, options or SaveOptions(), user_metadata)
-    storage = open_storage(root, storage_options)
+    _begin(_storage(a, storage_options), a)
+    return a
+
+
+def _storage(a: Attempt, storage_options: dict[str, Any] | None) -> Storage:
+    """The storage of an attempt's root, with the attempt's write knobs."""
+    return open_storage(
+        a.root, storage_options, part_bytes=a.options.write_chunk_bytes, max_inflight_bytes=a.options.max_inflight_bytes
+    )
+
+
+def _begin(storage: Storage, a: Attempt) -> None:
+    step = a.step
     steps.ensure_committable(
         storage, allow_non_atomic=a.options.allow_non_atomic_commit, switch="SaveOptions",
         timeout_s=a.options.io_timeout_s,
@@ -60,7 +72,6 @@ def begin(
     storage.check_no_links(layout.shard_path(step, a.attempt, 0, 0))
     if executor.bounded(lambda: storage.exists(rel), timeout_s=a.options.io_timeout_s, what=f"{storage.where(rel)}: exists"):
         raise CheckpointExistsError(f"{storage.url}: step {step} is already committed")
-    return a
 
 
 def write_shards(
@@ -88,10 +99,10 @@ def write_shards(
         raise PlanError(f"rank {rank!r} is outside [0, {attempt.world_size})")
     if not isinstance(plain_tensors, Mapping) and plain_tensors not in ("exclusive", "replicated"):
         raise PlanError(f"plain_tensors must be 'exclusive', 'replicated' or a key -> ranks mapping, got {plain_tensors!r}")
-    storage = open_storage(
-        attempt.root, storage_options,
-        part_bytes=attempt.options.write_chunk_bytes, max_inflight_bytes=attempt.options.max_inflight_bytes,
-    )  # fmt: skip
+    return _write_shards(_storage(attempt, storage_options), attempt, state, rank=rank, plain_tensors=plain_tensors)
+
+
+def _write_shards(storage: Storage, attempt: Attempt, state: object, *, rank: int, plain_tensors: PlainTensors) -> Report:
     flat = state if isinstance(state, tree.Flat) else tree.flatten(state)  # a Flat: a staged snapshot
     opts = attempt.options
     everyone = tuple(range(attempt.world_size))
@@ -152,7 +163,7 @@ def write_shards(
     if opts.fsync and plan.files:
         dirs = [layout.data_dir(attempt.step, attempt.attempt), "data", ""]
         executor.bounded(lambda: storage.sync_dirs(dirs), timeout_s=opts.io_timeout_s, what=f"{storage.where(dirs[0])}: fsync")
-    shards = []
+    shards: list[ShardRecord] = []
     for fp, wf in zip(plan.files, written, strict=True):
         for item, br in fp.items:
             shards.append(
@@ -222,7 +233,10 @@ def commit(
     attempt: Attempt, reports: list[Report], *, storage_options: dict[str, Any] | None = None
 ) -> Manifest:
     """Validate the reports of every writer and write the manifest create-only (coordinator)."""
-    storage = open_storage(attempt.root, storage_options)
+    return _commit(_storage(attempt, storage_options), attempt, reports)
+
+
+def _commit(storage: Storage, attempt: Attempt, reports: list[Report]) -> Manifest:
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     m = commit_mod.build_manifest(attempt, reports, created=created)
     opts = attempt.options
@@ -242,6 +256,8 @@ def save(
 ) -> Manifest:
     """Save ``state`` as checkpoint ``step`` from one process. Raises CheckpointExistsError if
     ``step`` is already committed."""
-    a = begin(root, step=step, options=options, user_metadata=user_metadata, storage_options=storage_options)
-    report = write_shards(a, state, rank=0, storage_options=storage_options)
-    return commit(a, [report], storage_options=storage_options)
+    a = attempt_mod.new_attempt(root, step, 1, options or SaveOptions(), user_metadata)
+    storage = _storage(a, storage_options)  # one storage for the whole save
+    _begin(storage, a)
+    report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive")
+    return _commit(storage, a, [report])
