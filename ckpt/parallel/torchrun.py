@@ -24,6 +24,7 @@ from ckpt.errors import CkptError, PlanError, WorkerFailedError
 from ckpt.format import strictjson
 from ckpt.options import SaveOptions
 from ckpt.parallel import _protocol
+from ckpt.state import tree
 
 _GROUPS: dict[tuple[int, float], Any] = {}
 
@@ -107,6 +108,13 @@ class _Gloo:
         self.world_size, self.coordinator = dist.get_world_size(), self.rank == 0
         self.group, self.timeout, self.state, self.storage_options = group, timeout, state, storage_options
 
+    def _flat(self) -> tree.Flat:
+        """The state flattened once, on first use (describe and write share it); a state that
+        cannot be flattened fails inside the protocol, so every rank hears of it."""
+        if not isinstance(self.state, tree.Flat):
+            self.state = tree.flatten(self.state)
+        return self.state
+
     def barrier(self) -> None:
         dist.monitored_barrier(self.group, timeout=self.timeout, wait_all_ranks=True)
 
@@ -116,7 +124,7 @@ class _Gloo:
 
     def gather(self, step: _protocol.WriterStep, payload: _protocol.Msg) -> dict[int, _protocol.Msg] | None:
         assert self.rank is not None
-        mine = _protocol.writer_reply(step, lambda: self.state, self.rank, payload, self.storage_options)
+        mine = _protocol.writer_reply(step, self._flat, self.rank, payload, self.storage_options)
         self.barrier()  # who died while working?
         everyone = _all_gather(strictjson.dumps(mine), self.group)
         return {r: json.loads(d) for r, d in enumerate(everyone)} if self.coordinator else None
