@@ -241,30 +241,30 @@ class CheckpointManager:
         inflight, self._inflight = self._inflight, None
         if inflight is not None:  # let the save in flight finish first (its step is older)
             try:
-                self.last_save = inflight.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout:
-                raise PlanError(
-                    f"{self.root}: stop requested, but the save in flight did not finish within "
-                    f"{self.options.stop_deadline_s:.0f} s; step {step} was not saved"
-                ) from None
+                self._finish_by(inflight, deadline, f"the save in flight did not finish within {{}} s; step {step} was not saved")
+            except PlanError:
+                raise
             except Exception as err:  # reported, but the final save is what matters now
                 warnings.warn(f"{self.root}: the background save failed: {type(err).__name__}: {err}", CkptWarning, stacklevel=3)
         meta = {retention.METRIC_PREFIX + k: repr(float(v)) for k, v in (metrics or {}).items()}
         saved = (self.last_save is not None and self.last_save.step == step) or step in self._damaged
         if not saved:
-            t0 = time.perf_counter()
-            job = self._pool.submit(self._write, step, state, meta, t0, staged_bytes=0)
-            try:
-                self.last_save = job.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout:
-                raise PlanError(
-                    f"{self.root}: stop requested; the save of step {step} did not commit within "
-                    f"{self.options.stop_deadline_s:.0f} s (the newest committed checkpoint stands)"
-                ) from None
+            job = self._pool.submit(self._write, step, state, meta, time.perf_counter(), staged_bytes=0)
+            self._finish_by(job, deadline, f"the save of step {step} did not commit within {{}} s (the newest committed checkpoint stands)")
         if self.options.exit_on_stop:
             self.close()
             raise SystemExit(PREEMPTED_EXIT_CODE)
         return True
+
+    def _finish_by(self, job: Future[SaveStats], deadline: float, late: str) -> None:
+        """Wait for ``job`` until ``deadline`` (its result becomes ``last_save``); PlanError naming
+        ``late`` (formatted with the stop deadline) if it is not done by then."""
+        try:
+            self.last_save = job.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise PlanError(
+                f"{self.root}: stop requested, but " + late.format(f"{self.options.stop_deadline_s:.0f}")
+            ) from None
 
     # --- retention -----------------------------------------------------------------------------
 
