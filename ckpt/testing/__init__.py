@@ -1,6 +1,6 @@
 """Test kit, shipped so users can test their own setups: the fault kit (:mod:`ckpt.testing.faults`:
 :class:`FaultyStorage` over any storage backend, :class:`FaultyFileSystem` below it, the
-:class:`Recorder` and its :class:`Rule`\\ s) and the storage conformance suite
+:class:`Recorder` and its :class:`Rule` objects) and the storage conformance suite
 (:mod:`ckpt.testing.storage_tests`, imported on its own: it needs pytest).
 
 Importing this package registers nothing: call :func:`register_faulty` before opening a

@@ -1,5 +1,5 @@
 """The fault kit, shipped so users can test their own setups (the TensorStore file-hook / DCP
-``FaultyStorageWriter`` pattern): a :class:`Recorder` holding a call log and fault :class:`Rule`\ s,
+``FaultyStorageWriter`` pattern): a :class:`Recorder` holding a call log and fault :class:`Rule` list,
 applied at one of two layers.
 
 **The storage contract** (:class:`FaultyStorage`): wraps any :class:`~ckpt.storage.Storage`
