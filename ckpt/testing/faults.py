@@ -594,13 +594,13 @@ class FaultyStorage(Storage):
 
 
 def _truncated(chunks: Chunks, n: int) -> Iterator[bytes]:
-    """The first ``n`` bytes of ``chunks`` (then the source is not read further)."""
+    """The first ``n`` bytes of ``chunks``; the rest is read and dropped (a torn write: the
+    backend took all the data, stored a prefix and reported success)."""
     for chunk in chunks:
-        if n <= 0:
-            return
-        piece = bytes(memoryview(chunk)[:n])
+        piece = bytes(memoryview(chunk)[: max(n, 0)])
         n -= len(piece)
-        yield piece
+        if piece:
+            yield piece
 
 
 # --- the test seam --------------------------------------------------------------------------------
