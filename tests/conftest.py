@@ -13,6 +13,12 @@ import fsspec
 import pytest
 import torch
 
+from ckpt.testing import register_faulty
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    register_faulty()  # faulty:// URLs (FaultyFileSystem) are used across the suite
+
 
 @dataclass(frozen=True)
 class Store:

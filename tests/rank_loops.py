@@ -131,8 +131,9 @@ def _fail(root: str, rank: int, world: int, seen: dict[str, Any]) -> None:
     """Rank 1's writes fail: the background save fails on both ranks, and the next call raises
     it, naming rank 1."""
     import ckpt
-    from ckpt.testing import Recorder, Rule
+    from ckpt.testing import Recorder, Rule, register_faulty
 
+    register_faulty()  # a fresh interpreter (the fork server): faulty:// is not registered yet
     rec = Recorder(rules=[Rule("pipe_file", path_contains="/00001-", error=OSError(28, "No space left on device"))])
     opts = ckpt.ManagerOptions(save_options=ckpt.SaveOptions(allow_non_atomic_commit=True))
     mgr = ckpt.CheckpointManager(f"faulty://{root}", opts, storage_options={"target_protocol": "file", "recorder": rec})

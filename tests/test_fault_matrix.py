@@ -1,11 +1,17 @@
 """The fault matrix (reliability.md 5.1 items 1-4, 17): every storage operation of a save and of a
-restore, times every fault kind, through ``ckpt.testing.FaultyFileSystem`` over a local directory.
+restore, times every fault kind, at the storage contract: ``ckpt.testing.FaultyStorage`` around
+the real ``LocalStorage`` of a local directory (``wrap_storage``: ckpt's entry points build it
+for the faulted root), so the production local code (O_EXCL writes, the link commit, preadv) is
+what runs under the faults. A short S3 variant runs a handful of points (a data write, the
+manifest commit, the manifest read, a data read) over the real ``S3Storage`` on a moto server.
 
 Save: two writers (ranks 0 and 1, in one process, or in a forked child for kills) save step 3 of
 a root that already holds the committed steps 1 and 2, then retention retires step 1. Faults hit
-the begin check, each shard file write of each rank, the commit's stats, the manifest write, the
-LATEST read and write, and each retention delete. Restore: the newest step is restored with a
-fault at the listing, the manifest stat and read, and each data stat and read of each rank.
+the begin check (``exists``), each shard file write of each rank (``write_file``), the commit's
+stats (``size``), the manifest commit (``put_if_absent``), the LATEST read and write (``read``,
+``put``), and each retention delete (``delete``). Restore: the newest step is restored with a
+fault at the listing (``list_files``), the manifest stat and read (``size``, ``read``), and each
+data stat and read of each rank (``size``, ``read_into``).
 
 Fault kinds: ``oserror`` (EIO), ``transient`` (ConnectionResetError), ``lost`` (the operation took
 effect, then the error: a lost response), ``delay``, ``hang`` (until released, with a short
@@ -14,12 +20,14 @@ process at that operation, in a child forked from tests/forker.py).
 
 After each: every committed step restores bitwise and verifies; the new step is listed only if
 its manifest was written, and then restores to exactly its data; a failure is a typed ckpt error
-naming the file; no call outlives its timeout. A summary (faults injected, operations covered)
-is printed at the end of the module.
+naming the file; no call outlives its timeout. A summary per backend (cases, faults injected,
+kills, operations covered) is printed at the end of the module.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import os
 import re
@@ -37,13 +45,15 @@ import pytest
 import torch
 
 import ckpt
+import ckpt.storage
 from ckpt.lifecycle import cleanup
-from ckpt.storage import open_storage
-from ckpt.testing import Call, Recorder, Rule
+from ckpt.testing import Call, Recorder, Rule, wrap_storage
 
-TIMEOUT_S = 0.4  # io_timeout_s of the faulted operations in hang cases
+TIMEOUT_S = 0.4  # io_timeout_s of the faulted operations in hang cases (local)
+S3_TIMEOUT_S = 3.0  # the same over moto: a loaded machine's plain request may take longer than 0.4 s
 SAVE_OPTS = ckpt.SaveOptions(parallel_files=2, min_file_bytes=1, num_threads=2, fsync=False, io_timeout_s=TIMEOUT_S)
 RESTORE_OPTS = ckpt.RestoreOptions(num_threads=2, io_timeout_s=TIMEOUT_S, read_chunk_bytes=256)
+SETUP_OPTS = dataclasses.replace(SAVE_OPTS, io_timeout_s=60.0)  # unfaulted saves (template, retries)
 NEW = 3  # the step the faulted save writes; steps 1 and 2 are committed before
 
 
@@ -64,10 +74,10 @@ def save_step(root: str, step: int, opts: dict[str, Any] | None, options: ckpt.S
     ckpt.commit(a, reports, storage_options=opts)
 
 
-def save_and_retire(root: str, opts: dict[str, Any] | None) -> None:
+def save_and_retire(root: str, opts: dict[str, Any] | None, timeout_s: float = TIMEOUT_S) -> None:
     """The faulted workload: save step NEW, then retire step 1 (keep the newest two)."""
-    save_step(root, NEW, opts)
-    cleanup.retire_steps(open_storage(root, opts), [1], timeout_s=TIMEOUT_S)
+    save_step(root, NEW, opts, dataclasses.replace(SAVE_OPTS, io_timeout_s=timeout_s))
+    cleanup.retire_steps(ckpt.storage.open_storage(root, opts), [1], timeout_s=timeout_s)
 
 
 # --- operation points ---------------------------------------------------------------------------
@@ -95,26 +105,28 @@ class Point:
 SAVE_POINTS = [
     Point("begin_exists", "exists", "steps/000000000003/manifest.json", names="manifest.json"),
     *[
-        Point(f"shard_write_r{r}_f{k}", "pipe_file", f"-{k}.safetensors", rank=r, names=f"{r:05d}-{k}.safetensors")
+        Point(f"shard_write_r{r}_f{k}", "write_file", f"-{k}.safetensors", rank=r, names=f"{r:05d}-{k}.safetensors")
         for r in (0, 1) for k in (0, 1)
     ],
     Point("commit_stat_r1", "size", "-1.safetensors", rank=1, names="00001-1.safetensors"),
-    Point("manifest_write", "pipe_file", "manifest.json", names="manifest.json"),
-    Point("latest_read", "cat_file", "LATEST", stage="latest_read"),
-    Point("latest_write", "pipe_file", "LATEST", names="LATEST", stage="latest_write"),
-    Point("retire_manifest_rm", "rm", "steps/000000000001/manifest.json", names="manifest.json", stage="retire_manifest"),
+    Point("manifest_write", "put_if_absent", "manifest.json", names="manifest.json"),
+    Point("latest_read", "read", "LATEST", stage="latest_read"),
+    Point("latest_write", "put", "LATEST", names="LATEST", stage="latest_write"),
+    Point("retire_manifest_rm", "delete", "steps/000000000001/manifest.json", names="manifest.json", stage="retire_manifest"),
     *[
-        Point(f"retire_data_rm_r{r}", "rm", "data/000000000001-", rank=r, names=f"{r:05d}-", stage="retire_data")
+        Point(f"retire_data_rm_r{r}", "delete", "data/000000000001-", rank=r, names=f"{r:05d}-", stage="retire_data")
         for r in (0, 1)
     ],
 ]
 RESTORE_POINTS = [
-    Point("listing", "find", "steps", names="steps"),
+    Point("listing", "list_files", "steps", names="steps"),
     Point("manifest_stat", "size", "manifest.json", names="manifest.json"),
-    Point("manifest_read", "cat_file", "manifest.json", names="manifest.json"),
+    Point("manifest_read", "read", "manifest.json", names="manifest.json"),
     *[Point(f"data_stat_r{r}", "size", ".safetensors", rank=r, names=f"{r:05d}-") for r in (0, 1)],
-    *[Point(f"data_read_r{r}", "cat_file", ".safetensors", rank=r, names=f"{r:05d}-") for r in (0, 1)],
+    *[Point(f"data_read_r{r}", "read_into", ".safetensors", rank=r, names=f"{r:05d}-") for r in (0, 1)],
 ]
+WRITES = ("write_file", "put_if_absent", "put", "delete")  # operations that take effect
+READS = ("read", "read_into")
 _BY_NAME = {("save", p.name): p for p in SAVE_POINTS} | {("restore", p.name): p for p in RESTORE_POINTS}
 
 KINDS = ["oserror", "transient", "lost", "delay", "hang", "truncate", "kill"]
@@ -141,9 +153,9 @@ def fault_rule(phase: str, point_name: str, kind: str) -> Rule:
 
 def applies(phase: str, p: Point, kind: str) -> bool:
     if kind == "truncate":  # short reads; torn writes of shard files (a torn manifest needs a non-atomic backend)
-        return p.op == "cat_file" if phase == "restore" else p.name.startswith("shard_write")
+        return p.op in READS if phase == "restore" else p.name.startswith("shard_write")
     if kind == "lost":  # a write or delete that landed, its response lost
-        return phase == "save" and p.op in ("pipe_file", "rm")
+        return phase == "save" and p.op in WRITES
     return True
 
 
@@ -153,67 +165,97 @@ RESTORE_CASES = [(p.name, k) for p in RESTORE_POINTS for k in KINDS if applies("
 
 # --- bookkeeping ----------------------------------------------------------------------------------
 
-STATS: Counter[str] = Counter()
-COVERED: set[tuple[str, str]] = set()
-KINDS_SEEN: set[str] = set()
+STATS: Counter[tuple[str, str]] = Counter()  # (backend, "cases" / "faults" / "kills")
+COVERED: set[tuple[str, str, str]] = set()  # (backend, phase, point)
+KINDS_SEEN: set[tuple[str, str]] = set()  # (backend, kind)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def summary(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    line = (
-        f"fault matrix: {STATS['cases']} cases, {STATS['faults']} faults injected "
-        f"({STATS['kills']} kills), {len(COVERED)} storage operations covered "
-        f"({sum(1 for ph, _ in COVERED if ph == 'save')} save, {sum(1 for ph, _ in COVERED if ph == 'restore')} restore), "
-        f"{len(KINDS_SEEN)} fault kinds"
-    )
+    lines = []
+    for backend in ("local", "s3"):
+        covered = [(ph, pt) for b, ph, pt in COVERED if b == backend]
+        if not covered:
+            continue
+        lines.append(
+            f"fault matrix ({backend}): {STATS[backend, 'cases']} cases, {STATS[backend, 'faults']} faults injected "
+            f"({STATS[backend, 'kills']} kills), {len(covered)} storage operations covered "
+            f"({sum(1 for ph, _ in covered if ph == 'save')} save, {sum(1 for ph, _ in covered if ph == 'restore')} restore), "
+            f"{sum(1 for b, _ in KINDS_SEEN if b == backend)} fault kinds"
+        )
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if tr is not None and capture is not None:
         with capture.global_and_fixture_disabled():  # shown in every run, not only with -rA
             tr.write_line("")
-            tr.write_line(line)
+            for line in lines:
+                tr.write_line(line)
     out = os.environ.get("CKPT_FAULT_MATRIX_SUMMARY")
     if out:
-        Path(out).write_text(line + "\n")
+        Path(out).write_text("".join(line + "\n" for line in lines))
 
 
-def _count(phase: str, point: str, kind: str, injected: int) -> None:
-    assert injected >= 1, f"{phase} {point} {kind}: the fault never fired (the operation was not reached)"
-    STATS["cases"] += 1
-    STATS["faults"] += injected
-    STATS["kills"] += kind == "kill"
-    COVERED.add((phase, point))
-    KINDS_SEEN.add(kind)
+def _count(backend: str, phase: str, point: str, kind: str, injected: int) -> None:
+    assert injected >= 1, f"{backend} {phase} {point} {kind}: the fault never fired (the operation was not reached)"
+    STATS[backend, "cases"] += 1
+    STATS[backend, "faults"] += injected
+    STATS[backend, "kills"] += kind == "kill"
+    COVERED.add((backend, phase, point))
+    KINDS_SEEN.add((backend, kind))
 
 
-# --- the committed-state template -----------------------------------------------------------------
+# --- roots ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checkpoint root holding the committed steps 1 and 2, on a real backend."""
+
+    backend: str
+    root: str
+    opts: dict[str, Any] | None = None
+    timeout_s: float = TIMEOUT_S  # io_timeout_s of the faulted operations (hang cases)
+
+    @property
+    def restore_options(self) -> ckpt.RestoreOptions:
+        return dataclasses.replace(RESTORE_OPTS, io_timeout_s=self.timeout_s)
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A root holding the committed steps 1 and 2 (written once, copied per case)."""
+    """A local root holding the committed steps 1 and 2 (written once, copied per case)."""
     root = tmp_path_factory.mktemp("template") / "run"
     for step in (1, 2):
-        save_step(str(root), step, None)
+        save_step(str(root), step, None, SETUP_OPTS)
     return root
 
 
 @pytest.fixture
-def root_dir(template: Path, tmp_path: Path) -> Path:
+def local_target(template: Path, tmp_path: Path) -> Target:
     d = tmp_path / "run"
     shutil.copytree(template, d)
-    return d
+    return Target("local", str(d))
 
 
-def faulty(d: Path, rule: Rule | None) -> tuple[str, dict[str, Any], Recorder]:
-    rec = Recorder(rules=[rule] if rule else [])
-    return f"faulty://{d}", {"target_protocol": "file", "atomic_create": True, "recorder": rec}, rec
+@pytest.fixture
+def s3_target(s3_store: Any) -> Target:
+    """A fresh bucket on the moto endpoint, with the committed steps 1 and 2."""
+    for step in (1, 2):
+        save_step(s3_store.root, step, s3_store.opts, SETUP_OPTS)
+    return Target("s3", s3_store.root, s3_store.opts, S3_TIMEOUT_S)
 
 
-def assert_step(root: str, step: int, *, newest: bool = False) -> None:
-    """``step`` restores bitwise to its state and verifies (no faults: the plain local root)."""
-    back = ckpt.restore(root, None if newest else step)
+@contextlib.contextmanager
+def faulted(t: Target, rule: Rule | None) -> Iterator[Recorder]:
+    """ckpt's entry points on ``t.root`` run over FaultyStorage (the rule) around the real backend."""
+    with wrap_storage(Recorder(rules=[rule] if rule else []), only=t.root) as rec:
+        yield rec
+
+
+def assert_step(t: Target, step: int, *, newest: bool = False) -> None:
+    """``step`` restores bitwise to its state and verifies (no faults: the plain backend)."""
+    back = ckpt.restore(t.root, None if newest else step, storage_options=t.opts)
     want = full_state(step)
     assert back["meta"] == want["meta"], f"step {step}: got the state of step {back['meta']}"
     for r in (0, 1):
@@ -222,21 +264,20 @@ def assert_step(root: str, step: int, *, newest: bool = False) -> None:
             assert got.dtype == exp.dtype, f"step {step} r{r}.{k}"
             assert got.shape == exp.shape, f"step {step} r{r}.{k}"
             assert got.numpy().tobytes() == exp.numpy().tobytes(), f"step {step} r{r}.{k}: not bitwise equal"
-    report = ckpt.verify(root, step)
+    report = ckpt.verify(t.root, step, storage_options=t.opts)
     assert report.ok, f"step {step}: {report}"
 
 
-def check_invariants(d: Path, *, new_committed: bool, old_retired: bool | None) -> None:
+def check_invariants(t: Target, *, new_committed: bool, old_retired: bool | None) -> None:
     """Committed steps intact; the new step listed iff its manifest was written; newest exact."""
-    root = str(d)
-    steps = ckpt.list_steps(root)
+    steps = ckpt.list_steps(t.root, storage_options=t.opts)
     assert (NEW in steps) == new_committed, f"steps {steps}: step {NEW} should {'' if new_committed else 'not '}be listed"
     assert 2 in steps, f"steps {steps}: the committed step 2 is lost"
     if old_retired is not None:
         assert (1 not in steps) == old_retired, f"steps {steps}: step 1 retired should be {old_retired}"
     for s in steps:
-        assert_step(root, s)
-    assert_step(root, max(steps), newest=True)
+        assert_step(t, s)
+    assert_step(t, max(steps), newest=True)
 
 
 def assert_typed(err: BaseException, names: str) -> None:
@@ -262,40 +303,44 @@ def _save_expectation(p: Point, kind: str) -> tuple[bool, bool, bool | None, str
     return failing, True, True, None  # retire_data: the manifest is gone already
 
 
-@pytest.mark.parametrize(("point", "kind"), [c for c in SAVE_CASES if c[1] != "kill"])
-def test_save_fault(point: str, kind: str, root_dir: Path) -> None:
+def run_save_fault(t: Target, point: str, kind: str) -> None:
     p = _BY_NAME[("save", point)]
-    root, opts, rec = faulty(root_dir, fault_rule("save", point, kind))
     t0 = time.monotonic()
     raised: BaseException | None = None
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                save_and_retire(root, opts)
-            except Exception as err:  # checked below
-                raised = err
-        elapsed = time.monotonic() - t0
-        assert elapsed < 10 * TIMEOUT_S + 5, f"took {elapsed:.1f} s: a wait outlived its timeout"
-        # a transient error may be retried by the storage layer (then it is as if nothing failed)
-        msgs = [str(w.message) for w in caught if issubclass(w.category, ckpt.CkptWarning)]
-        outcome = "delay" if kind == "transient" and raised is None and not msgs else kind
-        raises, committed, retired, warning = _save_expectation(p, outcome)
-        if raises:
-            assert raised is not None, f"{point} {kind}: the save did not fail"
-            assert_typed(raised, p.names)
-            if kind == "hang":
-                assert isinstance(raised, ckpt.StorageTimeoutError), repr(raised)
-        elif raised is not None:
-            raise raised
-        if warning:
-            assert any(warning in m for m in msgs), msgs
-        else:
-            assert not msgs, msgs
-        _count("save", point, kind, len(rec.injected))
-        check_invariants(root_dir, new_committed=committed, old_retired=retired)
-    finally:
-        rec.release()
+    with faulted(t, fault_rule("save", point, kind)) as rec:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    save_and_retire(t.root, t.opts, t.timeout_s)
+                except Exception as err:  # checked below
+                    raised = err
+            elapsed = time.monotonic() - t0
+            assert elapsed < 10 * t.timeout_s + 5, f"took {elapsed:.1f} s: a wait outlived its timeout"
+        finally:
+            rec.release()
+    # a transient error may be retried by the storage layer (then it is as if nothing failed)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, ckpt.CkptWarning)]
+    outcome = "delay" if kind == "transient" and raised is None and not msgs else kind
+    raises, committed, retired, warning = _save_expectation(p, outcome)
+    if raises:
+        assert raised is not None, f"{point} {kind}: the save did not fail"
+        assert_typed(raised, p.names)
+        if kind == "hang":
+            assert isinstance(raised, ckpt.StorageTimeoutError), repr(raised)
+    elif raised is not None:
+        raise raised
+    if warning:
+        assert any(warning in m for m in msgs), msgs
+    else:
+        assert not msgs, msgs
+    _count(t.backend, "save", point, kind, len(rec.injected))
+    check_invariants(t, new_committed=committed, old_retired=retired)
+
+
+@pytest.mark.parametrize(("point", "kind"), [c for c in SAVE_CASES if c[1] != "kill"])
+def test_save_fault(point: str, kind: str, local_target: Target) -> None:
+    run_save_fault(local_target, point, kind)
 
 
 # --- restore --------------------------------------------------------------------------------------
@@ -308,50 +353,54 @@ _RESTORE_ERRORS: dict[str, type[BaseException]] = {
 }
 
 
-@pytest.mark.parametrize(("point", "kind"), [c for c in RESTORE_CASES if c[1] != "kill"])
-def test_restore_fault(point: str, kind: str, root_dir: Path) -> None:
+def run_restore_fault(t: Target, point: str, kind: str) -> None:
     p = _BY_NAME[("restore", point)]
-    root, opts, rec = faulty(root_dir, fault_rule("restore", point, kind))
     t0 = time.monotonic()
-    try:
-        if kind == "delay":
-            back = ckpt.restore(root, options=RESTORE_OPTS, storage_options=opts)
-            assert back["meta"] == {"step": 2}
-            assert torch.equal(back["r1"]["a"], full_state(2)["r1"]["a"])
-        else:
-            failed: BaseException | None = None
-            try:
-                back = ckpt.restore(root, options=RESTORE_OPTS, storage_options=opts)
-            except Exception as err:  # never an older step, never partial data
-                failed = err
-            if failed is None:  # only a transient error may be retried away
-                assert kind == "transient", f"{point} {kind}: the restore did not fail"
-                assert back["meta"] == {"step": 2}
-            else:
-                assert isinstance(failed, _RESTORE_ERRORS[kind]), repr(failed)
-                assert_typed(failed, p.names)
-        elapsed = time.monotonic() - t0
-        assert elapsed < 10 * TIMEOUT_S + 5, f"took {elapsed:.1f} s: a wait outlived its timeout"
-        _count("restore", point, kind, len(rec.injected))
-        check_invariants(root_dir, new_committed=False, old_retired=False)
-    finally:
-        rec.release()
+    failed: BaseException | None = None
+    back: dict[str, Any] = {}
+    with faulted(t, fault_rule("restore", point, kind)) as rec:
+        try:
+            back = ckpt.restore(t.root, options=t.restore_options, storage_options=t.opts)
+        except Exception as err:  # never an older step, never partial data
+            failed = err
+        finally:
+            rec.release()
+    elapsed = time.monotonic() - t0
+    assert elapsed < 10 * t.timeout_s + 5, f"took {elapsed:.1f} s: a wait outlived its timeout"
+    if kind == "delay":
+        if failed is not None:
+            raise failed
+        assert back["meta"] == {"step": 2}
+        assert torch.equal(back["r1"]["a"], full_state(2)["r1"]["a"])
+    elif failed is None:  # only a transient error may be retried away
+        assert kind == "transient", f"{point} {kind}: the restore did not fail"
+        assert back["meta"] == {"step": 2}
+    else:
+        assert isinstance(failed, _RESTORE_ERRORS[kind]), repr(failed)
+        assert_typed(failed, p.names)
+    _count(t.backend, "restore", point, kind, len(rec.injected))
+    check_invariants(t, new_committed=False, old_retired=False)
+
+
+@pytest.mark.parametrize(("point", "kind"), [c for c in RESTORE_CASES if c[1] != "kill"])
+def test_restore_fault(point: str, kind: str, local_target: Target) -> None:
+    run_restore_fault(local_target, point, kind)
 
 
 # --- kills (real processes) -----------------------------------------------------------------------
 
 
-def child_save(root_dir: str, point: str, after: bool) -> None:
+def child_save(root: str, opts: dict[str, Any] | None, point: str, after: bool, timeout_s: float) -> None:
     """In a forked child: the faulted save of step NEW plus retention, dying at ``point``."""
     rule = fault_rule("save", point, "kill")
     rule.after = after
-    root, opts, _ = faulty(Path(root_dir), rule)
-    save_and_retire(root, opts)
+    with wrap_storage(Recorder(rules=[rule]), only=root):
+        save_and_retire(root, opts, timeout_s)
 
 
-def child_restore(root_dir: str, point: str) -> None:
-    root, opts, _ = faulty(Path(root_dir), fault_rule("restore", point, "kill"))
-    ckpt.restore(root, options=RESTORE_OPTS, storage_options=opts)
+def child_restore(root: str, opts: dict[str, Any] | None, point: str, timeout_s: float) -> None:
+    with wrap_storage(Recorder(rules=[fault_rule("restore", point, "kill")]), only=root):
+        ckpt.restore(root, options=dataclasses.replace(RESTORE_OPTS, io_timeout_s=timeout_s), storage_options=opts)
 
 
 @pytest.fixture(scope="module")
@@ -362,29 +411,69 @@ def fork_server() -> Iterator[Any]:
         yield fk
 
 
+def run_save_killed(t: Target, point: str, after: bool, fork_server: Any) -> None:
+    p = _BY_NAME[("save", point)]
+    pid = fork_server.start("test_fault_matrix:child_save", t.root, t.opts, point, after, t.timeout_s)
+    status = fork_server.reap(pid)
+    assert status == -signal.SIGKILL, f"the child was not killed at {point} (exit {status})"
+    _count(t.backend, "save", point, "kill", 1)
+    committed = p.stage != "pre" or (after and point == "manifest_write")
+    retired = p.stage == "retire_data" or (after and p.stage == "retire_manifest")
+    check_invariants(t, new_committed=committed, old_retired=retired)
+    # a retry after the crash works: the same step if it was not committed, else the next one
+    step = NEW + 1 if committed else NEW
+    save_step(t.root, step, t.opts, SETUP_OPTS)
+    assert_step(t, step, newest=True)
+
+
+def run_restore_killed(t: Target, point: str, fork_server: Any) -> None:
+    pid = fork_server.start("test_fault_matrix:child_restore", t.root, t.opts, point, t.timeout_s)
+    status = fork_server.reap(pid)
+    assert status == -signal.SIGKILL, f"the child was not killed at {point} (exit {status})"
+    _count(t.backend, "restore", point, "kill", 1)
+    check_invariants(t, new_committed=False, old_retired=False)
+
+
 _KILL_CASES = [(p, False) for p, k in SAVE_CASES if k == "kill"] + [("manifest_write", True), ("latest_write", True)]
 
 
 @pytest.mark.parametrize(("point", "after"), _KILL_CASES)
-def test_save_killed(point: str, after: bool, root_dir: Path, fork_server: Any) -> None:
-    p = _BY_NAME[("save", point)]
-    pid = fork_server.start("test_fault_matrix:child_save", str(root_dir), point, after)
-    status = fork_server.reap(pid)
-    assert status == -signal.SIGKILL, f"the child was not killed at {point} (exit {status})"
-    _count("save", point, "kill", 1)
-    committed = p.stage != "pre" or (after and point == "manifest_write")
-    retired = p.stage == "retire_data" or (after and p.stage == "retire_manifest")
-    check_invariants(root_dir, new_committed=committed, old_retired=retired)
-    # a retry after the crash works: the same step if it was not committed, else the next one
-    step = NEW + 1 if committed else NEW
-    save_step(str(root_dir), step, None)
-    assert_step(str(root_dir), step, newest=True)
+def test_save_killed(point: str, after: bool, local_target: Target, fork_server: Any) -> None:
+    run_save_killed(local_target, point, after, fork_server)
 
 
 @pytest.mark.parametrize("point", [p for p, k in RESTORE_CASES if k == "kill"])
-def test_restore_killed(point: str, root_dir: Path, fork_server: Any) -> None:
-    pid = fork_server.start("test_fault_matrix:child_restore", str(root_dir), point)
-    status = fork_server.reap(pid)
-    assert status == -signal.SIGKILL, f"the child was not killed at {point} (exit {status})"
-    _count("restore", point, "kill", 1)
-    check_invariants(root_dir, new_committed=False, old_retired=False)
+def test_restore_killed(point: str, local_target: Target, fork_server: Any) -> None:
+    run_restore_killed(local_target, point, fork_server)
+
+
+# --- S3: a handful of points over the real S3 backend (moto) ---------------------------------------
+
+S3_SAVE_POINTS = ("shard_write_r1_f0", "manifest_write")  # a data write, the manifest commit
+S3_RESTORE_POINTS = ("manifest_read", "data_read_r1")  # the manifest read, a data read
+S3_SAVE_CASES = [c for c in SAVE_CASES if c[0] in S3_SAVE_POINTS]
+S3_RESTORE_CASES = [c for c in RESTORE_CASES if c[0] in S3_RESTORE_POINTS]
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(("point", "kind"), [c for c in S3_SAVE_CASES if c[1] != "kill"])
+def test_s3_save_fault(point: str, kind: str, s3_target: Target) -> None:
+    run_save_fault(s3_target, point, kind)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(("point", "kind"), [c for c in S3_RESTORE_CASES if c[1] != "kill"])
+def test_s3_restore_fault(point: str, kind: str, s3_target: Target) -> None:
+    run_restore_fault(s3_target, point, kind)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(("point", "after"), [(p, False) for p in S3_SAVE_POINTS] + [("manifest_write", True)])
+def test_s3_save_killed(point: str, after: bool, s3_target: Target, fork_server: Any) -> None:
+    run_save_killed(s3_target, point, after, fork_server)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("point", S3_RESTORE_POINTS)
+def test_s3_restore_killed(point: str, s3_target: Target, fork_server: Any) -> None:
+    run_restore_killed(s3_target, point, fork_server)

@@ -4,7 +4,8 @@ Every backend (``_local``, ``_fsspec``, ``_s3``) implements the same dozen opera
 same semantics, checked by the conformance suite in :mod:`ckpt.testing.storage_tests`:
 
 - ``write_file``: create a file from chunks, never overwriting, never publishing a partial one;
-- ``put_if_absent``: the create-only commit (True if created, or if byte for byte ours already);
+- ``put_if_absent``: the create-only commit (True if created; False if a file is there, which is
+  never changed; see the method for a file holding exactly our bytes);
 - ``put``: replace a small file atomically (the LATEST hint only);
 - ``read`` / ``read_into`` / ``size`` / ``exists``: whole small files, ranged reads into caller
   memory, sizes, presence; a missing file is ``MissingShardError``;
@@ -111,13 +112,20 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
-        """Create ``rel`` from ``chunks`` (``size`` bytes in all). Never overwrites (an existing
-        file is a StorageError saying so); never publishes a partial file on failure."""
+        """Create ``rel`` from ``chunks`` (``size`` bytes in all). Never overwrites: an existing
+        file is a StorageError saying so and is left as it is. (A backend that checks for lost
+        replies, S3, cannot tell a file already holding exactly these bytes from its own retried
+        write, and reports success for it.) Never publishes a partial file on failure; a
+        ``chunks`` that raises midway fails the write (a StorageError, or the source's error)."""
 
     @abc.abstractmethod
     def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
-        """Create ``rel`` holding ``data`` only if it does not exist. True if we created it, or
-        if what is there is byte for byte ``data`` (a lost-reply retry, an identical commit)."""
+        """Create ``rel`` holding ``data`` only if it does not exist: True if this call created
+        it, False if a file was there (it is never changed). What is there holding byte for byte
+        ``data`` is backend-defined: False on local disks and ``memory://`` (nothing was
+        created); True on S3, whose retried create-only PUT meeting 412 cannot tell its own
+        landed first try (a lost reply) from an identical file, so it counts the bytes as ours.
+        Callers needing "did this call create it" must not rely on False for identical bytes."""
 
     @abc.abstractmethod
     def put(self, rel: str, data: bytes, *, fsync: bool) -> None:
@@ -135,8 +143,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def read_into(self, rel: str, start: int, buffers: list[memoryview]) -> None:
-        """Fill ``buffers`` with the bytes of ``rel`` from ``start`` on, in order; a file that
-        ends early is ShardSizeMismatchError."""
+        """Fill ``buffers`` with the bytes of ``rel`` from ``start`` on, in order (zero-length
+        buffers allowed); a file that ends early, or before ``start``, is ShardSizeMismatchError."""
 
     @abc.abstractmethod
     def size(self, rel: str) -> int:

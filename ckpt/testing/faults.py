@@ -1,0 +1,638 @@
+"""The fault kit, shipped so users can test their own setups (the TensorStore file-hook / DCP
+``FaultyStorageWriter`` pattern): a :class:`Recorder` holding a call log and fault :class:`Rule` list,
+applied at one of two layers.
+
+**The storage contract** (:class:`FaultyStorage`): wraps any :class:`~ckpt.storage.Storage`
+(the real ``LocalStorage``, ``S3Storage``, ``FsspecStorage``) and records each contract call
+(``op`` is the method name: ``write_file``, ``put_if_absent``, ``put``, ``read``, ``read_into``,
+``size``, ``exists``, ``list_files``, ``delete``...; ``path`` the path relative to the root),
+applying the rules before or after delegating. This is the layer to fault the production code of
+a backend. ckpt's entry points build their storage with :func:`ckpt.storage.open_storage`; the
+test seam :func:`wrap_storage` makes them build a ``FaultyStorage`` around it instead::
+
+    rec = Recorder(rules=[Rule("put_if_absent", path_contains="manifest.json", kill=True)])
+    with wrap_storage(rec):
+        ckpt.save("/tmp/run", state, step=1)  # the real LocalStorage, dying at the commit
+    rec.calls_of("read_into")
+
+``wrap_storage`` touches no production code: for the duration of the ``with`` block it rebinds
+the name ``open_storage`` in ``ckpt.storage`` and in every loaded ``ckpt.*`` module that imported
+it (``from ckpt.storage import open_storage``) to a function that calls the real one and wraps
+its result, and puts the real one back on exit (including in modules imported meanwhile). It is
+process-wide (every thread of the process; a forked child inherits it), not reentrant across
+threads, and ``only=`` restricts it to roots starting with a given string.
+
+**Below the contract** (:class:`FaultyFileSystem`, protocol ``faulty://``): wraps any fsspec
+file system (``target_protocol`` + ``target_options``), so ckpt runs its *generic* fsspec backend
+over it; use it where the fault below the storage layer is the point (a torn write on a backend
+without atomic writes, fsspec-level calls). Register the protocol first with
+:func:`register_faulty` (explicit and idempotent; ``ckpt.testing`` does not register it on
+import), then pass the recorder in ``storage_options``::
+
+    register_faulty()
+    rec = Recorder(rules=[Rule("pipe_file", path_contains="manifest.json", kill=True)])
+    opts = {"target_protocol": "file", "recorder": rec}
+    ckpt.save("faulty:///tmp/run", state, step=1, storage_options=opts)  # dies at the commit
+    rec.calls_of("cat_file")  # the ranged reads that were made
+
+A :class:`Rule` matches calls by operation (``"*"``: any), path substring, an optional writer
+rank and an optional predicate, lets the first ``skip`` matches through, then fires at most
+``times`` times. When it fires it applies, in this order:
+
+- ``delay_s``: sleep that long;
+- ``gate``: block until the event is set; ``hang=True``: block until :meth:`Recorder.release`
+  (a hung storage call; tests release it at teardown so abandoned threads end);
+- ``kill=True``: ``os.kill(os.getpid(), SIGKILL)``: the process dies at that exact operation;
+- ``error``: raise it (an exception instance, or a zero-argument callable returning one, so
+  that concurrent calls do not share one exception object);
+- ``truncate_to``: a read returns at most this many bytes (``cat_file``, ``open`` for reading;
+  ``read``; ``read_into`` fills that many bytes, then raises ``ShardSizeMismatchError`` as for a
+  file that ends early); a write stores only the first ``truncate_to`` bytes and reports success
+  (``pipe_file``, ``write_file``, ``put_if_absent``, ``put``: a torn write, as on a backend
+  without atomic writes).
+
+``after=True`` applies the kill or the error *after* the operation took effect (the write
+landed, then the process died or the response was lost).
+
+Ranks: a data file ``data/<step>-<attempt>/<rank:05d>-<k>.safetensors`` belongs to the writer
+``rank``; any other path (manifest, LATEST, listings) belongs to ``Recorder.rank``, the rank of
+the process that owns the recorder (None by default). ``Rule(rank=r)`` fires only on calls whose
+rank is ``r``, so one recorder shared by several in-process writers can fault a single rank's
+files, and a per-process recorder (``Recorder(rank=r)``) can fault everything that process does.
+
+FaultyStorage's operations: every method of the contract (``write_file``, ``put_if_absent``,
+``put``, ``sync_dirs``, ``read``, ``read_into``, ``size``, ``exists``, ``list_files``,
+``delete``, ``delete_tree``, ``remove_empty_dir``, ``multipart_uploads``, ``abort_upload``,
+``check_no_links``, ``conditional_writes_work``); an injected error is translated like one the
+backend raised (an ``OSError`` becomes a ``StorageError`` naming the path). Its capabilities
+(``atomic_create``, ``local_disk``, ``streams_chunks``) are the inner storage's.
+
+FaultyFileSystem's wrapped operations: ``pipe_file``, ``cat_file``, ``_open`` (``open``), ``info``, ``size``,
+``exists``, ``isfile``, ``isdir``, ``find``, ``ls``, ``rm``, ``rm_file``, ``rmdir``, ``mkdir``,
+``makedirs``, ``cp_file``, ``mv``, ``put_file``, ``get_file``, ``touch``, ``modified``,
+``created``. Other :class:`AbstractFileSystem` methods are built on these and so pass through the
+hooks too.
+
+Atomic create: ckpt commits with a create-only write that must be exclusive *and* all-or-nothing.
+``ckpt_atomic_create`` is True for ``memory`` (create-only writes then hold the process-wide
+memory lock ckpt uses) and ``s3``. Other targets report False (fsspec's generic create is
+exists-then-write: neither exclusive nor all-or-nothing), so ckpt refuses to commit unless
+``SaveOptions(allow_non_atomic_commit=True)``. ``atomic_create=True`` over a local target
+(``file``/``local``) makes the wrapper write a temporary file in the same directory and
+``os.link`` it to the final name for a create (``EEXIST``: lost) or ``os.replace`` it for an
+overwrite: no reader ever sees a partial file and a kill leaves at most a ``.*.tmp`` file; it
+then counts as atomic. (Over any other target ``atomic_create=`` only sets the claim.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractFileSystem
+
+import ckpt.storage
+from ckpt.errors import ShardSizeMismatchError
+from ckpt.format import layout
+from ckpt.storage import Listed, Storage, Upload
+from ckpt.storage._base import Chunks, ChunkSource
+
+T = TypeVar("T")
+
+
+def rank_of(path: str) -> int | None:
+    """The writer rank a data file path belongs to (None for any other path)."""
+    return layout.writer_of(path)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    op: str
+    path: str
+    start: int | None = None
+    end: int | None = None
+    nbytes: int | None = None  # bytes moved (written or returned)
+    rank: int | None = None  # the data file's writer, else the recorder's rank
+
+
+@dataclass
+class Rule:
+    op: str  # operation name, or "*" for any
+    path_contains: str = ""
+    error: BaseException | Callable[[], BaseException] | None = None  # raise this
+    truncate_to: int | None = None  # reads return / writes store at most this many bytes
+    skip: int = 0  # let this many matching calls through first
+    times: int = 1 << 30  # then fire at most this often
+    fired: int = 0
+    gate: threading.Event | None = None  # block the call until this is set (then apply the rest)
+    rank: int | None = None  # fire only on calls of this rank (see the module docstring)
+    delay_s: float = 0.0  # sleep this long first
+    hang: bool = False  # block until Recorder.release() (then apply the rest)
+    kill: bool = False  # SIGKILL this process at the operation
+    after: bool = False  # kill / raise after the operation took effect instead of before
+    when: Callable[[Call], bool] | None = None  # an extra predicate on the call
+
+    def matches(self, call: Call) -> bool:
+        return (
+            self.op in ("*", call.op)
+            and self.path_contains in call.path
+            and (self.rank is None or self.rank == call.rank)
+            and (self.when is None or self.when(call))
+        )
+
+    def make_error(self) -> BaseException | None:
+        if self.error is None or isinstance(self.error, BaseException):
+            return self.error
+        return self.error()
+
+
+@dataclass
+class Recorder:
+    calls: list[Call] = field(default_factory=list)
+    rules: list[Rule] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    rank: int | None = None  # this process's rank: the rank of calls on non-data paths
+    injected: list[tuple[Call, Rule]] = field(default_factory=list)  # every fault that fired
+    released: threading.Event = field(default_factory=threading.Event)  # ends every hang
+
+    def record(self, call: Call) -> Rule | None:
+        with self.lock:
+            self.calls.append(call)
+            for rule in self.rules:
+                if rule.matches(call):
+                    if rule.skip > 0:
+                        rule.skip -= 1
+                        continue
+                    if rule.fired < rule.times:
+                        rule.fired += 1
+                        self.injected.append((call, rule))
+                        return rule
+        return None
+
+    def calls_of(self, op: str) -> list[Call]:
+        with self.lock:
+            return [c for c in self.calls if c.op == op]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.calls.clear()
+
+    def release(self) -> None:
+        """Unblock every call hung by a ``hang`` rule, now and from now on."""
+        self.released.set()
+
+
+class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
+    """Delegates to a target file system, recording each call and applying the fault rules."""
+
+    protocol = "faulty"
+    cachable = False
+
+    def __init__(
+        self,
+        target_protocol: str = "memory",
+        target_options: dict[str, Any] | None = None,
+        recorder: Recorder | None = None,
+        atomic_create: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.target = fsspec.filesystem(target_protocol, **(target_options or {}))
+        self.recorder = recorder if recorder is not None else Recorder()
+        self._memory = target_protocol == "memory"
+        # ckpt's commit is only as atomic as the target's create-only write (module docstring)
+        auto = self._memory or target_protocol in ("s3", "s3a")
+        self.ckpt_atomic_create = auto if atomic_create is None else atomic_create
+        # a local target is made atomic by the wrapper itself, on request
+        self._local = isinstance(self.target, LocalFileSystem) and self.ckpt_atomic_create
+
+    # --- the hook ----------------------------------------------------------------------------
+
+    def _call(self, op: str, path: str, start: int | None = None, end: int | None = None,
+              nbytes: int | None = None) -> Call:  # fmt: skip
+        rank = rank_of(path)
+        return Call(op, path, start, end, nbytes, self.recorder.rank if rank is None else rank)
+
+    def _hook(self, call: Call) -> Rule | None:
+        """Record ``call``; apply the part of a firing rule that acts before the operation."""
+        rule = self.recorder.record(call)
+        if rule is None:
+            return None
+        if rule.delay_s > 0:
+            time.sleep(rule.delay_s)
+        if rule.gate is not None:
+            rule.gate.wait()
+        if rule.hang:
+            self.recorder.released.wait()
+        if not rule.after:
+            _fire(rule)
+        return rule
+
+    def _done(self, rule: Rule | None) -> None:
+        """Apply the part of a firing rule that acts after the operation took effect."""
+        if rule is not None and rule.after:
+            _fire(rule)
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        rule = self._hook(self._call("pipe_file", path, nbytes=len(value)))
+        if rule is not None and rule.truncate_to is not None:
+            value = bytes(value[: rule.truncate_to])
+        if self._local:
+            self._pipe_local(path, value, create=mode == "create")
+        elif self._memory and mode == "create":
+            from ckpt.storage._fsspec import (
+                MEMORY_LOCK as _MEMORY_LOCK,  # ckpt's memory:// create-only lock
+            )
+
+            with _MEMORY_LOCK:
+                self.target.pipe_file(path, value, mode=mode, **kwargs)
+        else:
+            self.target.pipe_file(path, value, mode=mode, **kwargs)
+        self._done(rule)
+
+    def _pipe_local(self, path: str, value: bytes, *, create: bool) -> None:
+        """All-or-nothing local write: a temporary file, then link (create) or replace."""
+        full = self.target._strip_protocol(path)
+        d = os.path.dirname(full)
+        os.makedirs(d, exist_ok=True)
+        tmp = f"{d}/.{os.path.basename(full)}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "xb") as f:
+                f.write(value)
+            if create:
+                os.link(tmp, full)  # FileExistsError: somebody created it first
+            else:
+                os.replace(tmp, full)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _open(self, path: str, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
+              cache_options: Any = None, **kwargs: Any) -> Any:  # fmt: skip
+        rule = self._hook(self._call("open", path))
+        f = self.target.open(path, mode, block_size=block_size, autocommit=autocommit,
+                             cache_options=cache_options, **kwargs)  # fmt: skip
+        if rule is not None and rule.truncate_to is not None and "r" in mode:
+            data = f.read()[: rule.truncate_to]
+            f.close()
+            f = io.BytesIO(data)
+        self._done(rule)
+        return f
+
+    def touch(self, path: str, truncate: bool = True, **kwargs: Any) -> None:
+        rule = self._hook(self._call("touch", path))
+        self.target.touch(path, truncate=truncate, **kwargs)
+        self._done(rule)
+
+    def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
+        rule = self._hook(self._call("mkdir", path))
+        self.target.mkdir(path, create_parents=create_parents, **kwargs)
+        self._done(rule)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        rule = self._hook(self._call("makedirs", path))
+        self.target.makedirs(path, exist_ok=exist_ok)
+        self._done(rule)
+
+    def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
+        rule = self._hook(self._call("cp_file", path2))
+        self.target.cp_file(path1, path2, **kwargs)
+        self._done(rule)
+
+    def mv(self, path1: str, path2: str, recursive: bool = False, maxdepth: int | None = None, **kwargs: Any) -> None:
+        rule = self._hook(self._call("mv", path2))
+        self.target.mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)
+        self._done(rule)
+
+    def put_file(self, lpath: str, rpath: str, **kwargs: Any) -> None:
+        rule = self._hook(self._call("put_file", rpath))
+        self.target.put_file(lpath, rpath, **kwargs)
+        self._done(rule)
+
+    def get_file(self, rpath: str, lpath: str, **kwargs: Any) -> None:
+        rule = self._hook(self._call("get_file", rpath))
+        self.target.get_file(rpath, lpath, **kwargs)
+        self._done(rule)
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        rule = self._hook(self._call("cat_file", path, start, end))
+        data: bytes = self.target.cat_file(path, start=start, end=end, **kwargs)
+        if rule is not None and rule.truncate_to is not None:
+            data = data[: rule.truncate_to]
+        self._done(rule)
+        return data
+
+    def size(self, path: str) -> int:
+        rule = self._hook(self._call("size", path))
+        out = int(self.target.size(path))
+        self._done(rule)
+        return out
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        rule = self._hook(self._call("info", path))
+        out: dict[str, Any] = self.target.info(path, **kwargs)
+        self._done(rule)
+        return out
+
+    def exists(self, path: str, **kwargs: Any) -> bool:
+        rule = self._hook(self._call("exists", path))
+        out = bool(self.target.exists(path, **kwargs))
+        self._done(rule)
+        return out
+
+    def isfile(self, path: str) -> bool:
+        rule = self._hook(self._call("isfile", path))
+        out = bool(self.target.isfile(path))
+        self._done(rule)
+        return out
+
+    def isdir(self, path: str) -> bool:
+        rule = self._hook(self._call("isdir", path))
+        out = bool(self.target.isdir(path))
+        self._done(rule)
+        return out
+
+    def modified(self, path: str) -> Any:
+        rule = self._hook(self._call("modified", path))
+        out = self.target.modified(path)
+        self._done(rule)
+        return out
+
+    def created(self, path: str) -> Any:
+        rule = self._hook(self._call("created", path))
+        out = self.target.created(path)
+        self._done(rule)
+        return out
+
+    def find(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        rule = self._hook(self._call("find", path))
+        out = self.target.find(path, *args, **kwargs)
+        self._done(rule)
+        return out
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> Any:
+        rule = self._hook(self._call("ls", path))
+        out = self.target.ls(path, detail=detail, **kwargs)
+        self._done(rule)
+        return out
+
+    # --- deletes -----------------------------------------------------------------------------
+
+    def rm(self, path: str, recursive: bool = False, maxdepth: int | None = None) -> None:
+        rule = self._hook(self._call("rm", path))
+        self.target.rm(path, recursive=recursive, maxdepth=maxdepth)
+        self._done(rule)
+
+    def rm_file(self, path: str) -> None:
+        rule = self._hook(self._call("rm_file", path))
+        self.target.rm_file(path)
+        self._done(rule)
+
+    def rmdir(self, path: str) -> None:
+        rule = self._hook(self._call("rmdir", path))
+        self.target.rmdir(path)
+        self._done(rule)
+
+    def invalidate_cache(self, path: str | None = None) -> None:
+        self.target.invalidate_cache(path)
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        path = path[len("faulty://") :] if path.startswith("faulty://") else path
+        return path.rstrip("/")
+
+
+def _fire(rule: Rule) -> None:
+    if rule.kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)  # the signal is delivered asynchronously; never go on
+    err = rule.make_error()
+    if err is not None:
+        raise err
+
+
+
+# --- the faulty:// protocol -----------------------------------------------------------------------
+
+
+def register_faulty() -> None:
+    """Register :class:`FaultyFileSystem` as fsspec's ``faulty`` protocol (needed before a
+    ``faulty://`` URL is opened). Idempotent; a ``faulty`` protocol of another kit is an error
+    rather than silently replaced (one from a reloaded copy of this module is replaced)."""
+    have = fsspec.registry.get("faulty")
+    if have is FaultyFileSystem:
+        return
+    if have is not None and getattr(have, "__qualname__", "") != FaultyFileSystem.__qualname__:
+        raise ValueError(f"fsspec protocol 'faulty' is already registered to {have!r}")
+    fsspec.register_implementation("faulty", FaultyFileSystem, clobber=True)
+
+
+# --- the storage contract -------------------------------------------------------------------------
+
+
+class FaultyStorage(Storage):
+    """Delegates to ``inner`` (any Storage), recording each contract call and applying the fault
+    rules of ``recorder`` (module docstring). Capabilities are the inner storage's."""
+
+    def __init__(self, inner: Storage, recorder: Recorder | None = None) -> None:
+        super().__init__(inner.root, inner.url)
+        self.inner = inner
+        self.recorder = recorder if recorder is not None else Recorder()
+        self.atomic_create = inner.atomic_create
+        self.local_disk = inner.local_disk
+        self.streams_chunks = inner.streams_chunks
+
+    def path(self, rel: str) -> str:
+        return self.inner.path(rel)
+
+    def where(self, rel: str) -> str:
+        return self.inner.where(rel)
+
+    # --- the hook ----------------------------------------------------------------------------
+
+    def _before(self, op: str, rel: str, start: int | None = None, end: int | None = None,
+                nbytes: int | None = None) -> Rule | None:  # fmt: skip
+        """Record the call; apply the part of a firing rule that acts before the operation (an
+        error raised as the backend's would be: translated, naming the path)."""
+        rank = rank_of(rel)
+        call = Call(op, rel, start, end, nbytes, self.recorder.rank if rank is None else rank)
+        rule = self.recorder.record(call)
+        if rule is None:
+            return None
+        if rule.delay_s > 0:
+            time.sleep(rule.delay_s)
+        if rule.gate is not None:
+            rule.gate.wait()
+        if rule.hang:
+            self.recorder.released.wait()
+        if not rule.after:
+            with self._errors(op, rel):
+                _fire(rule)
+        return rule
+
+    def _after(self, op: str, rel: str, rule: Rule | None) -> None:
+        if rule is not None and rule.after:
+            with self._errors(op, rel):
+                _fire(rule)
+
+    def _run(self, op: str, rel: str, fn: Callable[[], T], **call: Any) -> T:
+        rule = self._before(op, rel, **call)
+        out = fn()
+        self._after(op, rel, rule)
+        return out
+
+    # --- capabilities and checks -------------------------------------------------------------
+
+    def conditional_writes_work(self) -> bool:
+        return self._run("conditional_writes_work", "", self.inner.conditional_writes_work)
+
+    def endpoint(self) -> str:
+        return self.inner.endpoint()
+
+    def check_no_links(self, rel: str, *, cached: bool = False) -> None:
+        self._run("check_no_links", rel, lambda: self.inner.check_no_links(rel, cached=cached))
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
+        rule = self._before("write_file", rel, nbytes=size)
+        if rule is not None and rule.truncate_to is not None and rule.truncate_to < size:
+            n = rule.truncate_to
+            source = chunks
+            chunks = (lambda: _truncated(source(), n)) if callable(source) else _truncated(source, n)
+            size = n
+        self.inner.write_file(rel, chunks, size=size, fsync=fsync)
+        self._after("write_file", rel, rule)
+
+    def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
+        rule = self._before("put_if_absent", rel, nbytes=len(data))
+        if rule is not None and rule.truncate_to is not None:
+            data = data[: rule.truncate_to]
+        out = self.inner.put_if_absent(rel, data, fsync=fsync)
+        self._after("put_if_absent", rel, rule)
+        return out
+
+    def put(self, rel: str, data: bytes, *, fsync: bool) -> None:
+        rule = self._before("put", rel, nbytes=len(data))
+        if rule is not None and rule.truncate_to is not None:
+            data = data[: rule.truncate_to]
+        self.inner.put(rel, data, fsync=fsync)
+        self._after("put", rel, rule)
+
+    def sync_dirs(self, rels: Iterable[str]) -> None:
+        rels = list(rels)
+        self._run("sync_dirs", ",".join(rels), lambda: self.inner.sync_dirs(rels))
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def read(self, rel: str) -> bytes:
+        rule = self._before("read", rel)
+        data = self.inner.read(rel)
+        if rule is not None and rule.truncate_to is not None:
+            data = data[: rule.truncate_to]
+        self._after("read", rel, rule)
+        return data
+
+    def read_into(self, rel: str, start: int, buffers: list[memoryview]) -> None:
+        total = sum(len(b) for b in buffers)
+        rule = self._before("read_into", rel, start, start + total, total)
+        if rule is not None and rule.truncate_to is not None and rule.truncate_to < total:
+            n, left = rule.truncate_to, rule.truncate_to
+            part: list[memoryview] = []
+            for b in buffers:
+                if left <= 0:
+                    break
+                part.append(b[: min(len(b), left)])
+                left -= len(part[-1])
+            self.inner.read_into(rel, start, part)
+            raise ShardSizeMismatchError(
+                f"{self.where(rel)}: short read at [{start}, {start + total}): got {n} bytes (injected)"
+            )
+        self.inner.read_into(rel, start, buffers)
+        self._after("read_into", rel, rule)
+
+    def size(self, rel: str) -> int:
+        return self._run("size", rel, lambda: self.inner.size(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self._run("exists", rel, lambda: self.inner.exists(rel))
+
+    # --- listing and deleting ----------------------------------------------------------------
+
+    def list_files(self, prefix: str = "") -> list[Listed]:
+        return self._run("list_files", prefix, lambda: self.inner.list_files(prefix))
+
+    def delete(self, rel: str) -> None:
+        self._run("delete", rel, lambda: self.inner.delete(rel))
+
+    def delete_tree(self, rel: str) -> None:
+        self._run("delete_tree", rel, lambda: self.inner.delete_tree(rel))
+
+    def remove_empty_dir(self, rel: str) -> None:
+        self._run("remove_empty_dir", rel, lambda: self.inner.remove_empty_dir(rel))
+
+    def multipart_uploads(self) -> list[Upload]:
+        return self._run("multipart_uploads", "", self.inner.multipart_uploads)
+
+    def abort_upload(self, upload: Upload) -> None:
+        self._run("abort_upload", upload.key, lambda: self.inner.abort_upload(upload))
+
+
+def _truncated(chunks: Chunks, n: int) -> Iterator[bytes]:
+    """The first ``n`` bytes of ``chunks``; the rest is read and dropped (a torn write: the
+    backend took all the data, stored a prefix and reported success)."""
+    for chunk in chunks:
+        piece = bytes(memoryview(chunk)[: max(n, 0)])
+        n -= len(piece)
+        if piece:
+            yield piece
+
+
+# --- the test seam --------------------------------------------------------------------------------
+
+
+def _ckpt_modules() -> list[Any]:
+    return [m for name, m in list(sys.modules.items()) if m is not None and (name == "ckpt" or name.startswith("ckpt."))]
+
+
+def _rebind(old: object, new: object) -> None:
+    """Point every ``ckpt.*`` module-level name bound to ``old`` at ``new``."""
+    for mod in _ckpt_modules():
+        for name, value in list(vars(mod).items()):
+            if value is old:
+                setattr(mod, name, new)
+
+
+@contextlib.contextmanager
+def wrap_storage(recorder: Recorder, *, only: str | None = None) -> Iterator[Recorder]:
+    """Make ckpt's entry points run over :class:`FaultyStorage` around the storage
+    :func:`ckpt.storage.open_storage` builds (module docstring), for roots that start with
+    ``only`` (None: every root). Yields ``recorder``."""
+    real = ckpt.storage.open_storage
+
+    def open_faulty(root: str, *args: Any, **kwargs: Any) -> Storage:
+        storage = real(root, *args, **kwargs)
+        if only is not None and not str(root).startswith(only):
+            return storage
+        return FaultyStorage(storage, recorder)
+
+    _rebind(real, open_faulty)
+    try:
+        yield recorder
+    finally:
+        _rebind(open_faulty, real)
