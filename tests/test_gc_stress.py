@@ -343,12 +343,14 @@ def test_gc_interleavings_s3(s3_endpoint: str) -> None:
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(1800)  # minutes on 2 loaded cores: beyond the suite's 300 s per test
 def test_gc_interleavings_local_long(tmp_path: Any) -> None:
     _run_machine(str(tmp_path / "root"), {}, examples=300, steps=50)
 
 
 @pytest.mark.stress
 @pytest.mark.s3
+@pytest.mark.timeout(1800)  # minutes on 2 loaded cores: beyond the suite's 300 s per test
 def test_gc_interleavings_s3_long(s3_endpoint: str) -> None:
     opts = s3_options(s3_endpoint)
     bucket = f"ckpt-gc-{uuid.uuid4().hex[:10]}"
@@ -467,6 +469,7 @@ def test_gc_thread_beside_saver_thread(tmp_path: Any) -> None:
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(1800)  # minutes on 2 loaded cores: beyond the suite's 300 s per test
 def test_gc_thread_beside_saver_thread_long(tmp_path: Any) -> None:
     for i in range(5):
         _threads(str(tmp_path / f"run{i}"), seconds=30.0, grace=0.5 + i / 4, seed=i)

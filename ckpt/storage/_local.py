@@ -209,7 +209,10 @@ class LocalStorage(Storage):
             for dirpath, dirs, files in os.walk(top):
                 for name in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
                     full = os.path.join(dirpath, name)
-                    st = os.stat(full, follow_symlinks=False)
+                    try:
+                        st = os.stat(full, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted since the directory was read (a retirement, a gc)
                     rel = os.path.relpath(full, self.root).replace(os.sep, "/")
                     out.append(Listed(rel, st.st_size, st.st_mtime))
         return sorted(out, key=lambda f: f.path)
