@@ -229,12 +229,7 @@ class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
         rule = self.recorder.record(call)
         if rule is None:
             return None
-        if rule.delay_s > 0:
-            time.sleep(rule.delay_s)
-        if rule.gate is not None:
-            rule.gate.wait()
-        if rule.hang:
-            self.recorder.released.wait()
+        _hold(rule, self.recorder)
         if not rule.after:
             _fire(rule)
         return rule
@@ -417,6 +412,16 @@ class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
         return path.rstrip("/")
 
 
+def _hold(rule: Rule, recorder: Recorder) -> None:
+    """The waiting part of a firing rule: its delay, its gate, a hang until released."""
+    if rule.delay_s > 0:
+        time.sleep(rule.delay_s)
+    if rule.gate is not None:
+        rule.gate.wait()
+    if rule.hang:
+        recorder.released.wait()
+
+
 def _fire(rule: Rule) -> None:
     if rule.kill:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -474,12 +479,7 @@ class FaultyStorage(Storage):
         rule = self.recorder.record(call)
         if rule is None:
             return None
-        if rule.delay_s > 0:
-            time.sleep(rule.delay_s)
-        if rule.gate is not None:
-            rule.gate.wait()
-        if rule.hang:
-            self.recorder.released.wait()
+        _hold(rule, self.recorder)
         if not rule.after:
             with self._errors(op, rel):
                 _fire(rule)
