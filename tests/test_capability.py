@@ -16,7 +16,7 @@ import torch
 import ckpt
 from ckpt.errors import ConditionalWriteUnsupportedError, PlanError
 from ckpt.storage import PROBE_DIR, open_storage
-from ckpt.testing.proxy import FaultProxy
+from ckpt.testing.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.s3
 

@@ -27,7 +27,7 @@ import ckpt
 from ckpt.lifecycle import cleanup
 from ckpt.storage import _s3 as storage_mod
 from ckpt.storage import open_storage
-from ckpt.testing.proxy import Fault, FaultProxy
+from ckpt.testing.fault_proxy import Fault, FaultProxy
 
 # Timing-sensitive (a deadline of a few seconds against moto on a loaded 2-core machine): run with
 # `pytest -m stress tests/test_s3_fault_points.py`, not in CI.

@@ -20,7 +20,7 @@ import ckpt
 from ckpt.errors import CheckpointExistsError, MissingShardError, StorageError
 from ckpt.storage import Storage, open_storage
 from ckpt.storage import _s3 as storage_mod
-from ckpt.testing.proxy import Fault, FaultProxy
+from ckpt.testing.fault_proxy import Fault, FaultProxy
 
 pytestmark = pytest.mark.s3
 

@@ -32,6 +32,7 @@ __all__ = [
     "Storage",
     "Upload",
     "open_storage",
+    "trusts_create_only",
 ]
 
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -77,6 +78,14 @@ def open_storage(
         fs, path, retry=policy, max_requests=requests, part_bytes=part_bytes,
         single_put_max_bytes=single_put_max_bytes, max_inflight_bytes=max_inflight_bytes,
     )  # fmt: skip
+
+
+def trusts_create_only(fs: Any) -> bool:
+    """Whether ckpt trusts the create-only write of the fsspec file system ``fs`` for a commit
+    when it reaches it through its own backend: ``memory://`` (under ckpt's lock) and S3 (with
+    ``If-None-Match``, after the probe). For the fault kit, which wraps such file systems."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("memory", *_S3_PROTOCOLS)
 
 
 def _retry_policy(given: object, override: RetryPolicy | None) -> RetryPolicy:

@@ -9,16 +9,8 @@ Importing this package registers nothing: call :func:`register_faulty` before op
 
 from __future__ import annotations
 
-from ckpt.testing.faults import (
-    Call,
-    FaultyFileSystem,
-    FaultyStorage,
-    Recorder,
-    Rule,
-    rank_of,
-    register_faulty,
-    wrap_storage,
-)
+from ckpt.testing.faults import Call, FaultyFileSystem, Recorder, Rule, rank_of, register_faulty
+from ckpt.testing.faulty_storage import FaultyStorage, wrap_storage
 
 __all__ = [
     "Call",

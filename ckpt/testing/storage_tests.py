@@ -334,7 +334,8 @@ class StorageTests:
     def test_hung_call_times_out(self, storage: Storage) -> None:
         """A storage call that hangs ends in StorageTimeoutError under ``bounded``, naming the
         operation; the caller is not held (the hung thread ends once released)."""
-        from ckpt.testing.faults import FaultyStorage, Recorder, Rule
+        from ckpt.testing.faults import Recorder, Rule
+        from ckpt.testing.faulty_storage import FaultyStorage
 
         storage.write_file("x.bin", [DATA], size=len(DATA), fsync=False)
         rec = Recorder(rules=[Rule("read_into", hang=True)])
