@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+AZURITE := .tools/node_modules/.bin/azurite-blob
+AZURITE_VERSION := 3.35.0
 
 .PHONY: demo test lint install clean bench
 
@@ -14,15 +16,19 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+# Azurite, the Azure Blob emulator the tests start (npm; the GCS one comes with pip)
+$(AZURITE):
+	npm install --silent --no-audit --no-fund --prefix .tools azurite@$(AZURITE_VERSION)
+
+install: $(STAMP) $(AZURITE)
 
 demo: $(STAMP)
 	$(BIN)/python examples/ray_demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(AZURITE)
 	$(BIN)/ruff check ckpt tests examples benchmarks fuzz
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	CKPT_REQUIRE_EMULATORS=1 $(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check ckpt tests examples benchmarks fuzz
@@ -33,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

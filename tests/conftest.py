@@ -1,5 +1,5 @@
-"""Shared fixtures: three real backends (local disk, fsspec memory, a moto S3 server on
-127.0.0.1 with an ephemeral port) and small training states."""
+"""Shared fixtures: real backends (local disk, fsspec memory, a moto S3 server, fake-gcs-server
+and Azurite, each on 127.0.0.1 with an ephemeral port) and small training states."""
 
 from __future__ import annotations
 
@@ -63,6 +63,46 @@ def s3_store(s3_endpoint: str) -> Store:
     fs = fsspec.filesystem("s3", **opts)
     fs.call_s3("create_bucket", Bucket=bucket)
     return Store("s3", f"s3://{bucket}/run", opts)
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint() -> Iterator[str]:
+    """One fake-gcs-server per test run, on loopback (tests/support/emulators.py)."""
+    from support.emulators import fake_gcs_server
+
+    with fake_gcs_server() as url:
+        yield url
+
+
+@pytest.fixture
+def gcs_store(gcs_endpoint: str) -> Store:
+    """A fresh bucket on the fake-gcs-server endpoint."""
+    from support.emulators import gcs_options
+
+    opts = gcs_options(gcs_endpoint)
+    bucket = f"ckpt-test-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("gs", **opts).mkdir(bucket)
+    return Store("gcs", f"gs://{bucket}/run", opts)
+
+
+@pytest.fixture(scope="session")
+def azure_endpoint() -> Iterator[str]:
+    """One Azurite blob service per test run, on loopback (tests/support/emulators.py)."""
+    from support.emulators import azurite
+
+    with azurite() as url:
+        yield url
+
+
+@pytest.fixture
+def azure_store(azure_endpoint: str) -> Store:
+    """A fresh container on the Azurite endpoint."""
+    from support.emulators import azure_options
+
+    opts = azure_options(azure_endpoint)
+    container = f"ckpt-test-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("az", **opts).mkdir(container)
+    return Store("azure", f"az://{container}/run", opts)
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ def _check(root: str, opts: dict[str, Any], state: dict[str, Any], **restore_kw:
 
 def _retries(before: dict[str, int], prefix: str = "") -> dict[str, int]:
     """Retries since ``before`` whose "operation: reason" starts with ``prefix``."""
-    now = dict(storage_mod.RETRIES)
+    now = dict(ckpt.storage.RETRIES)
     return {k: n - before.get(k, 0) for k, n in now.items() if k.startswith(prefix) and n > before.get(k, 0)}
 
 
@@ -106,7 +106,7 @@ def _uploads(st: Storage) -> list[Any]:
 def test_slowdown_on_30_percent_of_requests(proxy: FaultProxy, bucket: str) -> None:
     root, opts, state = f"s3://{bucket}/run", _opts(proxy.url), _state(1)
     proxy.faults = [Fault("slowdown", probability=0.3, seed=11)]
-    before, backoffs = dict(storage_mod.RETRIES), len(storage_mod.BACKOFFS)
+    before, backoffs = dict(ckpt.storage.RETRIES), len(ckpt.storage.BACKOFFS)
     ckpt.save(root, state, step=1, options=SAVE, storage_options=opts)
     _check(root, opts, state, options=ckpt.RestoreOptions(read_chunk_bytes=2 * MiB))
     injected = proxy.injected_counts.get("slowdown", 0)
@@ -115,7 +115,7 @@ def test_slowdown_on_30_percent_of_requests(proxy: FaultProxy, bucket: str) -> N
     assert all(k.endswith(("503 SlowDown", "503 503")) for k in retried), retried  # a HEAD's 503 has no body
     # every injected 503 was retried by ckpt (none absorbed elsewhere, none given up on)
     assert sum(retried.values()) == injected, (retried, injected)
-    slept = list(storage_mod.BACKOFFS)[backoffs:]
+    slept = list(ckpt.storage.BACKOFFS)[backoffs:]
     assert len(slept) == injected
     assert len(set(slept)) > 1  # full jitter: the sleeps differ
     assert all(0 <= s <= FAST.max_s for s in slept)
@@ -132,7 +132,7 @@ def test_reads_survive_resets_and_truncated_bodies(proxy: FaultProxy, bucket: st
         Fault("reset", method="GET", path="/data/", probability=0.3, seed=2),
         Fault("hang", method="GET", path="/data/", probability=0.2, seed=3, hang_s=0.05),
     ]
-    before = dict(storage_mod.RETRIES)
+    before = dict(ckpt.storage.RETRIES)
     _check(root, opts, state, options=ckpt.RestoreOptions(read_chunk_bytes=1 * MiB))
     counts = proxy.injected_counts
     assert counts.get("truncate", 0) >= 3, counts
@@ -151,7 +151,7 @@ def test_409_on_the_manifest_put_and_on_complete_multipart_is_retried(proxy: Fau
         Fault("conflict", method="POST", query="uploadId=", nth=1),
         Fault("internal", method="PUT", query="partNumber=", nth=2),
     ]
-    before = dict(storage_mod.RETRIES)
+    before = dict(ckpt.storage.RETRIES)
     m = ckpt.save(root, state, step=1, options=SAVE, storage_options=opts)
     assert proxy.injected_counts == {"conflict": 2, "internal": 1}
     retried = _retries(before)
@@ -214,7 +214,7 @@ def test_data_writes_whose_reply_was_lost_succeed(proxy: FaultProxy, bucket: str
         Fault("lost_response", method="PUT", path="/data/s", limit=2),
         Fault("lost_response", method="POST", query="uploadId=", nth=1),
     ]
-    before = dict(storage_mod.RETRIES)
+    before = dict(ckpt.storage.RETRIES)
     st.write_file("data/s", [small], size=len(small), fsync=False)
     st.write_file("data/m", [big], size=len(big), fsync=False)
     assert proxy.injected_counts == {"lost_response": 3}
@@ -246,7 +246,7 @@ def test_a_discarded_multipart_upload_is_started_over(proxy: FaultProxy, bucket:
     st.fs._call_s3 = discard_first
     discarded: list[str] = []
     proxy.faults = [Fault("conflict", method="POST", query="uploadId=", nth=1)]
-    before = dict(storage_mod.RETRIES)
+    before = dict(ckpt.storage.RETRIES)
     st.write_file("data/r", lambda: [data], size=len(data), fsync=False)  # replayable source
     assert _retries(before, "multipart upload") == {"multipart upload: restarted": 1}
     assert st.fs.cat_file(st.path("data/r")) == data
@@ -263,7 +263,7 @@ def test_permanent_errors_are_not_retried(proxy: FaultProxy, bucket: str) -> Non
     st = open_storage(f"s3://{bucket}/run", _opts(proxy.url))
     st.exists("warm-up")
     proxy.faults = [Fault("denied", method="PUT")]
-    before = dict(storage_mod.RETRIES)
+    before = dict(ckpt.storage.RETRIES)
     proxy.reset()
     with pytest.raises(StorageError, match="Access Denied"):
         st.write_file("data/x", [b"abc"], size=3, fsync=False)
@@ -304,7 +304,7 @@ def test_a_failed_ranged_get_is_read_again(proxy: FaultProxy, bucket: str, actio
     st.read_into("data/g", 0, [memoryview(bytearray(10))])  # a connection to reuse
     # burst=2: past aiohttp's own single retry of an idempotent request on a reused connection
     proxy.faults = [Fault(action, method="GET", path="/data/", nth=1, burst=2)]
-    before = dict(storage_mod.RETRIES)
+    before = dict(ckpt.storage.RETRIES)
     bufs = [memoryview(bytearray(n)) for n in (7, 1 * MiB, 333_333)]
     st.read_into("data/g", 1000, bufs)
     assert b"".join(bytes(b) for b in bufs) == data[1000 : 1000 + 7 + MiB + 333_333]

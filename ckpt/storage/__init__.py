@@ -19,7 +19,8 @@ from ckpt.options import RetryPolicy
 from ckpt.storage._base import Listed, Storage, Upload
 from ckpt.storage._fsspec import FsspecStorage
 from ckpt.storage._local import LocalStorage
-from ckpt.storage._s3 import BACKOFFS, PROBE_DIR, RETRIES, S3_MAX_REQUESTS, S3Storage
+from ckpt.storage._object import BACKOFFS, PROBE_DIR, RETRIES, ObjectStorage
+from ckpt.storage._s3 import S3_MAX_REQUESTS, S3Storage
 
 __all__ = [
     "BACKOFFS",
@@ -28,6 +29,7 @@ __all__ = [
     "FsspecStorage",
     "Listed",
     "LocalStorage",
+    "ObjectStorage",
     "S3Storage",
     "Storage",
     "Upload",

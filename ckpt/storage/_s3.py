@@ -23,25 +23,18 @@ import hashlib
 import io
 import itertools
 import logging
-import random
-import threading
-import time
-import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import fsspec
 
-from ckpt._concurrency import ByteBudget
 from ckpt.errors import ShardSizeMismatchError, StorageError
 from ckpt.options import RetryPolicy
 from ckpt.storage._base import Chunks as ChunkIter
 from ckpt.storage._base import ChunkSource, Upload
 from ckpt.storage._bodies import Body, Chunks, stream_into
-from ckpt.storage._fsspec import FsspecStorage
+from ckpt.storage._object import MAX_INFLIGHT_BYTES, MAX_REQUESTS, ObjectStorage
 from ckpt.storage._s3_errors import precondition_failed, s3_error, transient
 
-T = TypeVar("T")
 log = logging.getLogger("ckpt.storage")
 
 _S3_MIN_PART = 5 << 20  # S3's minimum multipart part size
@@ -55,25 +48,13 @@ _MiB = 1 << 20
 S3_PART_BYTES = 16 * _MiB
 S3_PARTS_PER_FILE = 4
 S3_SINGLE_PUT_MAX_BYTES = 128 * _MiB
-S3_MAX_INFLIGHT_BYTES = 256 * _MiB
-S3_MAX_REQUESTS = 64  # requests in flight at once per Storage (storage_options "ckpt_max_requests")
+S3_MAX_INFLIGHT_BYTES = MAX_INFLIGHT_BYTES
+S3_MAX_REQUESTS = MAX_REQUESTS
 _S3_RESTARTS = 2  # a multipart upload S3 discarded (409 on completion) is started over this often
-# Retries done in this process, by "operation: reason" (observability and tests), and the
-# backoffs slept (the most recent ones); each Storage counts its own too (``S3Storage.retries``).
-RETRIES: collections.Counter[str] = collections.Counter()
-BACKOFFS: collections.deque[float] = collections.deque(maxlen=10_000)
-_RETRIES_LOCK = threading.Lock()
-# The conditional-write probe's verdicts, per (endpoint, bucket), for this process
-_PROBED: dict[tuple[str, str], bool] = {}
-_PROBE_LOCK = threading.Lock()
-PROBE_DIR = "_ckpt_probe"
 
 
-class S3Storage(FsspecStorage):
+class S3Storage(ObjectStorage):
     """A root in an S3 bucket."""
-
-    atomic_create = True
-    streams_chunks = True
 
     def __init__(
         self,
@@ -86,63 +67,24 @@ class S3Storage(FsspecStorage):
         single_put_max_bytes: int | None = None,
         max_inflight_bytes: int | None = None,
     ) -> None:
-        super().__init__(fs, path)
-        self.atomic_create = True
-        self.retry = retry
-        self.max_requests = max_requests
-        self.retries: collections.Counter[str] = collections.Counter()  # this Storage's own
-        self._slots = asyncio.Semaphore(max_requests)  # requests in flight (bound on first use)
         # multipart part size, the largest single PutObject, and the bytes of upload bodies in
         # flight at once over all of this Storage's writes
-        self.part_bytes = max(_S3_MIN_PART, part_bytes or S3_PART_BYTES)
-        inflight = max(max_inflight_bytes or S3_MAX_INFLIGHT_BYTES, self.part_bytes)
+        part = max(_S3_MIN_PART, part_bytes or S3_PART_BYTES)
+        inflight = max(max_inflight_bytes or S3_MAX_INFLIGHT_BYTES, part)
+        super().__init__(fs, path, retry=retry, max_requests=max_requests, max_inflight_bytes=inflight)
+        self.part_bytes = part
         # a single PUT's body is one copy of the whole file: never more than the budget allows
         self.single_put_max_bytes = (
             min(S3_SINGLE_PUT_MAX_BYTES, inflight) if single_put_max_bytes is None else single_put_max_bytes
         )
-        self._upload_budget = ByteBudget(inflight)
 
-    def _count_retry(self, key: str, delay: float | None = None) -> None:
-        with _RETRIES_LOCK:
-            RETRIES[key] += 1
-            self.retries[key] += 1
-            if delay is not None:
-                BACKOFFS.append(delay)
+    def _transient(self, err: BaseException) -> str | None:
+        return transient(err)
+
+    def _bucket(self) -> str:
+        return str(self.fs.split_path(self.root + "/")[0])
 
     # --- requests, retried (docs/s3.md) ------------------------------------------------------
-
-    async def _retrying(
-        self, op: str, attempt: Callable[[], Awaitable[T]], tries: list[str] | None = None
-    ) -> T:
-        """Run ``attempt`` (one request, made afresh each time) until it succeeds, retrying
-        transient failures under the policy; each try holds one of the Storage's request
-        slots, the backoff sleeps hold none. ``tries`` collects the reasons of failed tries (a
-        create-only write uses them to know its first try may have landed)."""
-        t0 = time.monotonic()
-        for i in itertools.count():
-            try:
-                async with self._slots:
-                    return await attempt()
-            except Exception as err:
-                reason = transient(err)
-                delay = self._backoff(reason, i, t0)
-                if reason is None or delay is None:
-                    raise
-                if tries is not None:
-                    tries.append(reason)
-                self._count_retry(f"{op}: {reason}", delay)
-                log.debug("%s: %s failed (%s), retry %d in %.3f s", self.url, op, reason, i + 1, delay)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _backoff(self, reason: str | None, i: int, t0: float) -> float | None:
-        """The sleep before retry ``i + 1``, or None when the policy allows no more."""
-        if reason is None or i + 1 >= self.retry.attempts:
-            return None
-        delay = self.retry.backoff(i, random.random())
-        if time.monotonic() - t0 + delay > self.retry.deadline_s:
-            return None
-        return delay
 
     async def _call_s3(self, method: str, tries: list[str] | None = None, **kwargs: Any) -> Any:
         """One S3 API call through s3fs, retried; a file-like ``Body`` is rewound for each try."""
@@ -159,21 +101,6 @@ class S3Storage(FsspecStorage):
         """:meth:`_call_s3` from a thread outside the file system's event loop."""
         return fsspec.asyn.sync(self.fs.loop, self._call_s3, method, tries, **kwargs)
 
-    def _call(self, op: str, fn: Callable[[], T]) -> T:
-        """A blocking s3fs method (a listing, a recursive delete) retried like a request."""
-        t0 = time.monotonic()
-        for i in itertools.count():
-            try:
-                return fn()
-            except Exception as err:
-                reason = transient(err)
-                delay = self._backoff(reason, i, t0)
-                if reason is None or delay is None:
-                    raise
-                self._count_retry(f"{op}: {reason}", delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
     async def _s3_get(self, bucket: str, key: str) -> bytes:
         """A whole object in one GetObject, retried (a body cut short is read again)."""
 
@@ -187,6 +114,10 @@ class S3Storage(FsspecStorage):
             return data
 
         return await self._retrying("get_object", once)
+
+    def _holds(self, rel: str, data: bytes) -> bool:
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+        return self._s3_holds(bucket, key, data)
 
     def _s3_holds(self, bucket: str, key: str, data: Body | io.BytesIO | bytes) -> bool:
         """Whether the object at ``key`` is exactly ``data`` (the lost-response check): one
@@ -208,33 +139,20 @@ class S3Storage(FsspecStorage):
         ep = getattr(self.fs, "endpoint_url", None) or (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
         return str(ep or "https://s3.amazonaws.com")
 
-    def conditional_writes_work(self) -> bool:
-        """Whether the endpoint honours ``If-None-Match: *`` on PutObject. Probed once per
-        endpoint and bucket per process: a create-only PUT of a fresh key under
-        ``<root>/_ckpt_probe/``, then the same again, which must get 412; the key is deleted
-        after. Three requests."""
-        bucket, _, _ = self.fs.split_path(self.root + "/")
-        cache_key = (self.endpoint(), bucket)
-        with _PROBE_LOCK:
-            if cache_key in _PROBED:
-                return _PROBED[cache_key]
-        rel = f"{PROBE_DIR}/{uuid.uuid4().hex}"
-        _, key, _ = self.fs.split_path(self.path(rel))
-        with self._errors("conditional-write probe", rel):
-            self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(b"1"), IfNoneMatch="*")
-            try:
-                self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(b"2"), IfNoneMatch="*")
-                works = False  # the second create-only write replaced the first
-            except Exception as err:
-                if not precondition_failed(err):
-                    raise
-                works = True
-            finally:
-                with contextlib.suppress(Exception):  # a probe key left behind is harmless
-                    self.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": [{"Key": key}], "Quiet": True})
-        with _PROBE_LOCK:
-            _PROBED[cache_key] = works
-        return works
+    def _discard(self, rel: str) -> None:
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+        self.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": [{"Key": key}], "Quiet": True})
+
+    def _create_only(self, rel: str, data: bytes) -> bool:
+        """One create-only PutObject (``If-None-Match: *``): False on 412."""
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+        try:
+            self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data), IfNoneMatch="*")
+        except Exception as err:
+            if not precondition_failed(err):
+                raise
+            return False
+        return True
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -375,24 +293,6 @@ class S3Storage(FsspecStorage):
             return False
         want = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(etags)}"
         return int(head.get("ContentLength", -1)) == size and str(head.get("ETag", "")).strip('"') == want
-
-    def _releaser(self, n: int) -> Any:
-        """A done-callback giving ``n`` bytes back to the upload budget."""
-        return lambda _fut: self._upload_budget.release(n)
-
-    def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
-        full = self.path(rel)
-        with self._errors("create-only write", rel):
-            bucket, key, _ = self.fs.split_path(full)
-            try:
-                self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data), IfNoneMatch="*")
-            except Exception as err:
-                if not precondition_failed(err):
-                    raise
-                return self._s3_holds(bucket, key, data)
-            finally:
-                self.fs.invalidate_cache(full)
-            return True
 
     def put(self, rel: str, data: bytes, *, fsync: bool) -> None:
         full = self.path(rel)

@@ -1,0 +1,186 @@
+"""What every object-store backend (S3, GCS, Azure Blob) shares: ckpt's own retry loop, the
+request slots, the upload byte budget, the per-endpoint conditional-write probe and the
+lost-reply check of a create-only write (docs/storage.md, "Object stores").
+
+A backend subclasses :class:`ObjectStorage` and supplies three things: ``_transient(err)`` (its
+error vocabulary: the reason a failure may be retried, or None), ``_create_only(rel, data)``
+(one create-only write of a small object: True if it created it, False if the service refused
+because an object is there) and ``_bucket()`` (the bucket or container, for the probe's cache).
+The clients' own retry loops are turned off where the backend builds its client, so the two
+layers never multiply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ckpt._concurrency import ByteBudget
+from ckpt.errors import MissingShardError
+from ckpt.options import RetryPolicy
+from ckpt.storage._fsspec import FsspecStorage
+
+T = TypeVar("T")
+log = logging.getLogger("ckpt.storage")
+
+_MiB = 1 << 20
+MAX_REQUESTS = 64  # requests in flight at once per Storage (storage_options "ckpt_max_requests")
+MAX_INFLIGHT_BYTES = 256 * _MiB  # upload bodies in flight at once per Storage
+# Retries done in this process, by "operation: reason" (observability and tests), and the
+# backoffs slept (the most recent ones); each Storage counts its own too (``.retries``).
+RETRIES: collections.Counter[str] = collections.Counter()
+BACKOFFS: collections.deque[float] = collections.deque(maxlen=10_000)
+_RETRIES_LOCK = threading.Lock()
+# The conditional-write probe's verdicts, per (backend, endpoint, bucket), for this process
+_PROBED: dict[tuple[str, str, str], bool] = {}
+_PROBE_LOCK = threading.Lock()
+PROBE_DIR = "_ckpt_probe"
+
+
+class ObjectStorage(FsspecStorage):
+    """A root in a bucket of an object store, with ckpt's retries and the commit probe."""
+
+    atomic_create = True
+    streams_chunks = True
+
+    def __init__(
+        self, fs: Any, path: str, *, retry: RetryPolicy, max_requests: int, max_inflight_bytes: int
+    ) -> None:
+        super().__init__(fs, path)
+        self.atomic_create = True
+        self.retry = retry
+        self.max_requests = max_requests
+        self.retries: collections.Counter[str] = collections.Counter()  # this Storage's own
+        self._slots = asyncio.Semaphore(max_requests)  # requests in flight (bound on first use)
+        self._upload_budget = ByteBudget(max_inflight_bytes)
+
+    # --- what a backend supplies -------------------------------------------------------------
+
+    def _transient(self, err: BaseException) -> str | None:
+        """Why ``err`` may be retried (a short reason for the counters), or None."""
+        raise NotImplementedError
+
+    def _create_only(self, rel: str, data: bytes) -> bool:
+        """One create-only write of a small object (retried under the policy): True if it created
+        it, False if the service refused it because an object is at ``rel``."""
+        raise NotImplementedError
+
+    def _bucket(self) -> str:
+        raise NotImplementedError
+
+    def _discard(self, rel: str) -> None:
+        """Delete a probe key (one request where the service allows it)."""
+        self.delete(rel)
+
+    # --- retries (docs/storage.md) -----------------------------------------------------------
+
+    def _count_retry(self, key: str, delay: float | None = None) -> None:
+        with _RETRIES_LOCK:
+            RETRIES[key] += 1
+            self.retries[key] += 1
+            if delay is not None:
+                BACKOFFS.append(delay)
+
+    async def _retrying(
+        self, op: str, attempt: Callable[[], Awaitable[T]], tries: list[str] | None = None
+    ) -> T:
+        """Run ``attempt`` (one request, made afresh each time) until it succeeds, retrying
+        transient failures under the policy; each try holds one of the Storage's request
+        slots, the backoff sleeps hold none. ``tries`` collects the reasons of failed tries (a
+        create-only write uses them to know its first try may have landed)."""
+        t0 = time.monotonic()
+        for i in itertools.count():
+            try:
+                async with self._slots:
+                    return await attempt()
+            except Exception as err:
+                reason = self._transient(err)
+                delay = self._backoff(reason, i, t0)
+                if reason is None or delay is None:
+                    raise
+                if tries is not None:
+                    tries.append(reason)
+                self._count_retry(f"{op}: {reason}", delay)
+                log.debug("%s: %s failed (%s), retry %d in %.3f s", self.url, op, reason, i + 1, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, reason: str | None, i: int, t0: float) -> float | None:
+        """The sleep before retry ``i + 1``, or None when the policy allows no more."""
+        if reason is None or i + 1 >= self.retry.attempts:
+            return None
+        delay = self.retry.backoff(i, random.random())
+        if time.monotonic() - t0 + delay > self.retry.deadline_s:
+            return None
+        return delay
+
+    def _call(self, op: str, fn: Callable[[], T]) -> T:
+        """A blocking client method (a listing, a recursive delete) retried like a request."""
+        t0 = time.monotonic()
+        for i in itertools.count():
+            try:
+                return fn()
+            except Exception as err:
+                reason = self._transient(err)
+                delay = self._backoff(reason, i, t0)
+                if reason is None or delay is None:
+                    raise
+                self._count_retry(f"{op}: {reason}", delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _releaser(self, n: int) -> Any:
+        """A done-callback giving ``n`` bytes back to the upload budget."""
+        return lambda _fut: self._upload_budget.release(n)
+
+    # --- the commit ----------------------------------------------------------------------------
+
+    def conditional_writes_work(self) -> bool:
+        """Whether the endpoint honours the create-only precondition. Probed once per backend,
+        endpoint and bucket per process: a create-only write of a fresh key under
+        ``<root>/_ckpt_probe/``, then another to the same key, which must be refused; the key is
+        deleted after."""
+        cache_key = (type(self).__name__, self.endpoint(), self._bucket())
+        with _PROBE_LOCK:
+            if cache_key in _PROBED:
+                return _PROBED[cache_key]
+        rel = f"{PROBE_DIR}/{uuid.uuid4().hex}"
+        with self._errors("conditional-write probe", rel):
+            self._create_only(rel, b"1")
+            try:
+                works = not self._create_only(rel, b"2")
+            finally:
+                with contextlib.suppress(Exception):  # a probe key left behind is harmless
+                    self._discard(rel)
+        with _PROBE_LOCK:
+            _PROBED[cache_key] = works
+        return works
+
+    def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
+        """A create-only write; refused, it is ours if the object there is exactly ``data`` (a
+        try whose reply was lost may have landed, and its retry then meets our own write)."""
+        full = self.path(rel)
+        try:
+            with self._errors("create-only write", rel):
+                if self._create_only(rel, data):
+                    return True
+                return self._holds(rel, data)
+        finally:
+            self.fs.invalidate_cache(full)
+
+    def _holds(self, rel: str, data: bytes) -> bool:
+        """Whether the object at ``rel`` is exactly ``data`` (the lost-reply check): its bytes,
+        read back (a backend may answer from the object's checksum instead)."""
+        try:
+            return self.read(rel) == data
+        except MissingShardError:
+            return False
