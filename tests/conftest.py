@@ -4,6 +4,7 @@ and Azurite, each on 127.0.0.1 with an ephemeral port) and small training states
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,10 @@ import pytest
 import torch
 
 from ckpt.testing import register_faulty
+
+# gcsfs would look up each bucket's type (hierarchical/zonal) and stall a minute per call against
+# fake-gcs-server; set before any child process (fork server, spawned ranks) starts
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -29,10 +29,13 @@ from forker import forker
 import ckpt
 
 TRIALS = 50
+TRIALS_NEW_BACKENDS = 10  # GCS and Azure (emulators): a shorter set
 
 
 def _child_env(store: Store) -> tuple[dict[str, str], str]:
     """Credentials go to the children by environment; the options carry no secret."""
+    if store.kind == "gcs":  # anonymous against the emulator: nothing secret
+        return {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}, json.dumps(store.opts)
     if store.kind != "s3":
         return {}, json.dumps(store.opts or None)
     env = {"AWS_ACCESS_KEY_ID": store.opts["key"], "AWS_SECRET_ACCESS_KEY": store.opts["secret"]}
@@ -53,16 +56,20 @@ def _check_every_committed_step(store: Store, expected: Any = expected) -> list[
     return steps
 
 
-@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+@pytest.mark.parametrize(
+    "backend",
+    ["local", pytest.param("s3", marks=pytest.mark.s3), pytest.param("gcs", marks=pytest.mark.gcs)],
+)
 def test_sigkill_at_random_moments_of_async_saves(backend: str, request: pytest.FixtureRequest) -> None:
     store: Store = request.getfixturevalue(f"{backend}_store")
     env, opts_json = _child_env(store)
     rnd = random.Random(20261126)
     window = (0.05, 0.8) if backend == "local" else (0.2, 2.5)  # a save on moto takes ~0.5-1 s
+    trials = TRIALS if backend in ("local", "s3") else TRIALS_NEW_BACKENDS
     newest: int | None = None
     kills = 0
     with forker(env) as fk:
-        for trial in range(TRIALS):
+        for trial in range(trials):
             pid = fk.start("crash_loops:saving_loop", store.root, opts_json, trial)
             time.sleep(rnd.uniform(*window))
             os.kill(pid, signal.SIGKILL)
@@ -74,9 +81,9 @@ def test_sigkill_at_random_moments_of_async_saves(backend: str, request: pytest.
                 assert steps, f"trial {trial}: every checkpoint is gone"
                 assert steps[-1] >= newest, f"trial {trial}: the newest step went back from {newest} to {steps[-1]}"
             newest = steps[-1] if steps else None
-    assert kills == TRIALS
+    assert kills == trials
     assert newest is not None
-    assert newest >= (20 if backend == "local" else 5)  # saves made progress across the kills
+    assert newest >= {"local": 20, "s3": 5}.get(backend, 2)  # saves made progress across the kills
 
 
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])

@@ -175,7 +175,7 @@ def summary(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
     lines = []
-    for backend in ("local", "s3"):
+    for backend in ("local", "s3", "gcs", "azure"):
         covered = [(ph, pt) for b, ph, pt in COVERED if b == backend]
         if not covered:
             continue
@@ -244,6 +244,14 @@ def s3_target(s3_store: Any) -> Target:
     for step in (1, 2):
         save_step(s3_store.root, step, s3_store.opts, SETUP_OPTS)
     return Target("s3", s3_store.root, s3_store.opts, S3_TIMEOUT_S)
+
+
+@pytest.fixture
+def gcs_target(gcs_store: Any) -> Target:
+    """A fresh bucket on fake-gcs-server, with the committed steps 1 and 2."""
+    for step in (1, 2):
+        save_step(gcs_store.root, step, gcs_store.opts, SETUP_OPTS)
+    return Target("gcs", gcs_store.root, gcs_store.opts, S3_TIMEOUT_S)
 
 
 @contextlib.contextmanager
@@ -477,3 +485,24 @@ def test_s3_save_killed(point: str, after: bool, s3_target: Target, fork_server:
 @pytest.mark.parametrize("point", S3_RESTORE_POINTS)
 def test_s3_restore_killed(point: str, s3_target: Target, fork_server: Any) -> None:
     run_restore_killed(s3_target, point, fork_server)
+
+
+# --- GCS: the same handful of points over the real GCS backend (fake-gcs-server) --------------------
+
+
+@pytest.mark.gcs
+@pytest.mark.parametrize(("point", "kind"), [c for c in S3_SAVE_CASES if c[1] != "kill"])
+def test_gcs_save_fault(point: str, kind: str, gcs_target: Target) -> None:
+    run_save_fault(gcs_target, point, kind)
+
+
+@pytest.mark.gcs
+@pytest.mark.parametrize(("point", "kind"), [c for c in S3_RESTORE_CASES if c[1] != "kill"])
+def test_gcs_restore_fault(point: str, kind: str, gcs_target: Target) -> None:
+    run_restore_fault(gcs_target, point, kind)
+
+
+@pytest.mark.gcs
+@pytest.mark.parametrize(("point", "after"), [("manifest_write", False), ("manifest_write", True)])
+def test_gcs_save_killed(point: str, after: bool, gcs_target: Target, fork_server: Any) -> None:
+    run_save_killed(gcs_target, point, after, fork_server)

@@ -136,7 +136,7 @@ def ensure_committable(storage: Storage, *, allow_non_atomic: bool, switch: str 
         )
     if not bounded(storage.conditional_writes_work, timeout_s=timeout_s, what=f"{storage.url}: conditional-write probe"):
         raise ConditionalWriteUnsupportedError(
-            f"{storage.url}: the endpoint {storage.endpoint()} ignores If-None-Match on PutObject "
-            "(a second create-only PUT of a probe key succeeded instead of failing with 412), so two "
-            f"writers committing the same step could overwrite each other's manifest.{escape} (docs/s3.md)"
+            f"{storage.url}: the endpoint {storage.endpoint()} ignores {storage.precondition} (a second "
+            "create-only write of a probe key succeeded instead of being refused), so two writers "
+            f"committing the same step could overwrite each other's manifest.{escape} (docs/storage.md)"
         )

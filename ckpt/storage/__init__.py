@@ -18,6 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ckpt.options import RetryPolicy
 from ckpt.storage._base import Listed, Storage, Upload
 from ckpt.storage._fsspec import FsspecStorage
+from ckpt.storage._gcs import GCSStorage
 from ckpt.storage._local import LocalStorage
 from ckpt.storage._object import BACKOFFS, PROBE_DIR, RETRIES, ObjectStorage
 from ckpt.storage._s3 import S3_MAX_REQUESTS, S3Storage
@@ -27,6 +28,7 @@ __all__ = [
     "PROBE_DIR",
     "RETRIES",
     "FsspecStorage",
+    "GCSStorage",
     "Listed",
     "LocalStorage",
     "ObjectStorage",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 _S3_PROTOCOLS = ("s3", "s3a")
+_GCS_PROTOCOLS = ("gs", "gcs")
 
 
 def open_storage(
@@ -53,15 +56,24 @@ def open_storage(
     """The storage of one checkpoint root: a path or fsspec URL, with ``storage_options`` the
     fsspec way. ckpt's own knobs may ride in ``storage_options`` too (so every entry point takes
     them; fsspec never sees them): ``ckpt_retry`` (a RetryPolicy or a dict of its fields) and
-    ``ckpt_max_requests`` (S3 requests in flight per Storage). The S3 write knobs (``part_bytes``,
-    ``single_put_max_bytes``, ``max_inflight_bytes``: None for the defaults) matter to S3 only."""
+    ``ckpt_max_requests`` (requests in flight per Storage of an object store). The write knobs
+    (``part_bytes``, ``single_put_max_bytes``, ``max_inflight_bytes``: None for the defaults)
+    matter to object stores only."""
     opts = dict(storage_options or {})
     policy = _retry_policy(opts.pop("ckpt_retry", None), retry)
     requests = int(max_requests or opts.pop("ckpt_max_requests", None) or S3_MAX_REQUESTS)
     opts.pop("ckpt_max_requests", None)
     if requests < 1:
         raise ValueError("ckpt_max_requests must be >= 1")
-    if fsspec.core.split_protocol(root)[0] not in _S3_PROTOCOLS:
+    protocol = fsspec.core.split_protocol(root)[0]
+    writes: dict[str, Any] = {
+        "part_bytes": part_bytes, "single_put_max_bytes": single_put_max_bytes, "max_inflight_bytes": max_inflight_bytes,
+    }  # fmt: skip
+    if protocol in _GCS_PROTOCOLS:
+        # ckpt makes its own requests on gcsfs's session: gcsfs's retry loop is never entered
+        fs, path = fsspec.core.url_to_fs(root, **opts)
+        return GCSStorage(fs, path, retry=policy, max_requests=requests, **writes)
+    if protocol not in _S3_PROTOCOLS:
         fs, path = fsspec.core.url_to_fs(root, **opts)
         if isinstance(fs, LocalFileSystem):
             return LocalStorage(path)
@@ -76,10 +88,7 @@ def open_storage(
         # s3fs's retry loop off too (this instance is ckpt's: its config differs from the
         # caller's own); botocore's off by the config above
         fs.retries = 1
-    return S3Storage(
-        fs, path, retry=policy, max_requests=requests, part_bytes=part_bytes,
-        single_put_max_bytes=single_put_max_bytes, max_inflight_bytes=max_inflight_bytes,
-    )  # fmt: skip
+    return S3Storage(fs, path, retry=policy, max_requests=requests, **writes)
 
 
 def trusts_create_only(fs: Any) -> bool:
@@ -87,7 +96,7 @@ def trusts_create_only(fs: Any) -> bool:
     when it reaches it through its own backend: ``memory://`` (under ckpt's lock) and S3 (with
     ``If-None-Match``, after the probe). For the fault kit, which wraps such file systems."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("memory", *_S3_PROTOCOLS)
+    return protocol in ("memory", *_S3_PROTOCOLS, *_GCS_PROTOCOLS)
 
 
 def _retry_policy(given: object, override: RetryPolicy | None) -> RetryPolicy:
@@ -99,4 +108,6 @@ def _retry_policy(given: object, override: RetryPolicy | None) -> RetryPolicy:
         return given
     if isinstance(given, dict):
         return RetryPolicy(**given)
-    raise ValueError(f"storage_options['ckpt_retry'] must be a ckpt.RetryPolicy or a dict of its fields, got {given!r}")
+    raise ValueError(
+        f"storage_options['ckpt_retry'] must be a ckpt.RetryPolicy or a dict of its fields, got {given!r}"
+    )

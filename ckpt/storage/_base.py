@@ -60,6 +60,8 @@ class Storage(abc.ABC):
     local_disk: bool = False
     #: ``write_file`` consumes each chunk before asking for the next (a caller may reuse one buffer)
     streams_chunks: bool = False
+    #: the service's create-only precondition, for messages ("If-None-Match on PutObject")
+    precondition: str = "the create-only precondition"
 
     def __init__(self, root: str, url: str) -> None:
         self.root = root  # the backend's path of the root (no trailing slash)
@@ -90,7 +92,9 @@ class Storage(abc.ABC):
                 ) from err
             raise StorageError(f"{self.where(rel)}: {op} failed: {err}") from err
         except Exception as err:  # botocore NoCredentialsError, a bad storage option...
-            raise StorageError(f"{self.where(rel)}: {op} failed: {type(err).__name__}: {err}") from err
+            raise StorageError(
+                f"{self.where(rel)}: {op} failed: {type(err).__name__}: {err}"
+            ) from err
 
     # --- capabilities ----------------------------------------------------------------------
 

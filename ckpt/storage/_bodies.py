@@ -1,4 +1,4 @@
-"""Upload bodies and streamed downloads for the S3 backend: the data of a file cut into request
+"""Upload bodies and streamed downloads for the object-store backends: the data of a file cut into request
 bodies in memory of their own, and a response body streamed into the caller's buffers."""
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ async def stream_into(body: Any, buffers: list[memoryview]) -> int:
     """Copy a streaming response body into ``buffers`` in order; the bytes copied (it stops at
     the end of the body or of the buffers, whichever comes first)."""
     content = getattr(getattr(body, "raw_stream", None), "content", None)
-    readany = getattr(content, "readany", None)  # aiohttp: the next received chunk, as is (no join)
+    # aiohttp (a response's StreamReader, or one inside botocore's body): the next received
+    # chunk, as is (no join)
+    readany = getattr(content, "readany", None) or getattr(body, "readany", None)
     done = 0
     rest = memoryview(b"")
     for buf in buffers:

