@@ -385,6 +385,29 @@ def test_redaction_filter_rewrites_botocore_records() -> None:
     assert not leaks(redaction.redact(sts))
 
 
+@pytest.mark.gcs
+def test_gcs_bearer_token_stays_out_of_logs_and_errors(gcs_store: Any, debug_logs: _Keep) -> None:
+    """A gs:// root with an OAuth access token (the emulator ignores it; gcsfs puts it in every
+    request's Authorization header): DEBUG logs of every logger (gcsfs, aiohttp, google.auth,
+    ckpt), errors, manifests and reports hold none of it."""
+    import google.oauth2.credentials
+
+    logging.getLogger("gcsfs").setLevel(logging.DEBUG)
+    logging.getLogger("google").setLevel(logging.DEBUG)
+    opts = {**gcs_store.opts, "token": google.oauth2.credentials.Credentials(token=OPT_TOKEN)}
+    m = ckpt.save(gcs_store.root, _state(1), step=1, storage_options=opts)
+    assert_clean("Manifest repr", repr(m))
+    assert torch.equal(ckpt.restore(gcs_store.root, storage_options=opts)["w"], _state(1)["w"])
+    assert_clean("VerifyReport", repr(ckpt.verify(gcs_store.root, storage_options=opts)))
+    _expect_error("missing step", lambda: ckpt.restore(gcs_store.root, 9, storage_options=opts))
+    _expect_error("missing bucket", lambda: ckpt.save("gs://ckpt-no-such-bucket/run", _state(1), step=1,
+                                                      storage_options=opts))  # fmt: skip
+    fsspec.filesystem("gs", **opts).ls(gcs_store.root.removeprefix("gs://").split("/")[0])  # gcsfs logs its calls
+    assert debug_logs.texts, "nothing was logged: the scan would prove nothing"
+    for name, text in debug_logs.texts:
+        assert_clean(f"log record of {name}", text)
+
+
 def test_storage_options_are_not_echoed_by_errors(tmp_path: Any) -> None:
     """Refused or broken options: messages name keys, never values."""
     opts = {"key": OPT_KEY, "secret": OPT_SECRET, "token": OPT_TOKEN}
