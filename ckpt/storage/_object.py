@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -21,12 +22,14 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from ckpt._concurrency import ByteBudget
-from ckpt.errors import MissingShardError
+from ckpt.errors import MissingShardError, StorageError
 from ckpt.options import RetryPolicy
+from ckpt.storage._base import Chunks as ChunkIter
+from ckpt.storage._bodies import Body, Chunks
 from ckpt.storage._fsspec import FsspecStorage
 
 T = TypeVar("T")
@@ -143,6 +146,78 @@ class ObjectStorage(FsspecStorage):
     def _releaser(self, n: int) -> Any:
         """A done-callback giving ``n`` bytes back to the upload budget."""
         return lambda _fut: self._upload_budget.release(n)
+
+    # --- writes: what every backend's write_file is made of ------------------------------------
+
+    @contextlib.contextmanager
+    def _creating(self, rel: str) -> Iterator[None]:
+        """Errors of a data file's create-only write, translated; one refused because an object
+        is there (``FileExistsError`` behind it) says so."""
+        try:
+            with self._errors("write", rel):
+                yield
+        except StorageError as err:
+            if isinstance(err.__cause__, FileExistsError):
+                raise StorageError(
+                    f"{self.where(rel)}: already exists; data files are never overwritten"
+                ) from err
+            raise
+
+    @contextlib.contextmanager
+    def _single_body(self, chunks: ChunkIter, size: int) -> Iterator[Body]:
+        """The whole file as one request body (one copy of its bytes), held under the upload
+        budget while the caller sends it; data that is not exactly ``size`` bytes is a ValueError."""
+        self._upload_budget.acquire(size)
+        try:
+            data = Chunks(chunks)
+            body, got = data.take(size)
+            if got != size or not data.exhausted():
+                raise ValueError(f"the data is not the {size} bytes announced")
+            yield body
+        finally:
+            self._upload_budget.release(size)
+
+    def _send_parts(
+        self,
+        data: Chunks,
+        size: int,
+        part: int,
+        per_file: int,
+        send: Callable[[int, Body], Coroutine[Any, Any, T]],
+    ) -> list[T]:
+        """Cut ``size`` bytes of ``data`` into parts of ``part`` bytes and send each one
+        (``send(i, body)``, a coroutine retried by the backend) on the file system's event loop
+        while this thread fills the next: at most ``per_file`` in flight, every body under the
+        upload budget until its request ends. The results in order. On any failure (the data
+        source, a part, an interrupt) the parts in flight are waited for before the error goes
+        up, so none lands after the caller cleans up."""
+        pending: collections.deque[concurrent.futures.Future[T]] = collections.deque()
+        out: list[T] = []
+        try:
+            for i in range(-(-size // part)):
+                n = min(part, size - i * part)
+                while len(pending) >= per_file:
+                    out.append(pending.popleft().result())
+                self._upload_budget.acquire(n)
+                try:
+                    body, got = data.take(n)
+                    if got != n:
+                        raise ValueError(f"the data ends before the {size} bytes announced")
+                    fut = asyncio.run_coroutine_threadsafe(send(i, body), self.fs.loop)
+                except BaseException:
+                    self._upload_budget.release(n)
+                    raise
+                fut.add_done_callback(self._releaser(n))
+                del body
+                pending.append(fut)
+            if not data.exhausted():
+                raise ValueError(f"the data is longer than the {size} bytes announced")
+            while pending:
+                out.append(pending.popleft().result())
+        except BaseException:
+            concurrent.futures.wait(pending)
+            raise
+        return out
 
     # --- the commit ----------------------------------------------------------------------------
 

@@ -15,9 +15,6 @@ What the generic fsspec path lacks, and S3 needs (docs/s3.md):
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -173,18 +170,11 @@ class S3Storage(ObjectStorage):
 
     def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
         full = self.path(rel)
-        try:
-            with self._errors("write", rel):
-                if size > self.single_put_max_bytes:
-                    self._write_s3_multipart(full, chunks, size)
-                else:
-                    self._write_s3_single(full, chunks() if callable(chunks) else chunks, size)
-        except StorageError as err:
-            if isinstance(err.__cause__, FileExistsError):
-                raise StorageError(
-                    f"{self.where(rel)}: already exists; data files are never overwritten"
-                ) from err
-            raise
+        with self._creating(rel):
+            if size > self.single_put_max_bytes:
+                self._write_s3_multipart(full, chunks, size)
+            else:
+                self._write_s3_single(full, chunks() if callable(chunks) else chunks, size)
 
     def _write_s3_single(self, full: str, chunks: ChunkIter, size: int) -> None:
         """One create-only PutObject; its body is the one copy of the file's bytes. A 412 is
@@ -192,20 +182,13 @@ class S3Storage(ObjectStorage):
         may have landed, and its retry (ours, or aiohttp's own one-shot retry of an idempotent
         request on a reused connection) then meets our own write, which is our success."""
         bucket, key, _ = self.fs.split_path(full)
-        self._upload_budget.acquire(size)
-        try:
-            data = Chunks(chunks)
-            body, got = data.take(size)
-            if got != size or not data.exhausted():
-                raise ValueError(f"the data is not the {size} bytes announced")
+        with self._single_body(chunks, size) as body:
             try:
                 self.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
             except Exception as err:
                 if not (precondition_failed(err) and self._s3_holds(bucket, key, body)):
                     raise
                 log.info("%s: a retried create-only PUT met its own earlier write", self.url)
-        finally:
-            self._upload_budget.release(size)
         self.fs.invalidate_cache(full)
 
     def _write_s3_multipart(
@@ -237,42 +220,15 @@ class S3Storage(ObjectStorage):
         ours if the object has our size and the ETag our parts make."""
         bucket, key, _ = self.fs.split_path(full)
         part = max(self.part_bytes, -(-size // _S3_MAX_PARTS))
-        n_parts = -(-size // part)
-        data = Chunks(chunks)
         upload_id: str = self.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
-        pending: collections.deque[concurrent.futures.Future[dict[str, Any]]] = collections.deque()
-        etags: list[str] = []
         try:
-            for i in range(n_parts):
-                n = min(part, size - i * part)
-                while len(pending) >= S3_PARTS_PER_FILE:
-                    etags.append(pending.popleft().result()["ETag"])
-                self._upload_budget.acquire(n)
-                try:
-                    body, got = data.take(n)
-                    if got != n:
-                        raise ValueError(f"the data ends before the {size} bytes announced")
-                    fut = asyncio.run_coroutine_threadsafe(
-                        self._call_s3(
-                            "upload_part",
-                            Bucket=bucket,
-                            Key=key,
-                            UploadId=upload_id,
-                            PartNumber=i + 1,
-                            Body=body,
-                        ),
-                        self.fs.loop,
-                    )
-                except BaseException:
-                    self._upload_budget.release(n)
-                    raise
-                fut.add_done_callback(self._releaser(n))
-                del body
-                pending.append(fut)
-            if not data.exhausted():
-                raise ValueError(f"the data is longer than the {size} bytes announced")
-            while pending:
-                etags.append(pending.popleft().result()["ETag"])
+            done = self._send_parts(
+                Chunks(chunks), size, part, S3_PARTS_PER_FILE,
+                lambda i, body: self._call_s3(
+                    "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=i + 1, Body=body
+                ),
+            )  # fmt: skip
+            etags: list[str] = [r["ETag"] for r in done]
             tries: list[str] = []
             try:
                 self.call_s3(
@@ -293,8 +249,7 @@ class S3Storage(ObjectStorage):
                 else:
                     raise
         except BaseException:
-            # let the parts in flight end: none may land after the abort
-            concurrent.futures.wait(pending)
+            # the parts in flight have ended (_send_parts): none lands after the abort
             with contextlib.suppress(Exception):  # the original error is the one to report
                 self.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
             raise
