@@ -16,6 +16,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ckpt.options import RetryPolicy
+from ckpt.storage._azure import AZURE_PROTOCOLS, AzureStorage, open_azure
 from ckpt.storage._base import Listed, Storage, Upload
 from ckpt.storage._fsspec import FsspecStorage
 from ckpt.storage._gcs import GCSStorage
@@ -27,6 +28,7 @@ __all__ = [
     "BACKOFFS",
     "PROBE_DIR",
     "RETRIES",
+    "AzureStorage",
     "FsspecStorage",
     "GCSStorage",
     "Listed",
@@ -73,6 +75,8 @@ def open_storage(
         # ckpt makes its own requests on gcsfs's session: gcsfs's retry loop is never entered
         fs, path = fsspec.core.url_to_fs(root, **opts)
         return GCSStorage(fs, path, retry=policy, max_requests=requests, **writes)
+    if protocol in AZURE_PROTOCOLS:
+        return open_azure(root, opts, retry=policy, max_requests=requests, **writes)
     if protocol not in _S3_PROTOCOLS:
         fs, path = fsspec.core.url_to_fs(root, **opts)
         if isinstance(fs, LocalFileSystem):

@@ -1,6 +1,6 @@
 """The storage conformance suite (ckpt.testing.storage_tests) over every backend: the local
 disk, fsspec memory://, S3 on a moto server, and FaultyStorage (no rules) around the local disk
-and S3 (the fault kit's wrapper must itself keep the contract)."""
+and S3 (the fault kit's wrapper must itself keep the contract); GCS and Azure likewise."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from ckpt.storage import S3Storage, Storage, Upload, open_storage
+from ckpt.storage import AzureStorage, S3Storage, Storage, Upload, open_storage
+from ckpt.storage._azure import UNCOMMITTED
 from ckpt.testing import FaultyStorage, Recorder
 from ckpt.testing.storage_tests import StorageTests
 
@@ -98,3 +99,37 @@ class TestFaultyGCS(StorageTests):
     @pytest.fixture
     def storage(self, gcs_store: Any) -> Storage:
         return FaultyStorage(gcs_storage(gcs_store.root, gcs_store.opts), Recorder())
+
+
+def azure_storage(root: str, opts: dict[str, Any]) -> Storage:
+    # small blocks and a small single-Put limit: a 1.5 MiB write goes up in six staged blocks
+    return open_storage(root, opts, part_bytes=_MiB // 4, single_put_max_bytes=_MiB)
+
+
+def start_azure_upload(storage: Storage, rel: str) -> Upload:
+    """A block staged and never committed: what Azure has of an upload in progress."""
+    inner = storage.inner if isinstance(storage, FaultyStorage) else storage
+    assert isinstance(inner, AzureStorage)
+    blob = inner._blob(rel)
+    inner._do("stage_block", lambda: blob.stage_block("staged-0", b"abc"))
+    return Upload(rel, UNCOMMITTED, time.time())
+
+
+@pytest.mark.azure
+class TestAzure(StorageTests):
+    identical_create_succeeds = True
+    multipart_bytes = 3 * _MiB // 2
+
+    @pytest.fixture
+    def storage(self, azure_store: Any) -> Storage:
+        return azure_storage(azure_store.root, azure_store.opts)
+
+    def start_upload(self, storage: Storage, rel: str) -> Upload:
+        return start_azure_upload(storage, rel)
+
+
+@pytest.mark.azure
+class TestFaultyAzure(TestAzure):
+    @pytest.fixture
+    def storage(self, azure_store: Any) -> Storage:
+        return FaultyStorage(azure_storage(azure_store.root, azure_store.opts), Recorder())
