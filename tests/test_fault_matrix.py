@@ -2,8 +2,9 @@
 restore, times every fault kind, at the storage contract: ``ckpt.testing.FaultyStorage`` around
 the real ``LocalStorage`` of a local directory (``wrap_storage``: ckpt's entry points build it
 for the faulted root), so the production local code (O_EXCL writes, the link commit, preadv) is
-what runs under the faults. A short S3 variant runs a handful of points (a data write, the
-manifest commit, the manifest read, a data read) over the real ``S3Storage`` on a moto server.
+what runs under the faults. A short object-store variant runs a handful of points (a data write,
+the manifest commit, the manifest read, a data read) over the real ``S3Storage`` on a moto server
+and the real ``AzureStorage`` on Azurite.
 
 Save: two writers (ranks 0 and 1, in one process, or in a forked child for kills) save step 3 of
 a root that already holds the committed steps 1 and 2, then retention retires step 1. Faults hit
@@ -50,7 +51,7 @@ from ckpt.lifecycle import cleanup
 from ckpt.testing import Call, Recorder, Rule, wrap_storage
 
 TIMEOUT_S = 0.4  # io_timeout_s of the faulted operations in hang cases (local)
-S3_TIMEOUT_S = 3.0  # the same over moto: a loaded machine's plain request may take longer than 0.4 s
+OBJ_TIMEOUT_S = 3.0  # the same over moto: a loaded machine's plain request may take longer than 0.4 s
 SAVE_OPTS = ckpt.SaveOptions(parallel_files=2, min_file_bytes=1, num_threads=2, fsync=False, io_timeout_s=TIMEOUT_S)
 RESTORE_OPTS = ckpt.RestoreOptions(num_threads=2, io_timeout_s=TIMEOUT_S, read_chunk_bytes=256)
 SETUP_OPTS = dataclasses.replace(SAVE_OPTS, io_timeout_s=60.0)  # unfaulted saves (template, retries)
@@ -238,12 +239,13 @@ def local_target(template: Path, tmp_path: Path) -> Target:
     return Target("local", str(d))
 
 
-@pytest.fixture
-def s3_target(s3_store: Any) -> Target:
-    """A fresh bucket on the moto endpoint, with the committed steps 1 and 2."""
+@pytest.fixture(params=[pytest.param("s3", marks=pytest.mark.s3), pytest.param("azure", marks=pytest.mark.azure)])
+def obj_target(request: pytest.FixtureRequest) -> Target:
+    """A fresh bucket on the moto endpoint (or container on Azurite), with the committed steps 1 and 2."""
+    store = request.getfixturevalue(f"{request.param}_store")
     for step in (1, 2):
-        save_step(s3_store.root, step, s3_store.opts, SETUP_OPTS)
-    return Target("s3", s3_store.root, s3_store.opts, S3_TIMEOUT_S)
+        save_step(store.root, step, store.opts, SETUP_OPTS)
+    return Target(request.param, store.root, store.opts, OBJ_TIMEOUT_S)
 
 
 @pytest.fixture
@@ -251,7 +253,7 @@ def gcs_target(gcs_store: Any) -> Target:
     """A fresh bucket on fake-gcs-server, with the committed steps 1 and 2."""
     for step in (1, 2):
         save_step(gcs_store.root, step, gcs_store.opts, SETUP_OPTS)
-    return Target("gcs", gcs_store.root, gcs_store.opts, S3_TIMEOUT_S)
+    return Target("gcs", gcs_store.root, gcs_store.opts, OBJ_TIMEOUT_S)
 
 
 @contextlib.contextmanager
@@ -455,49 +457,45 @@ def test_restore_killed(point: str, local_target: Target, fork_server: Any) -> N
     run_restore_killed(local_target, point, fork_server)
 
 
-# --- S3: a handful of points over the real S3 backend (moto) ---------------------------------------
+# --- object stores: a handful of points over the real S3 (moto) and Azure (Azurite) backends -------
 
-S3_SAVE_POINTS = ("shard_write_r1_f0", "manifest_write")  # a data write, the manifest commit
-S3_RESTORE_POINTS = ("manifest_read", "data_read_r1")  # the manifest read, a data read
-S3_SAVE_CASES = [c for c in SAVE_CASES if c[0] in S3_SAVE_POINTS]
-S3_RESTORE_CASES = [c for c in RESTORE_CASES if c[0] in S3_RESTORE_POINTS]
-
-
-@pytest.mark.s3
-@pytest.mark.parametrize(("point", "kind"), [c for c in S3_SAVE_CASES if c[1] != "kill"])
-def test_s3_save_fault(point: str, kind: str, s3_target: Target) -> None:
-    run_save_fault(s3_target, point, kind)
+OBJ_SAVE_POINTS = ("shard_write_r1_f0", "manifest_write")  # a data write, the manifest commit
+OBJ_RESTORE_POINTS = ("manifest_read", "data_read_r1")  # the manifest read, a data read
+OBJ_SAVE_CASES = [c for c in SAVE_CASES if c[0] in OBJ_SAVE_POINTS]
+OBJ_RESTORE_CASES = [c for c in RESTORE_CASES if c[0] in OBJ_RESTORE_POINTS]
 
 
-@pytest.mark.s3
-@pytest.mark.parametrize(("point", "kind"), [c for c in S3_RESTORE_CASES if c[1] != "kill"])
-def test_s3_restore_fault(point: str, kind: str, s3_target: Target) -> None:
-    run_restore_fault(s3_target, point, kind)
+@pytest.mark.parametrize(("point", "kind"), [c for c in OBJ_SAVE_CASES if c[1] != "kill"])
+def test_obj_save_fault(point: str, kind: str, obj_target: Target) -> None:
+    run_save_fault(obj_target, point, kind)
 
 
-@pytest.mark.s3
-@pytest.mark.parametrize(("point", "after"), [(p, False) for p in S3_SAVE_POINTS] + [("manifest_write", True)])
-def test_s3_save_killed(point: str, after: bool, s3_target: Target, fork_server: Any) -> None:
-    run_save_killed(s3_target, point, after, fork_server)
+@pytest.mark.parametrize(("point", "kind"), [c for c in OBJ_RESTORE_CASES if c[1] != "kill"])
+def test_obj_restore_fault(point: str, kind: str, obj_target: Target) -> None:
+    run_restore_fault(obj_target, point, kind)
 
 
-@pytest.mark.s3
-@pytest.mark.parametrize("point", S3_RESTORE_POINTS)
-def test_s3_restore_killed(point: str, s3_target: Target, fork_server: Any) -> None:
-    run_restore_killed(s3_target, point, fork_server)
+@pytest.mark.parametrize(("point", "after"), [(p, False) for p in OBJ_SAVE_POINTS] + [("manifest_write", True)])
+def test_obj_save_killed(point: str, after: bool, obj_target: Target, fork_server: Any) -> None:
+    run_save_killed(obj_target, point, after, fork_server)
+
+
+@pytest.mark.parametrize("point", OBJ_RESTORE_POINTS)
+def test_obj_restore_killed(point: str, obj_target: Target, fork_server: Any) -> None:
+    run_restore_killed(obj_target, point, fork_server)
 
 
 # --- GCS: the same handful of points over the real GCS backend (fake-gcs-server) --------------------
 
 
 @pytest.mark.gcs
-@pytest.mark.parametrize(("point", "kind"), [c for c in S3_SAVE_CASES if c[1] != "kill"])
+@pytest.mark.parametrize(("point", "kind"), [c for c in OBJ_SAVE_CASES if c[1] != "kill"])
 def test_gcs_save_fault(point: str, kind: str, gcs_target: Target) -> None:
     run_save_fault(gcs_target, point, kind)
 
 
 @pytest.mark.gcs
-@pytest.mark.parametrize(("point", "kind"), [c for c in S3_RESTORE_CASES if c[1] != "kill"])
+@pytest.mark.parametrize(("point", "kind"), [c for c in OBJ_RESTORE_CASES if c[1] != "kill"])
 def test_gcs_restore_fault(point: str, kind: str, gcs_target: Target) -> None:
     run_restore_fault(gcs_target, point, kind)
 
