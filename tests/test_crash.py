@@ -36,6 +36,8 @@ def _child_env(store: Store) -> tuple[dict[str, str], str]:
     """Credentials go to the children by environment; the options carry no secret."""
     if store.kind == "gcs":  # anonymous against the emulator: nothing secret
         return {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}, json.dumps(store.opts)
+    if store.kind == "azure":  # adlfs reads the connection string from the environment
+        return {"AZURE_STORAGE_CONNECTION_STRING": store.opts["connection_string"]}, json.dumps(None)
     if store.kind != "s3":
         return {}, json.dumps(store.opts or None)
     env = {"AWS_ACCESS_KEY_ID": store.opts["key"], "AWS_SECRET_ACCESS_KEY": store.opts["secret"]}
@@ -58,7 +60,8 @@ def _check_every_committed_step(store: Store, expected: Any = expected) -> list[
 
 @pytest.mark.parametrize(
     "backend",
-    ["local", pytest.param("s3", marks=pytest.mark.s3), pytest.param("gcs", marks=pytest.mark.gcs)],
+    ["local", pytest.param("s3", marks=pytest.mark.s3), pytest.param("gcs", marks=pytest.mark.gcs),
+     pytest.param("azure", marks=pytest.mark.azure)],
 )
 def test_sigkill_at_random_moments_of_async_saves(backend: str, request: pytest.FixtureRequest) -> None:
     store: Store = request.getfixturevalue(f"{backend}_store")
