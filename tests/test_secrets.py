@@ -417,6 +417,67 @@ def test_storage_options_are_not_echoed_by_errors(tmp_path: Any) -> None:
                                                                    storage_options={**opts, "client_kwargs": 7}))  # fmt: skip
 
 
+# --- Azure: the account key and a SAS signature -----------------------------------------------
+
+
+@pytest.mark.azure
+def test_no_azure_key_or_sas_in_logs_errors_manifests(
+    azure_endpoint: str, capsys: pytest.CaptureFixture[str], debug_logs: _Keep
+) -> None:
+    """Azurite with its account key (in a connection string) and with an account SAS: save,
+    restore, verify, ``ckpt ls`` and failing operations leave neither the key nor the SAS
+    signature in any log record (the azure SDK's own at DEBUG included: its logging policies
+    redact the Authorization header and the ``sig`` parameter), exception or manifest."""
+    from support.emulators import AZURITE_KEY, azure_options, azure_sas_options
+
+    from ckpt.cli import main
+
+    keyed, sas = azure_options(azure_endpoint), azure_sas_options(azure_endpoint)
+    sig = urllib.parse.parse_qs(sas["connection_string"].split("SharedAccessSignature=")[1])["sig"][0]
+    secrets = [s for x in (AZURITE_KEY, sig) for s in {x, urllib.parse.quote(x), urllib.parse.quote(x, safe="")}]
+
+    def clean(what: str, text: str | bytes) -> None:
+        text = text.decode("latin-1") if isinstance(text, bytes) else text
+        assert not [s for s in secrets if s in text], f"{what} holds a secret: {text[:2000]!r}"
+
+    container = f"ckpt-secret-{uuid.uuid4().hex[:10]}"
+    fsspec.filesystem("az", **keyed).mkdir(container)
+    for i, opts in enumerate((keyed, sas)):
+        root = f"az://{container}/run{i}"
+        m = ckpt.save(root, _state(i), step=1, storage_options=opts)
+        assert torch.equal(ckpt.restore(root, storage_options=opts)["w"], _state(i)["w"])
+        rep = ckpt.verify(root, storage_options=opts)
+        assert rep.ok
+        clean("Manifest and VerifyReport", repr(m) + repr(rep) + m.to_json().decode())
+        raw = fsspec.filesystem("az", **keyed)
+        clean("manifest bytes", raw.cat_file(f"{container}/run{i}/steps/000000000001/manifest.json"))
+        clean("LATEST", raw.cat_file(f"{container}/run{i}/LATEST"))
+        st = open_storage(root, opts)
+        clean("Storage", f"{st.url} {st.endpoint()} {st.where('x')}")
+        assert main(["ls", root, "--json", "--storage-option", f"connection_string={opts['connection_string']}"]) == 0
+        out, err = capsys.readouterr()
+        clean("ckpt ls", out + err)
+        wrong = opts["connection_string"]
+        for real in secrets:  # a wrong key, or a SAS with a wrong signature
+            wrong = wrong.replace(real, "d3Jvbmcta2V5" * 7 + "AAAA==")
+        assert wrong != opts["connection_string"]
+        for what, fn in [
+            ("missing step", lambda: ckpt.restore(root, 99, storage_options=opts)),  # noqa: B023
+            ("existing step", lambda: ckpt.save(root, _state(3), step=1, storage_options=opts)),  # noqa: B023
+            ("no such container", lambda: ckpt.save(f"az://no-such-{container}/run", _state(3), step=1, storage_options=opts)),  # noqa: B023
+            ("a wrong key", lambda: ckpt.list_steps(root, storage_options={"connection_string": wrong})),  # noqa: B023
+        ]:
+            with pytest.raises(ckpt.CkptError) as info:
+                fn()
+            for text in exception_texts(info.value):
+                clean(f"{what} (exception)", text)
+    names = {n for n, _ in debug_logs.texts}
+    assert any(n.startswith("azure.") for n in names), names  # the SDK did log its requests
+    assert len(debug_logs.texts) >= 100
+    for name, text in debug_logs.texts:
+        clean(f"log record of {name}", text)
+
+
 # --- Ray: what ckpt.parallel.ray sends to workers --------------------------------------------------
 
 
