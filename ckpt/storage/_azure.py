@@ -103,10 +103,18 @@ class AzureStorage(ObjectStorage):
         scheme: str,
         retry: RetryPolicy,
         max_requests: int,
-        part_bytes: int | None = None,
-        single_put_max_bytes: int | None = None,
-        max_inflight_bytes: int | None = None,
+        **writes: int | None,
     ) -> None:
+        """``writes``: ``part_bytes`` (the block size), ``single_put_max_bytes``,
+        ``max_inflight_bytes`` (the upload byte budget); None or absent: the defaults."""
+        unknown = set(writes) - {"part_bytes", "single_put_max_bytes", "max_inflight_bytes"}
+        if unknown:
+            raise TypeError(f"unknown write options {sorted(unknown)}")
+        part_bytes, single_put_max_bytes = (
+            writes.get("part_bytes"),
+            writes.get("single_put_max_bytes"),
+        )
+        max_inflight_bytes = writes.get("max_inflight_bytes")
         block = min(_AZ_MAX_BLOCK, max(1, part_bytes or AZ_BLOCK_BYTES))
         inflight = max(max_inflight_bytes or MAX_INFLIGHT_BYTES, block)
         super().__init__(

@@ -280,21 +280,37 @@ def test_503s_are_retried_by_ckpt_alone_and_counted(
 
 
 def test_permanent_errors_are_not_retried(proxy: FaultProxy, azure_store: Store) -> None:
+    """403 (a write refused) and 404 (no such blob) are one request each, never retried."""
     st = open_storage(azure_store.root, _via(proxy, ckpt_retry=FAST))
     st.exists("warm-up")
-    proxy.faults = [Fault("denied", method="PUT")]
     before = dict(ckpt.storage.RETRIES)
-    proxy.reset()
-    with pytest.raises(StorageError, match=r"data/x: write failed: 403"):
-        st.write_file("data/x", [b"abc"], size=3, fsync=False)
-    with pytest.raises(StorageError, match="403"):
-        st.put_if_absent("steps/000000000001/manifest.json", b"{}", fsync=False)
-    assert proxy.counts == {"PUT": 2}  # one try each
-    proxy.faults = []
-    proxy.reset()
-    with pytest.raises(MissingShardError):
-        st.read_into("data/nope", 0, [memoryview(bytearray(4))])
-    assert proxy.counts == {"GET": 1}
+    calls: list[tuple[Callable[[], Any], type[Exception], str, list[Fault]]] = [
+        (
+            lambda: st.write_file("data/x", [b"abc"], size=3, fsync=False),
+            StorageError,
+            "PUT",
+            [Fault("denied", method="PUT")],
+        ),
+        (
+            lambda: st.put_if_absent("steps/000000000001/manifest.json", b"{}", fsync=False),
+            StorageError,
+            "PUT",
+            [Fault("denied")],
+        ),
+        (
+            lambda: st.read_into("data/nope", 0, [memoryview(bytearray(4))]),
+            MissingShardError,
+            "GET",
+            [],
+        ),
+        (lambda: st.size("data/nope"), MissingShardError, "HEAD", []),
+    ]
+    for call, error, method, faults in calls:
+        proxy.faults = faults
+        proxy.reset()
+        with pytest.raises(error, match="403" if faults else "not found"):
+            call()
+        assert proxy.counts == {method: 1}
     assert _retries(before) == {}
 
 
