@@ -443,6 +443,9 @@ def test_no_azure_key_or_sas_in_logs_errors_manifests(
     container = f"ckpt-secret-{uuid.uuid4().hex[:10]}"
     fsspec.filesystem("az", **keyed).mkdir(container)
     for i, opts in enumerate((keyed, sas)):
+        with pytest.raises(ckpt.PlanError, match=r"\['connection_string'\] look like credentials") as refused:
+            ckpt.parallel.ray.check_no_credentials(opts)  # never sent to Ray workers
+        clean("Ray refusal", str(refused.value))
         root = f"az://{container}/run{i}"
         m = ckpt.save(root, _state(i), step=1, storage_options=opts)
         assert torch.equal(ckpt.restore(root, storage_options=opts)["w"], _state(i)["w"])

@@ -40,7 +40,8 @@ from ckpt.parallel import _protocol
 StateFn = str | Callable[[Any], Any]
 _SECRET_KEYS = frozenset(
     {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-     "sse_customer_key", "SSECustomerKey", "session_token", "client_secret", "account_key", "sas_token"}
+     "sse_customer_key", "SSECustomerKey", "session_token", "client_secret", "account_key", "sas_token",
+     "connection_string", "credential"}
 )  # fmt: skip
 
 
@@ -52,7 +53,7 @@ def check_no_credentials(storage_options: dict[str, Any] | None) -> dict[str, An
         raise PlanError(
             f"storage_options {found} look like credentials; ckpt does not send credentials to Ray "
             "workers. Give each worker its credentials through its environment (instance role, "
-            "IRSA/workload identity, AWS_* environment variables) and pass only non-secret "
+            "IRSA/workload identity, AWS_* or AZURE_STORAGE_* environment variables) and pass only non-secret "
             "settings such as endpoint_url"
         )
     return opts
