@@ -110,27 +110,19 @@ class AzureStorage(ObjectStorage):
         unknown = set(writes) - {"part_bytes", "single_put_max_bytes", "max_inflight_bytes"}
         if unknown:
             raise TypeError(f"unknown write options {sorted(unknown)}")
-        part_bytes, single_put_max_bytes = (
-            writes.get("part_bytes"),
-            writes.get("single_put_max_bytes"),
-        )
-        max_inflight_bytes = writes.get("max_inflight_bytes")
-        block = min(_AZ_MAX_BLOCK, max(1, part_bytes or AZ_BLOCK_BYTES))
-        inflight = max(max_inflight_bytes or MAX_INFLIGHT_BYTES, block)
+        block = min(_AZ_MAX_BLOCK, max(1, writes.get("part_bytes") or AZ_BLOCK_BYTES))
+        inflight = max(writes.get("max_inflight_bytes") or MAX_INFLIGHT_BYTES, block)
         super().__init__(
             fs, path, retry=retry, max_requests=max_requests, max_inflight_bytes=inflight
         )
-        self.url = (
-            f"{scheme}://{self.root.lstrip('/')}"  # the scheme given (adlfs calls itself abfs)
-        )
+        # messages name the root with the scheme given (adlfs calls itself abfs)
+        self.url = f"{scheme}://{self.root.lstrip('/')}"
         self.protocol = scheme
         self.block_bytes = block
-        single = (
-            min(AZ_SINGLE_PUT_MAX_BYTES, inflight)
-            if single_put_max_bytes is None
-            else single_put_max_bytes
+        single = writes.get("single_put_max_bytes")
+        self.single_put_max_bytes = min(
+            _AZ_MAX_PUT, min(AZ_SINGLE_PUT_MAX_BYTES, inflight) if single is None else single
         )
-        self.single_put_max_bytes = min(single, _AZ_MAX_PUT)
         self._container, _, self._prefix = self.root.strip("/").partition("/")
         self._client = fs.service_client
 
@@ -195,7 +187,7 @@ class AzureStorage(ObjectStorage):
                 raise FileNotFoundError(what) from err
             if precondition_failed(err):
                 raise FileExistsError(what) from err
-            message = str(getattr(err, "message", "") or err).splitlines()[0]
+            message = (str(getattr(err, "message", "") or err).splitlines() or [""])[0]
             raise OSError(f"{what}: {message}") from err
 
     def _uploading(
@@ -253,8 +245,8 @@ class AzureStorage(ObjectStorage):
     # --- writes --------------------------------------------------------------------------------
 
     def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
-        data = chunks() if callable(chunks) else chunks
         with self._creating(rel):
+            data = chunks() if callable(chunks) else chunks
             if size > self.single_put_max_bytes:
                 self._write_blocks(rel, data, size)
             else:
