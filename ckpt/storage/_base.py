@@ -96,6 +96,20 @@ class Storage(abc.ABC):
                 f"{self.where(rel)}: {op} failed: {type(err).__name__}: {err}"
             ) from err
 
+    @contextlib.contextmanager
+    def _creating(self, rel: str) -> Iterator[None]:
+        """``_errors`` for a data file's create-only write: one refused because a file is there
+        (``FileExistsError`` behind it) says so."""
+        try:
+            with self._errors("write", rel):
+                yield
+        except StorageError as err:
+            if isinstance(err.__cause__, FileExistsError):
+                raise StorageError(
+                    f"{self.where(rel)}: already exists; data files are never overwritten"
+                ) from err
+            raise
+
     # --- capabilities ----------------------------------------------------------------------
 
     def conditional_writes_work(self) -> bool:

@@ -39,16 +39,9 @@ class FsspecStorage(Storage):
     # --- writes ----------------------------------------------------------------------------
 
     def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
-        try:
-            with self._errors("write", rel):
-                data = chunks() if callable(chunks) else chunks
-                self.fs.pipe_file(self.path(rel), b"".join(data), mode="create")
-        except StorageError as err:
-            if isinstance(err.__cause__, FileExistsError):
-                raise StorageError(
-                    f"{self.where(rel)}: already exists; data files are never overwritten"
-                ) from err
-            raise
+        with self._creating(rel):
+            data = chunks() if callable(chunks) else chunks
+            self.fs.pipe_file(self.path(rel), b"".join(data), mode="create")
 
     def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
         try:

@@ -199,19 +199,12 @@ class GCSStorage(ObjectStorage):
             )
 
     def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
-        try:
-            with self._errors("write", rel):
-                source = chunks() if callable(chunks) else chunks
-                if size > self.single_put_max_bytes:
-                    self._write_resumable(rel, source, size)
-                else:
-                    self._write_single(rel, source, size)
-        except StorageError as err:
-            if isinstance(err.__cause__, FileExistsError):
-                raise StorageError(
-                    f"{self.where(rel)}: already exists; data files are never overwritten"
-                ) from err
-            raise
+        with self._creating(rel):
+            source = chunks() if callable(chunks) else chunks
+            if size > self.single_put_max_bytes:
+                self._write_resumable(rel, source, size)
+            else:
+                self._write_single(rel, source, size)
 
     def _write_single(self, rel: str, chunks: ChunkIter, size: int) -> None:
         """One create-only multipart upload. A 412 is checked against the object there (its

@@ -67,16 +67,9 @@ class LocalStorage(Storage):
     # --- writes ----------------------------------------------------------------------------
 
     def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
-        try:
-            with self._errors("write", rel):
-                self.check_no_links(rel)
-                self._write(self.path(rel), chunks() if callable(chunks) else chunks, fsync=fsync)
-        except StorageError as err:
-            if isinstance(err.__cause__, FileExistsError):
-                raise StorageError(
-                    f"{self.where(rel)}: already exists; data files are never overwritten"
-                ) from err
-            raise
+        with self._creating(rel):
+            self.check_no_links(rel)
+            self._write(self.path(rel), chunks() if callable(chunks) else chunks, fsync=fsync)
 
     def _write(self, full: str, chunks: Chunks, *, fsync: bool) -> None:
         os.makedirs(os.path.dirname(full), exist_ok=True)

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from ckpt._concurrency import ByteBudget
-from ckpt.errors import MissingShardError, StorageError
+from ckpt.errors import MissingShardError
 from ckpt.options import RetryPolicy
 from ckpt.storage._base import Chunks as ChunkIter
 from ckpt.storage._bodies import Body, Chunks
@@ -148,20 +148,6 @@ class ObjectStorage(FsspecStorage):
         return lambda _fut: self._upload_budget.release(n)
 
     # --- writes: what every backend's write_file is made of ------------------------------------
-
-    @contextlib.contextmanager
-    def _creating(self, rel: str) -> Iterator[None]:
-        """Errors of a data file's create-only write, translated; one refused because an object
-        is there (``FileExistsError`` behind it) says so."""
-        try:
-            with self._errors("write", rel):
-                yield
-        except StorageError as err:
-            if isinstance(err.__cause__, FileExistsError):
-                raise StorageError(
-                    f"{self.where(rel)}: already exists; data files are never overwritten"
-                ) from err
-            raise
 
     @contextlib.contextmanager
     def _single_body(self, chunks: ChunkIter, size: int) -> Iterator[Body]:
