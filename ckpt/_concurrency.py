@@ -28,9 +28,18 @@ _deadline = threading.local()  # .timeout_s, .touch: the deadline this thread ru
 def progress() -> None:
     """The call running on this thread made progress (a streamed write took its next chunk):
     the deadline it runs under starts again. Nothing where the thread runs under none."""
-    touch = getattr(_deadline, "touch", None)
-    if touch is not None:
-        touch()
+    progress_of_this_thread()()
+
+
+def progress_of_this_thread() -> Callable[[], None]:
+    """:func:`progress` for the deadline this thread runs under now, callable from any thread
+    (a backend may consume a stream on a thread of its own)."""
+    touch: Callable[[], None] | None = getattr(_deadline, "touch", None)
+    return touch if touch is not None else _nothing
+
+
+def _nothing() -> None:
+    return
 
 
 class ByteBudget:

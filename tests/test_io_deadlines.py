@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import ckpt
+from ckpt.storage import LocalStorage
 from ckpt.testing import Recorder, Rule
 
 TIMEOUT_S = 0.3
@@ -137,6 +138,10 @@ def test_a_streamed_write_has_the_deadline_per_chunk(tmp_path: Path) -> None:
 
     storage.write_file("slow.bin", slow, size=80, fsync=False)
     assert storage.read("slow.bin") == b"x" * 80
+    pumped = _Pumped(str(tmp_path))  # a backend taking the chunks on a thread of its own
+    pumped.io_timeout_s = TIMEOUT_S
+    pumped.write_file("pumped.bin", slow, size=80, fsync=False)
+    assert storage.read("pumped.bin") == b"x" * 80
     stop = threading.Event()
 
     def stalled() -> Iterator[bytes]:
@@ -154,3 +159,12 @@ def test_a_streamed_write_has_the_deadline_per_chunk(tmp_path: Path) -> None:
     assert open_storage(str(tmp_path), {"ckpt_io_timeout_s": 2}).io_timeout_s == 2.0
     with pytest.raises(ValueError, match="ckpt_io_timeout_s"):
         open_storage(str(tmp_path), {"ckpt_io_timeout_s": 0})
+
+
+class _Pumped(LocalStorage):
+    def write_file(self, rel: str, chunks: Any, *, size: int, fsync: bool) -> None:
+        got: list[bytes] = []
+        pump = threading.Thread(target=lambda: got.extend(chunks() if callable(chunks) else chunks))
+        pump.start()
+        pump.join()
+        super().write_file(rel, got, size=size, fsync=fsync)

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S, bounded, progress
+from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S, bounded, progress_of_this_thread
 from ckpt.errors import CkptError, MissingShardError, StorageError, UnsafePathError
 
 Chunks = Iterable[memoryview | bytes]
@@ -236,30 +236,34 @@ def _with_deadline(fn: Callable[..., Any], op: str) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def call(self: Storage, *args: Any, **kwargs: Any) -> Any:
-        if streamed:  # write_file(rel, chunks, ...): each chunk taken restarts the clock
+        def run() -> Any:  # on the thread of the deadline
+            if not streamed:
+                return fn(self, *args, **kwargs)
+            # write_file(rel, chunks, ...): each chunk taken restarts the clock
+            tick = progress_of_this_thread()
             if len(args) > 1:
-                args = (args[0], _ticking(args[1]), *args[2:])
-            else:
-                kwargs["chunks"] = _ticking(kwargs["chunks"])
+                return fn(self, args[0], _ticking(args[1], tick), *args[2:], **kwargs)
+            return fn(self, *args, **{**kwargs, "chunks": _ticking(kwargs["chunks"], tick)})
+
         what = f"{_subject(self, args)}: {op}"
-        return bounded(lambda: fn(self, *args, **kwargs), timeout_s=self.io_timeout_s, what=what)
+        return bounded(run, timeout_s=self.io_timeout_s, what=what)
 
     call.__ckpt_deadline__ = True  # type: ignore[attr-defined]
     return call
 
 
-def _ticking(source: ChunkSource) -> ChunkSource:
-    """``source`` (an iterable, or a function giving one), telling the deadline of the thread
-    that consumes it about each chunk taken."""
+def _ticking(source: ChunkSource, tick: Callable[[], None]) -> ChunkSource:
+    """``source`` (an iterable, or a function giving one), calling ``tick`` at each chunk taken
+    (whichever thread takes it)."""
     if callable(source):
         fresh = source
-        return lambda: _tick(fresh())
-    return _tick(source)
+        return lambda: _tick(fresh(), tick)
+    return _tick(source, tick)
 
 
-def _tick(chunks: Chunks) -> Iterator[memoryview | bytes]:
+def _tick(chunks: Chunks, tick: Callable[[], None]) -> Iterator[memoryview | bytes]:
     for chunk in chunks:
-        progress()
+        tick()
         yield chunk
 
 
