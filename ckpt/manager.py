@@ -320,12 +320,12 @@ class CheckpointManager:
         if step is not None:
             restorer.restore(self.root, step, target=target, options=opts, storage_options=self._storage_options)
             return step
-        storage = open_storage(self.root, self._storage_options)
+        storage = open_storage(self.root, self._storage_options, io_timeout_s=opts.io_timeout_s)
         ranks = self._ranks
         found = restorer.restore_newest(
             storage, target, opts, fallback=self.options.restore_fallback,
             pick=None if ranks is None else lambda below: ranks.share(
-                steps_mod.newest_step(storage, below=below, timeout_s=opts.io_timeout_s) if ranks.rank == 0 else None),
+                steps_mod.newest_step(storage, below=below) if ranks.rank == 0 else None),
             agree=None if ranks is None else ranks.worst,
         )  # fmt: skip
         if found is None:

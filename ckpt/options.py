@@ -33,8 +33,9 @@ class SaveOptions:
     fsync: bool = True  # local disks: fsync shard files and directories before the commit
     update_latest: bool = True  # write the LATEST hint after a commit
     allow_non_atomic_commit: bool = False  # permit backends without a create-only primitive
-    # Each storage operation (a file write, a stat, the manifest commit, LATEST) must end within
-    # this many seconds, else StorageTimeoutError; the hung call's thread is abandoned.
+    # The deadline of the storage the save opens (Storage.io_timeout_s): each storage call (a stat,
+    # the manifest commit, LATEST; a file write between two chunks) must end within this many
+    # seconds, else StorageTimeoutError; the hung call's thread is abandoned.
     io_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -67,8 +68,9 @@ class RestoreOptions:
     read_chunk_bytes: int | None = None
     max_inflight_bytes: int = 512 * MiB  # bytes in flight (scratch and network buffers) at once
     num_threads: int = 8  # concurrent reads
-    # Each storage operation (a manifest or data read, a stat, a listing) must end within this
-    # many seconds, else StorageTimeoutError; the hung call's thread is abandoned.
+    # The deadline of the storage the restore opens (Storage.io_timeout_s): each storage call (a
+    # manifest or data read, a stat, a listing) must end within this many seconds, else
+    # StorageTimeoutError; the hung call's thread is abandoned.
     io_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:

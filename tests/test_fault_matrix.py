@@ -78,7 +78,7 @@ def save_step(root: str, step: int, opts: dict[str, Any] | None, options: ckpt.S
 def save_and_retire(root: str, opts: dict[str, Any] | None, timeout_s: float = TIMEOUT_S) -> None:
     """The faulted workload: save step NEW, then retire step 1 (keep the newest two)."""
     save_step(root, NEW, opts, dataclasses.replace(SAVE_OPTS, io_timeout_s=timeout_s))
-    cleanup.retire_steps(ckpt.storage.open_storage(root, opts), [1], timeout_s=timeout_s)
+    cleanup.retire_steps(ckpt.storage.open_storage(root, opts, io_timeout_s=timeout_s), [1])
 
 
 # --- operation points ---------------------------------------------------------------------------

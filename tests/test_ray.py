@@ -45,8 +45,10 @@ class Worker:
         self.weight = full_weight().narrow(0, off, n).clone()
         self.bias = torch.arange(GLOBAL[1], dtype=torch.float32)
         self.step = 0
+        self.asked = 0  # checkpoint_state() calls
 
     def checkpoint_state(self) -> dict[str, Any]:
+        self.asked += 1
         if self.fail == "raise":
             raise RuntimeError(f"worker {self.rank} cannot produce its state")
         if self.fail == "hang":
@@ -74,6 +76,9 @@ class Worker:
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         return self.weight, self.bias, self.offset, self.step
 
+    def times_asked(self) -> int:
+        return self.asked
+
 
 def test_driver_saves_from_4_actors_and_restores_onto_3(ray_local: None, tmp_path: Any) -> None:
     root = str(tmp_path / "run")
@@ -90,6 +95,15 @@ def test_driver_saves_from_4_actors_and_restores_onto_3(ray_local: None, tmp_pat
     for w, b, off, _ in ray.get([a.snapshot.remote() for a in readers]):
         assert torch.equal(w, full[off : off + w.shape[0]])
         assert torch.equal(b, torch.arange(GLOBAL[1], dtype=torch.float32))
+
+
+def test_driver_asks_each_actor_for_its_state_once_per_save(ray_local: None, tmp_path: Any) -> None:
+    """The describe exchange ("auto") and the write use one state, taken once."""
+    writers = [Worker.remote(r, 2) for r in range(2)]
+    ckpt.parallel.ray.save(str(tmp_path / "run"), writers, step=1)
+    assert ray.get([w.times_asked.remote() for w in writers]) == [1, 1]
+    ckpt.parallel.ray.save(str(tmp_path / "run"), writers, step=2, plain_tensors="replicated")
+    assert ray.get([w.times_asked.remote() for w in writers]) == [2, 2]
 
 
 def test_failing_actor_fails_the_save_naming_its_rank(ray_local: None, tmp_path: Any) -> None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeAlias
 
 from ckpt.cli import inspect, maintain, transfer
 from ckpt.cli._common import split_root_at_step
 from ckpt.units import parse_size
 
 _ONE_SIDE = "an fsspec storage option for {} only (repeatable; overrides --storage-option)"
+_ROOT_AT_STEP = "checkpoint root (path or fsspec URL)"
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,202 +56,231 @@ def apply_root_at_step(parser: argparse.ArgumentParser, args: argparse.Namespace
 # --- commands ----------------------------------------------------------------------------------
 
 
-def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ls = sub.add_parser("ls", help="list committed steps", description="List committed steps.")
-    ls.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
-    _common(ls)
-    ls.set_defaults(func=inspect.cmd_ls)
+def _add_inspect(sub: _Commands) -> None:
+    with _command(sub, "ls", inspect.cmd_ls, "list committed steps", "List committed steps.") as ls:
+        _root(ls)
 
-    show = sub.add_parser(
-        "show", help="summarise one checkpoint's manifest", description="Summarise a manifest."
-    )
-    show.add_argument("root", metavar="ROOT[@STEP]", help="checkpoint root (path or fsspec URL)")
-    show.add_argument("--step", type=_step, help="the step to show (default: the latest)")
-    _common(show)
-    show.set_defaults(func=inspect.cmd_show, all=False)
+    with _command(
+        sub,
+        "show",
+        inspect.cmd_show,
+        "summarise one checkpoint's manifest",
+        "Summarise a manifest.",
+        all=False,
+    ) as show:
+        _root(show, at_step=True)
+        _step_arg(show, "show")
 
-    ver = sub.add_parser(
+    with _command(
+        sub,
         "verify",
-        help="re-read and check every byte of a checkpoint",
-        description="Check sizes, whole-file and per-block crc32c and safetensors headers "
-        "against the manifest.",
-    )
-    ver.add_argument("root", metavar="ROOT[@STEP]", help="checkpoint root (path or fsspec URL)")
-    which = ver.add_mutually_exclusive_group()
-    which.add_argument("--step", type=_step, help="the step to verify (default: the latest)")
-    which.add_argument("--all", action="store_true", help="verify every committed step")
-    ver.add_argument(
-        "--threads", type=_positive, default=8, help="files checked concurrently (default 8)"
-    )
-    _common(ver)
-    ver.set_defaults(func=inspect.cmd_verify)
+        inspect.cmd_verify,
+        "re-read and check every byte of a checkpoint",
+        "Check sizes, whole-file and per-block crc32c and safetensors headers against the "
+        "manifest.",
+    ) as ver:
+        _root(ver, at_step=True)
+        which = ver.add_mutually_exclusive_group()
+        _step_arg(which, "verify")
+        which.add_argument("--all", action="store_true", help="verify every committed step")
+        ver.add_argument(
+            "--threads", type=_positive, default=8, help="files checked concurrently (default 8)"
+        )
 
 
-def _add_maintain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    rm = sub.add_parser(
+def _add_maintain(sub: _Commands) -> None:
+    with _command(
+        sub,
         "rm",
-        help="retire committed checkpoints",
-        description="Retire checkpoints: delete each manifest first (the step ceases to exist), "
-        "then the data files no remaining checkpoint references.",
-    )
-    rm.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
-    rm.add_argument("steps", metavar="STEP", type=_step, nargs="+", help="the steps to retire")
-    rm.add_argument(
-        "--dry-run", action="store_true", help="say what would be deleted; delete nothing"
-    )
-    _common(rm)
-    rm.set_defaults(func=maintain.cmd_rm)
+        maintain.cmd_rm,
+        "retire committed checkpoints",
+        "Retire checkpoints: delete each manifest first (the step ceases to exist), then the data "
+        "files no remaining checkpoint references.",
+    ) as rm:
+        _root(rm)
+        rm.add_argument("steps", metavar="STEP", type=_step, nargs="+", help="the steps to retire")
+        _dry_run(rm)
 
-    gc = sub.add_parser(
+    with _command(
+        sub,
         "gc",
-        help="delete garbage: failed attempts, temporary files, stale uploads",
-        description="Delete what no committed checkpoint references and nothing has touched for "
-        "the grace period: data of failed or abandoned saves, temporary files, stale multipart "
-        "uploads.",
-    )
-    gc.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
-    gc.add_argument(
-        "--grace-hours",
-        type=_hours,
-        default=24.0,
-        help="only collect what is older than this (default 24): longer than any save takes",
-    )
-    gc.add_argument(
-        "--dry-run", action="store_true", help="say what would be deleted; delete nothing"
-    )
-    _common(gc)
-    gc.set_defaults(func=maintain.cmd_gc)
+        maintain.cmd_gc,
+        "delete garbage: failed attempts, temporary files, stale uploads",
+        "Delete what no committed checkpoint references and nothing has touched for the grace "
+        "period: data of failed or abandoned saves, temporary files, stale multipart uploads.",
+    ) as gc:
+        _root(gc)
+        gc.add_argument(
+            "--grace-hours",
+            type=_hours,
+            default=24.0,
+            help="only collect what is older than this (default 24): longer than any save takes",
+        )
+        _dry_run(gc)
 
 
-def _add_cp(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    cp = sub.add_parser(
+def _add_cp(sub: _Commands) -> None:
+    with _command(
+        sub,
         "cp",
-        help="copy committed checkpoints to another root, verified and resumable",
-        description="Copy one, several or all committed checkpoints from SRC to DST (any two "
-        "fsspec roots): every crc32c is checked on the way, the manifest is committed last "
-        "(create-only), and a re-run after an interruption copies only what is missing.",
-    )
-    cp.add_argument("src", metavar="SRC[@STEP]", help="source root (path or fsspec URL)")
-    cp.add_argument("dst", metavar="DST", help="destination root (path or fsspec URL)")
-    cp.add_argument(
-        "--step",
-        type=_step,
-        action="append",
-        help="a step to copy (repeatable; with SRC@STEP, the union; default: every step)",
-    )
-    cp.add_argument("--threads", type=_positive, help="files copied concurrently (default 8)")
-    cp.add_argument(
-        "--chunk-size",
-        type=_size,
-        metavar="BYTES",
-        help="bytes per read and write, e.g. 16MiB (default 16MiB)",
-    )
-    cp.add_argument(
-        "--max-inflight",
-        type=_size,
-        metavar="BYTES",
-        help="read buffers held at once over all files, e.g. 256MiB (default 256MiB)",
-    )
-    cp.add_argument(
-        "--limit-rate",
-        type=_size,
-        metavar="BYTES",
-        help="copy at most this many bytes per second, e.g. 50MB (default: no limit)",
-    )
-    cp.add_argument(
-        "--no-check-existing",
-        action="store_true",
-        help="skip a destination file of the right size without re-reading its crc32c",
-    )
-    cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _common(cp)
-    for side in ("src", "dst"):
+        transfer.cmd_cp,
+        "copy committed checkpoints to another root, verified and resumable",
+        "Copy one, several or all committed checkpoints from SRC to DST (any two fsspec roots): "
+        "every crc32c is checked on the way, the manifest is committed last (create-only), and a "
+        "re-run after an interruption copies only what is missing.",
+        sides=("src", "dst"),
+    ) as cp:
+        cp.add_argument("src", metavar="SRC[@STEP]", help="source root (path or fsspec URL)")
+        cp.add_argument("dst", metavar="DST", help="destination root (path or fsspec URL)")
         cp.add_argument(
+            "--step",
+            type=_step,
+            action="append",
+            help="a step to copy (repeatable; with SRC@STEP, the union; default: every step)",
+        )
+        cp.add_argument("--threads", type=_positive, help="files copied concurrently (default 8)")
+        for flag, what in (
+            ("--chunk-size", "bytes per read and write, e.g. 16MiB (default 16MiB)"),
+            (
+                "--max-inflight",
+                "read buffers held at once over all files, e.g. 256MiB (default 256MiB)",
+            ),
+            (
+                "--limit-rate",
+                "copy at most this many bytes per second, e.g. 50MB (default: no limit)",
+            ),
+        ):
+            cp.add_argument(flag, type=_size, metavar="BYTES", help=what)
+        cp.add_argument(
+            "--no-check-existing",
+            action="store_true",
+            help="skip a destination file of the right size without re-reading its crc32c",
+        )
+        cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_interop(sub: _Commands) -> None:
+    with _command(
+        sub,
+        "export",
+        transfer.cmd_export,
+        "export a checkpoint as a Zarr v3 group or in the Hugging Face safetensors layout",
+        "Export one checkpoint. --format zarr: one Zarr v3 group at DST (a compressed, chunked "
+        "array per tensor, plain data and metadata as attributes), readable by plain zarr. "
+        "--format hf: model.safetensors.index.json + model-0000i-of-0000n.safetensors at DST, "
+        "sharded tensors consolidated, tensors only.",
+        sides=("dst",),
+        all=False,
+    ) as exp:
+        exp.add_argument("--format", required=True, choices=("zarr", "hf"), help="zarr or hf")
+        _root(exp, at_step=True)
+        exp.add_argument(
+            "dst", metavar="DST", help="destination directory or URL (must not hold an export)"
+        )
+        _step_arg(exp, "export")
+        exp.add_argument(
+            "--prefix", help="hf: export only tensors whose key starts with this, e.g. model/"
+        )
+        exp.add_argument(
+            "--strip-prefix", action="store_true", help="hf: remove --prefix from the names"
+        )
+        exp.add_argument(
+            "--rename",
+            metavar="OLD=NEW",
+            type=_rename,
+            help="hf: replace a leading OLD of each name (after --strip-prefix) with NEW",
+        )
+        exp.add_argument(
+            "--separator", help="hf: join key segments with this instead of '/', e.g. '.'"
+        )
+        exp.add_argument(
+            "--max-shard-size",
+            default="5GB",
+            metavar="SIZE",
+            help="hf: the largest file, e.g. 5GB (10**9 units) or 2GiB (default 5GB)",
+        )
+        exp.add_argument(
+            "--level", type=int, default=3, help="zarr: zstd compression level (default 3)"
+        )
+
+    with _command(
+        sub,
+        "import",
+        transfer.cmd_import,
+        "commit a Zarr archive made by `ckpt export --format zarr` as a checkpoint",
+        "Import a Zarr v3 group written by `ckpt export --format zarr` into ROOT as a committed "
+        "checkpoint (normal save path, create-only commit), bitwise identical.",
+        sides=("src",),
+    ) as imp:
+        imp.add_argument("--format", required=True, choices=("zarr",), help="zarr")
+        imp.add_argument("src", metavar="SRC", help="the Zarr group (path or fsspec URL)")
+        imp.add_argument("root", metavar="ROOT", help=_ROOT_AT_STEP)
+        _step_arg(imp, "commit", "the exported one")
+
+    with _command(
+        sub,
+        "adopt",
+        transfer.cmd_adopt,
+        "commit a manifest over existing safetensors files, without copying them",
+        "Write a checkpoint manifest over a directory of safetensors files (a Hugging Face "
+        "export, a model.safetensors): headers are validated, every file is read once for its "
+        "crc32c values, nothing is copied or changed. ckpt never deletes adopted files.",
+    ) as adopt:
+        adopt.add_argument("root", metavar="DIR_OR_URL", help="the directory holding the files")
+        adopt.add_argument("--step", type=_step, default=0, help="the step to commit (default 0)")
+
+
+# --- shared options and argument types ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _command(
+    sub: _Commands,
+    name: str,
+    func: Callable[[argparse.Namespace, dict[str, Any]], int],
+    help: str,
+    description: str,
+    *,
+    sides: tuple[str, ...] = (),
+    **defaults: Any,
+) -> Iterator[argparse.ArgumentParser]:
+    """The subcommand ``name`` run by ``func``: the ``with`` block adds its own arguments, then
+    come the options every command shares (``--json``, ``--storage-option``, and for a command
+    with two roots, the storage options of each of its ``sides``)."""
+    p = sub.add_parser(name, help=help, description=description)
+    yield p
+    p.add_argument("--json", action="store_true", help="print one JSON document to stdout")
+    _storage_option_arg(p, "storage_options")
+    for side in sides:
+        # cp, with both sides, also takes the short form --src-opt / --dst-opt
+        short = (f"--{side}-opt",) if len(sides) > 1 else ()
+        p.add_argument(
             f"--{side}-storage-option",
-            f"--{side}-opt",
+            *short,
             dest=f"{side}_storage_options",
             action="append",
             type=_storage_option,
             metavar="KEY=VALUE",
             help=_ONE_SIDE.format(side.upper()),
         )
-    cp.set_defaults(func=transfer.cmd_cp)
+    p.set_defaults(func=func, **defaults)
 
 
-def _add_interop(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    exp = sub.add_parser(
-        "export",
-        help="export a checkpoint as a Zarr v3 group or in the Hugging Face safetensors layout",
-        description="Export one checkpoint. --format zarr: one Zarr v3 group at DST (a "
-        "compressed, chunked array per tensor, plain data and metadata as attributes), readable "
-        "by plain zarr. --format hf: model.safetensors.index.json + "
-        "model-0000i-of-0000n.safetensors at DST, sharded tensors consolidated, tensors only.",
-    )
-    exp.add_argument("--format", required=True, choices=("zarr", "hf"), help="zarr or hf")
-    exp.add_argument("root", metavar="ROOT[@STEP]", help="checkpoint root (path or fsspec URL)")
-    exp.add_argument(
-        "dst", metavar="DST", help="destination directory or URL (must not hold an export)"
-    )
-    exp.add_argument("--step", type=_step, help="the step to export (default: the latest)")
-    exp.add_argument(
-        "--prefix", help="hf: export only tensors whose key starts with this, e.g. model/"
-    )
-    exp.add_argument(
-        "--strip-prefix", action="store_true", help="hf: remove --prefix from the names"
-    )
-    exp.add_argument(
-        "--rename",
-        metavar="OLD=NEW",
-        type=_rename,
-        help="hf: replace a leading OLD of each name (after --strip-prefix) with NEW",
-    )
-    exp.add_argument("--separator", help="hf: join key segments with this instead of '/', e.g. '.'")
-    exp.add_argument(
-        "--max-shard-size",
-        default="5GB",
-        metavar="SIZE",
-        help="hf: the largest file, e.g. 5GB (10**9 units) or 2GiB (default 5GB)",
-    )
-    exp.add_argument(
-        "--level", type=int, default=3, help="zarr: zstd compression level (default 3)"
-    )
-    _common(exp)
-    _storage_option_arg_for(exp, "dst")
-    exp.set_defaults(func=transfer.cmd_export, all=False)
-
-    imp = sub.add_parser(
-        "import",
-        help="commit a Zarr archive made by `ckpt export --format zarr` as a checkpoint",
-        description="Import a Zarr v3 group written by `ckpt export --format zarr` into ROOT as a "
-        "committed checkpoint (normal save path, create-only commit), bitwise identical.",
-    )
-    imp.add_argument("--format", required=True, choices=("zarr",), help="zarr")
-    imp.add_argument("src", metavar="SRC", help="the Zarr group (path or fsspec URL)")
-    imp.add_argument("root", metavar="ROOT", help="checkpoint root (path or fsspec URL)")
-    imp.add_argument("--step", type=_step, help="the step to commit (default: the exported one)")
-    _common(imp)
-    _storage_option_arg_for(imp, "src")
-    imp.set_defaults(func=transfer.cmd_import)
-
-    adopt = sub.add_parser(
-        "adopt",
-        help="commit a manifest over existing safetensors files, without copying them",
-        description="Write a checkpoint manifest over a directory of safetensors files (a Hugging "
-        "Face export, a model.safetensors): headers are validated, every file is read once for "
-        "its crc32c values, nothing is copied or changed. ckpt never deletes adopted files.",
-    )
-    adopt.add_argument("root", metavar="DIR_OR_URL", help="the directory holding the files")
-    adopt.add_argument("--step", type=_step, default=0, help="the step to commit (default 0)")
-    _common(adopt)
-    adopt.set_defaults(func=transfer.cmd_adopt)
+def _root(p: argparse.ArgumentParser, *, at_step: bool = False) -> None:
+    if at_step:
+        p.add_argument("root", metavar="ROOT[@STEP]", help=_ROOT_AT_STEP)
+    else:
+        p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
 
 
-# --- shared options and argument types ---------------------------------------------------------
+def _step_arg(p: argparse._ActionsContainer, verb: str, default: str = "the latest") -> None:
+    p.add_argument("--step", type=_step, help=f"the step to {verb} (default: {default})")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print one JSON document to stdout")
-    _storage_option_arg(p, "storage_options")
+def _dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dry-run", action="store_true", help="say what would be deleted; delete nothing"
+    )
 
 
 def _storage_option_arg(p: argparse.ArgumentParser, dest: str) -> None:
@@ -259,17 +292,6 @@ def _storage_option_arg(p: argparse.ArgumentParser, dest: str) -> None:
         metavar="KEY=VALUE",
         help="an fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable; "
         "the value is parsed as JSON when it parses)",
-    )
-
-
-def _storage_option_arg_for(p: argparse.ArgumentParser, side: str) -> None:
-    p.add_argument(
-        f"--{side}-storage-option",
-        dest=f"{side}_storage_options",
-        action="append",
-        type=_storage_option,
-        metavar="KEY=VALUE",
-        help=_ONE_SIDE.format(side.upper()),
     )
 
 

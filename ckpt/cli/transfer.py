@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ckpt.cli._common import (
     EXIT_OK,
@@ -19,7 +20,10 @@ from ckpt.cli._common import (
     progress_bar,
     split_root_at_step,
 )
+from ckpt.format.manifest import Manifest
 from ckpt.units import human_size, parse_size
+
+T = TypeVar("T")
 
 
 def cmd_cp(args: argparse.Namespace, opts: dict[str, Any]) -> int:
@@ -92,30 +96,26 @@ def cmd_cp(args: argparse.Namespace, opts: dict[str, Any]) -> int:
 def cmd_export(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     dst_opts = {**opts, **dict(args.dst_storage_options or [])}
     open_root(args.root, opts)
-    doc: dict[str, Any]
-    if args.format == "zarr":
-        from ckpt.interop.zarr import export_zarr
 
-        z = export_zarr(
+    def export(fn: Callable[..., T], **own: Any) -> T:
+        """``fn`` (export_zarr or export_hf): ROOT's step to DST, each side with its options."""
+        return fn(
             args.root,
             args.dst,
             args.step,
             storage_options=opts,
             dst_storage_options=dst_opts,
-            level=args.level,
+            **own,
         )
-        doc = {
-            "format": "zarr",
-            "step": z.step,
-            "dst": args.dst,
-            "num_tensors": z.num_tensors,
-            "tensor_bytes": z.tensor_bytes,
-            "seconds": round(z.seconds, 3),
-        }
-        line = (
-            f"exported step {z.step} to {args.dst}: {count(z.num_tensors, 'tensor')} "
-            f"({human_size(z.tensor_bytes)}) in {z.seconds:.2f} s"
-        )
+
+    fields: dict[str, Any]  # of the JSON document, between "dst" and "seconds"
+    if args.format == "zarr":
+        from ckpt.interop.zarr import export_zarr
+
+        z = export(export_zarr, level=args.level)
+        step, seconds = z.step, z.seconds
+        fields = {"num_tensors": z.num_tensors, "tensor_bytes": z.tensor_bytes}
+        summary = f"({human_size(z.tensor_bytes)}) in {z.seconds:.2f} s"
     else:
         from ckpt.interop.hf import export_hf
 
@@ -124,39 +124,33 @@ def cmd_export(args: argparse.Namespace, opts: dict[str, Any]) -> int:
         except ValueError as err:
             print(f"ckpt: error: --max-shard-size: {err}", file=sys.stderr)
             return EXIT_USAGE
-        h = export_hf(
-            args.root,
-            args.dst,
-            args.step,
-            storage_options=opts,
-            dst_storage_options=dst_opts,
+        h = export(
+            export_hf,
             max_shard_bytes=limit,
             prefix=args.prefix,
             strip_prefix=args.strip_prefix,
             rename=args.rename,
             separator=args.separator,
         )
-        doc = {
-            "format": "hf",
-            "step": h.step,
-            "dst": args.dst,
+        step, seconds = h.step, h.seconds
+        fields = {
             "files": list(h.files),
             "num_tensors": len(h.weight_map),
             "total_size": h.total_size,
             "skipped_objects": list(h.skipped_objects),
-            "seconds": round(h.seconds, 3),
         }
-        line = (
-            f"exported step {h.step} to {args.dst}: {count(len(h.weight_map), 'tensor')} "
-            f"({human_size(h.total_size)}) in {count(len(h.files), 'file')}"
-        )
+        summary = f"({human_size(h.total_size)}) in {count(len(h.files), 'file')}"
         if h.skipped_objects:
-            line += f"; skipped {count(len(h.skipped_objects), 'non-tensor value')}"
-    if args.json:
-        print_json(doc)
-    else:
-        print(clean(line))
-    return EXIT_OK
+            summary += f"; skipped {count(len(h.skipped_objects), 'non-tensor value')}"
+    doc = {
+        "format": args.format,
+        "step": step,
+        "dst": args.dst,
+        **fields,
+        "seconds": round(seconds, 3),
+    }
+    tensors = count(fields["num_tensors"], "tensor")
+    return _report(args, doc, f"exported step {step} to {args.dst}: {tensors} {summary}")
 
 
 def cmd_import(args: argparse.Namespace, opts: dict[str, Any]) -> int:
@@ -167,23 +161,9 @@ def cmd_import(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     m = import_zarr(
         args.src, args.root, args.step, src_storage_options=src_opts, storage_options=opts
     )
-    if args.json:
-        doc = {
-            "root": args.root,
-            "step": m.step,
-            "num_tensors": len(m.tensors),
-            "num_files": len(m.files),
-            "total_bytes": m.total_bytes,
-        }
-        print_json(doc)
-    else:
-        print(
-            clean(
-                f"imported step {m.step} into {args.root}: {count(len(m.tensors), 'tensor')}, "
-                f"{count(len(m.files), 'file')} ({human_size(m.total_bytes)})"
-            )
-        )
-    return EXIT_OK
+    summary = f"{count(len(m.tensors), 'tensor')}, {count(len(m.files), 'file')}"
+    line = f"imported step {m.step} into {args.root}: {summary} ({human_size(m.total_bytes)})"
+    return _committed(args, m, line, num_files=len(m.files))
 
 
 def cmd_adopt(args: argparse.Namespace, opts: dict[str, Any]) -> int:
@@ -191,20 +171,21 @@ def cmd_adopt(args: argparse.Namespace, opts: dict[str, Any]) -> int:
 
     open_root(args.root, opts)
     m = adopt(args.root, step=args.step, storage_options=opts)
+    summary = f"{human_size(m.total_bytes)}, {count(len(m.tensors), 'tensor')}"
+    line = f"adopted {count(len(m.files), 'file')} ({summary}) under {args.root} as step {m.step}"
+    return _committed(args, m, line, files=sorted(m.files))
+
+
+def _committed(args: argparse.Namespace, m: Manifest, line: str, **more: Any) -> int:
+    """What import and adopt say about the step ``m`` they committed under ROOT."""
+    doc = {"root": args.root, "step": m.step, "num_tensors": len(m.tensors), **more}
+    return _report(args, {**doc, "total_bytes": m.total_bytes}, line)
+
+
+def _report(args: argparse.Namespace, doc: dict[str, Any], line: str) -> int:
+    """What a command that wrote something says: ``doc`` with --json, else ``line``."""
     if args.json:
-        doc = {
-            "root": args.root,
-            "step": m.step,
-            "files": sorted(m.files),
-            "num_tensors": len(m.tensors),
-            "total_bytes": m.total_bytes,
-        }
         print_json(doc)
     else:
-        print(
-            clean(
-                f"adopted {count(len(m.files), 'file')} ({human_size(m.total_bytes)}, "
-                f"{count(len(m.tensors), 'tensor')}) under {args.root} as step {m.step}"
-            )
-        )
+        print(clean(line))
     return EXIT_OK

@@ -5,7 +5,9 @@ computing the per-block crc32c as the bytes go by (one pass; the per-file CRC is
 the blocks' CRCs). Restore issues the planned
 ranged reads in parallel, reading straight into destination memory where the copies of a read
 tile it (``preadv`` on local disks), verifies every block checksum, then scatters the rest.
-The first failure cancels the reads not yet started.
+The first failure cancels the reads not yet started. Each file write and each read is one
+storage call, run by the pool's workers under the storage's deadline (``Storage.io_timeout_s``;
+a write's clock restarts at each chunk it takes), with no thread of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import torch
 
 from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S as DEFAULT_IO_TIMEOUT_S
 from ckpt._concurrency import ByteBudget as ByteBudget
-from ckpt._concurrency import bounded as bounded
 from ckpt._concurrency import run_all as run_all
 from ckpt.engine.restore_plan import ReadOp, RestorePlan
 from ckpt.engine.save_plan import FilePlan
@@ -64,7 +65,6 @@ def write_files(
     block_bytes: int,
     num_threads: int,
     fsync: bool,
-    timeout_s: float | None = None,
 ) -> list[WrittenFile]:
     """Write every planned file; return sizes and checksums. Tensors must be CPU-contiguous."""
     results: dict[str, WrittenFile] = {}
@@ -92,7 +92,7 @@ def write_files(
         storage.write_file(fp.path, chunks, size=fp.size, fsync=fsync)
         results[fp.path] = WrittenFile(fp.path, fp.size, state["crc"], block_crcs)
 
-    run_all(write_one, plans, num_threads=num_threads, timeout_s=timeout_s,
+    run_all(write_one, plans, num_threads=num_threads, timeout_s=storage.io_timeout_s,
             what=lambda fp: f"{storage.where(fp.path)}: write")  # fmt: skip
     return [results[fp.path] for fp in plans]
 
@@ -107,7 +107,6 @@ def read_plan(
     *,
     num_threads: int,
     max_inflight_bytes: int,
-    timeout_s: float | None = None,
 ) -> None:
     """Run every read of ``plan`` into ``dests`` (flat byte views, one per request)."""
     budget = ByteBudget(max_inflight_bytes)
@@ -145,7 +144,7 @@ def read_plan(
         finally:
             budget.release(cost)
 
-    run_all(run, plan.reads, num_threads=num_threads, timeout_s=timeout_s,
+    run_all(run, plan.reads, num_threads=num_threads, timeout_s=storage.io_timeout_s,
             what=lambda op: f"{storage.where(op.path)}: read of [{op.range.start}, {op.range.end})")  # fmt: skip
 
 

@@ -34,7 +34,6 @@ from typing import Any
 
 import crc32c
 
-from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S
 from ckpt.engine import executor
 from ckpt.errors import CheckpointExistsError, HeaderError, PlanError, StorageError
 from ckpt.format import layout, strictjson
@@ -80,7 +79,7 @@ def adopt(
     if block_bytes < 1 or read_bytes < 1:
         raise ValueError("block_bytes and read_bytes must be positive")
     storage = open_storage(root, storage_options)
-    steps.ensure_committable(storage, allow_non_atomic=False, switch=None, timeout_s=DEFAULT_IO_TIMEOUT_S)
+    steps.ensure_committable(storage, allow_non_atomic=False, switch=None)
     rel = layout.manifest_path(step)
     if storage.exists(rel):
         raise CheckpointExistsError(f"{storage.url}: step {step} is already committed")

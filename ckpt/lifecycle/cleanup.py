@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S, bounded
+from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S
 from ckpt.errors import CheckpointNotFoundError, ManifestError
 from ckpt.format import layout
 from ckpt.format.manifest import Manifest
@@ -49,7 +49,7 @@ def retire(
 ) -> list[Retired]:
     """Retire committed checkpoints ``steps`` under ``root`` (``ckpt rm``); see the module docs.
     ``io_timeout_s`` bounds each storage call (StorageTimeoutError)."""
-    return retire_steps(open_storage(root, storage_options), steps, dry_run=dry_run, timeout_s=io_timeout_s)
+    return retire_steps(open_storage(root, storage_options, io_timeout_s=io_timeout_s), steps, dry_run=dry_run)
 
 
 def collect(
@@ -63,25 +63,23 @@ def collect(
     """Collect the garbage under ``root`` (``ckpt gc``); see the module docs. ``grace_s``
     defaults to 24 hours; ``io_timeout_s`` bounds each storage call."""
     grace = DEFAULT_GRACE_S if grace_s is None else grace_s
-    return collect_garbage(open_storage(root, storage_options), grace_s=grace, dry_run=dry_run, timeout_s=io_timeout_s)
+    return collect_garbage(open_storage(root, storage_options, io_timeout_s=io_timeout_s), grace_s=grace, dry_run=dry_run)
 
 
 # --- the one scan ----------------------------------------------------------------------------
 
 
-def referenced_files(
-    storage: Storage, *, skip: Iterable[int] = (), timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
-) -> tuple[set[str], list[str]]:
+def referenced_files(storage: Storage, *, skip: Iterable[int] = ()) -> tuple[set[str], list[str]]:
     """Every file a committed manifest (other than those of ``skip``) names, the manifests
     themselves included; and the manifests that do not validate (what they name is unknown)."""
     skipped = set(skip)
     referenced: set[str] = set()
     unreadable: list[str] = []
-    for step in committed_steps(storage, timeout_s=timeout_s):
+    for step in committed_steps(storage):
         if step in skipped:
             continue
         try:
-            m = read_step(storage, step, timeout_s=timeout_s)
+            m = read_step(storage, step)
         except CheckpointNotFoundError:
             continue  # retired between the listing and the read
         except ManifestError:
@@ -102,13 +100,11 @@ class Retired:
     files_kept: tuple[str, ...]  # still referenced by a remaining checkpoint (or by one unreadable), or adopted
 
 
-def retire_steps(
-    storage: Storage, steps: Iterable[int], *, dry_run: bool = False, timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
-) -> list[Retired]:
+def retire_steps(storage: Storage, steps: Iterable[int], *, dry_run: bool = False) -> list[Retired]:
     """Retire ``steps`` (committed checkpoints under ``storage``), oldest first."""
     doomed = sorted(set(steps))
-    manifests = {s: read_step(storage, s, timeout_s=timeout_s) for s in doomed}
-    referenced, unreadable = referenced_files(storage, skip=doomed, timeout_s=timeout_s)
+    manifests = {s: read_step(storage, s) for s in doomed}
+    referenced, unreadable = referenced_files(storage, skip=doomed)
     for s in doomed:  # refused before anything is deleted: never through a link (Storage.check_no_links)
         for rel in (layout.manifest_path(s), *manifests[s].files):
             storage.check_no_links(rel)
@@ -117,18 +113,18 @@ def retire_steps(
         m = manifests[s]
         if not dry_run:
             rel = layout.manifest_path(s)
-            _delete(storage, rel, timeout_s=timeout_s)  # the step ceases to exist here
-            _remove_dir(storage, posixpath.dirname(rel), timeout_s=timeout_s)
+            storage.delete(rel)  # the step ceases to exist here
+            storage.remove_empty_dir(posixpath.dirname(rel))
         if unreadable:
             out.append(Retired(s, (), tuple(sorted(m.files))))
             continue
-        gone, kept = _retire_data(storage, m, referenced, dry_run=dry_run, timeout_s=timeout_s)
+        gone, kept = _retire_data(storage, m, referenced, dry_run=dry_run)
         out.append(Retired(s, gone, kept))
     return out
 
 
 def _retire_data(
-    storage: Storage, m: Manifest, referenced: set[str], *, dry_run: bool, timeout_s: float | None
+    storage: Storage, m: Manifest, referenced: set[str], *, dry_run: bool
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     # Only ckpt's own data files (under data/) are ever deleted: files a manifest adopted
     # (ckpt.interop.adopt: a model directory's safetensors files, elsewhere under the root) are kept.
@@ -136,7 +132,7 @@ def _retire_data(
     gone = tuple(sorted(p for p in m.files if p not in referenced and p.startswith(own)))
     kept = tuple(sorted(p for p in m.files if p in referenced or not p.startswith(own)))
     if not dry_run:
-        _delete_files(storage, gone, timeout_s=timeout_s)
+        _delete_files(storage, gone)
     return gone, kept
 
 
@@ -203,38 +199,29 @@ def collect_garbage(
     grace_s: float = DEFAULT_GRACE_S,
     dry_run: bool = False,
     now: float | None = None,
-    timeout_s: float | None = DEFAULT_IO_TIMEOUT_S,
 ) -> GcPlan:
     """List the root, plan, and (unless ``dry_run``) delete the garbage and abort stale uploads."""
     now = time.time() if now is None else now
-    listed = bounded(storage.list_files, timeout_s=timeout_s, what=f"{storage.url}: listing")
-    uploads = bounded(storage.multipart_uploads, timeout_s=timeout_s, what=f"{storage.url}: listing uploads")
-    referenced, unreadable = referenced_files(storage, timeout_s=timeout_s)
+    listed = storage.list_files()
+    uploads = storage.multipart_uploads()
+    referenced, unreadable = referenced_files(storage)
     plan = plan_gc(listed, uploads, referenced, now=now, grace_s=grace_s, unreadable=unreadable)
     if not dry_run:
-        _delete_files(storage, plan.delete, timeout_s=timeout_s)
+        _delete_files(storage, plan.delete)
         for u in plan.abort:
-            bounded(lambda u=u: storage.abort_upload(u), timeout_s=timeout_s, what=f"{storage.where(u.key)}: abort upload")  # type: ignore[misc]
+            storage.abort_upload(u)
     return plan
 
 
 # --- deleting --------------------------------------------------------------------------------
 
 
-def _delete(storage: Storage, rel: str, *, timeout_s: float | None) -> None:
-    bounded(lambda: storage.delete(rel), timeout_s=timeout_s, what=f"{storage.where(rel)}: delete")
-
-
-def _remove_dir(storage: Storage, rel: str, *, timeout_s: float | None) -> None:
-    """The directory, once empty (local disks): files that are not ckpt's keep it, and them."""
-    bounded(lambda: storage.remove_empty_dir(rel), timeout_s=timeout_s, what=f"{storage.where(rel)}: remove directory")
-
-
-def _delete_files(storage: Storage, paths: Iterable[str], *, timeout_s: float | None) -> None:
-    """Delete ``paths`` one by one, then their directories where empty, deepest first."""
+def _delete_files(storage: Storage, paths: Iterable[str]) -> None:
+    """Delete ``paths`` one by one, then their directories where empty, deepest first (local
+    disks: files that are not ckpt's keep a directory, and are kept)."""
     dirs = set()
     for p in paths:
-        _delete(storage, p, timeout_s=timeout_s)
+        storage.delete(p)
         dirs.add(posixpath.dirname(p))
     for d in sorted(dirs, key=len, reverse=True):
-        _remove_dir(storage, d, timeout_s=timeout_s)
+        storage.remove_empty_dir(d)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt.engine.executor import bounded, run_all
+from ckpt.engine.executor import run_all
 from ckpt.errors import (
     CheckpointExistsError,
     CkptWarning,
@@ -235,7 +235,7 @@ def _merge_trees(by_rank: dict[int, Report]) -> tuple[Any, dict[str, Any]]:
     return skeleton, objects
 
 
-def check_files(storage: Storage, m: Manifest, *, num_threads: int, timeout_s: float | None = None) -> None:
+def check_files(storage: Storage, m: Manifest, *, num_threads: int) -> None:
     """Every file the manifest names exists with the reported size (one stat each)."""
 
     def check(path: str) -> None:
@@ -248,23 +248,22 @@ def check_files(storage: Storage, m: Manifest, *, num_threads: int, timeout_s: f
                 f"{storage.where(path)}: {size} bytes on storage, the writer reported {m.files[path].size}"
             )
 
-    run_all(check, sorted(m.files), num_threads=num_threads, timeout_s=timeout_s,
+    run_all(check, sorted(m.files), num_threads=num_threads, timeout_s=storage.io_timeout_s,
             what=lambda p: f"{storage.where(p)}: stat")  # fmt: skip
 
 
-def publish(
-    storage: Storage, m: Manifest, *, fsync: bool, update_latest: bool, timeout_s: float | None = None
-) -> None:
+def publish(storage: Storage, m: Manifest, *, fsync: bool, update_latest: bool) -> None:
     """THE commit point: create the manifest only if absent. A lost-response retry that finds
     our own attempt there counts as success; anyone else's is CheckpointExistsError.
 
-    With ``timeout_s``, a manifest write that does not answer in time raises StorageTimeoutError:
-    the outcome is then unknown (the abandoned write may still land and commit the step)."""
+    A manifest write that does not answer within the storage's deadline raises
+    StorageTimeoutError: the outcome is then unknown (the abandoned write may still land and
+    commit the step)."""
     rel = manifest_path(m.step)
     data = m.to_json()
     where = storage.where(rel)
-    if not bounded(lambda: storage.put_if_absent(rel, data, fsync=fsync), timeout_s=timeout_s, what=f"{where}: create-only write"):
-        blob = bounded(lambda: storage.read(rel), timeout_s=timeout_s, what=f"{where}: read")
+    if not storage.put_if_absent(rel, data, fsync=fsync):
+        blob = storage.read(rel)
         existing = manifest_mod.parse(blob, where=where, expected_step=m.step)
         if existing.attempt != m.attempt:
             raise CheckpointExistsError(
@@ -273,25 +272,20 @@ def publish(
             )
     if update_latest:
         try:
-            _update_latest(storage, m.step, fsync=fsync, timeout_s=timeout_s)
+            _update_latest(storage, m.step, fsync=fsync)
         except StorageError as err:  # the step is committed; LATEST is only a hint (FORMAT 9.4)
             warnings.warn(f"step {m.step} is committed, but the LATEST hint was not updated: {err}", CkptWarning, stacklevel=3)
 
 
-def _update_latest(storage: Storage, step: int, *, fsync: bool, timeout_s: float | None = None) -> None:
+def _update_latest(storage: Storage, step: int, *, fsync: bool) -> None:
     """LATEST is a hint for humans and other tools; ckpt itself always lists ``steps/``."""
-    where = storage.where(LATEST)
     try:
-        blob = bounded(lambda: storage.read(LATEST), timeout_s=timeout_s, what=f"{where}: read")
+        blob = storage.read(LATEST)
         current = strictjson.loads(blob, what=LATEST, error=ValueError, max_bytes=4096)
         hinted = current.get("step") if isinstance(current, dict) else None
-        if type(hinted) is int and (
-            hinted == step
-            or (hinted > step and bounded(lambda: storage.exists(manifest_path(hinted)), timeout_s=timeout_s,
-                                          what=f"{storage.where(manifest_path(hinted))}: exists"))
-        ):  # fmt: skip
+        if type(hinted) is int and (hinted == step or (hinted > step and storage.exists(manifest_path(hinted)))):
             return  # a newer committed step is named already
     except (ValueError, OSError):
         pass  # missing or damaged hint, or one naming a step that is not there: rewrite it
     hint = strictjson.dumps({"step": step})
-    bounded(lambda: storage.put(LATEST, hint, fsync=fsync), timeout_s=timeout_s, what=f"{where}: write")
+    storage.put(LATEST, hint, fsync=fsync)

@@ -42,7 +42,6 @@ from typing import Any
 
 import crc32c
 
-from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S
 from ckpt.engine import executor
 from ckpt.errors import (
     CheckpointNotFoundError,
@@ -191,7 +190,7 @@ def copy(
         dst_root, dst_storage_options,
         part_bytes=opts.chunk_bytes, max_inflight_bytes=opts.max_inflight_bytes,
     )  # fmt: skip
-    ensure_committable(dst, allow_non_atomic=opts.allow_non_atomic_commit, switch="CopyOptions", timeout_s=DEFAULT_IO_TIMEOUT_S)
+    ensure_committable(dst, allow_non_atomic=opts.allow_non_atomic_commit, switch="CopyOptions")
     manifests = _source_manifests(src, steps, opts.num_threads)
     dst_steps = set(committed_steps(dst))
     there: dict[int, bytes] = {}

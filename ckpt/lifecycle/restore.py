@@ -69,14 +69,14 @@ def restore(
         The restored structure (the target's tensors are the same objects, now filled).
     """
     opts = options or RestoreOptions()
-    storage = open_storage(root, storage_options)
+    storage = open_storage(root, storage_options, io_timeout_s=opts.io_timeout_s)
     if step is None and fallback:
         found = restore_newest(storage, target, opts, fallback=True)
         if found is None:
             raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
         out = found.state
     else:
-        m = resolve_step(storage, step, timeout_s=opts.io_timeout_s)
+        m = resolve_step(storage, step)
         out = restore_manifest(storage, m, target=target, options=opts)
     assign(target, out)
     return out
@@ -114,7 +114,7 @@ def restore_newest(
     ranks restore one step or all move on together; a rank whose error is not damage (a storage
     failure, a target that does not match) stops every rank. One process: both are local.
     """
-    pick = pick or (lambda below: newest_step(storage, below=below, timeout_s=options.io_timeout_s))
+    pick = pick or (lambda below: newest_step(storage, below=below))
     agree = agree or (lambda code: code)
     below: int | None = None
     skipped: list[str] = []
@@ -123,7 +123,7 @@ def restore_newest(
         restored: Any = None
         err: Exception | None = None
         try:
-            m = read_step(storage, step, timeout_s=options.io_timeout_s)
+            m = read_step(storage, step)
             restored = restore_manifest(storage, m, target=target, options=options)
         except Exception as e:
             err = e
@@ -178,7 +178,7 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
     wanted = {key: _destination(key, m, sel.destinations.get(key)) for key in sel.tensor_keys}
     # Stat the files of the requested tensors before planning: a plan is as big as the bytes
     # the manifest claims, so a lying manifest (a 4 TiB tensor over a small file) stops here.
-    _check_sizes(storage, m, sel.tensor_keys, options.num_threads, options.io_timeout_s)
+    _check_sizes(storage, m, sel.tensor_keys, options.num_threads)
     requests = [Request(k, box) for k, (box, _) in wanted.items()]
     plan = plan_restore(
         m,
@@ -202,7 +202,6 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
         [executor.byte_view(bufs[k]) for k in sel.tensor_keys],
         num_threads=options.num_threads,
         max_inflight_bytes=options.max_inflight_bytes,
-        timeout_s=options.io_timeout_s,
     )
     for key, t in finals.items():
         if bufs[key] is not t:
@@ -240,7 +239,7 @@ def _destination(key: str, m: Manifest, dest: object) -> tuple[regions.Box, torc
     return box, t
 
 
-def _check_sizes(storage: Storage, m: Manifest, keys: list[str], num_threads: int, timeout_s: float | None = None) -> None:
+def _check_sizes(storage: Storage, m: Manifest, keys: list[str], num_threads: int) -> None:
     """One stat per file holding the requested tensors: truncated or extended files fail before
     any read."""
     users: dict[str, list[str]] = {}
@@ -261,5 +260,5 @@ def _check_sizes(storage: Storage, m: Manifest, keys: list[str], num_threads: in
                 f"truncated or extended (keys {users.get(path, [])[:5]})"
             )
 
-    executor.run_all(check, sorted(users), num_threads=num_threads, timeout_s=timeout_s,
+    executor.run_all(check, sorted(users), num_threads=num_threads, timeout_s=storage.io_timeout_s,
                      what=lambda p: f"{storage.where(p)}: stat")  # fmt: skip

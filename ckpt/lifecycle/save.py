@@ -54,23 +54,21 @@ def begin(
 
 
 def _storage(a: Attempt, storage_options: dict[str, Any] | None) -> Storage:
-    """The storage of an attempt's root, with the attempt's write knobs."""
+    """The storage of an attempt's root, with the attempt's write knobs and deadline."""
     return open_storage(
-        a.root, storage_options, part_bytes=a.options.write_chunk_bytes, max_inflight_bytes=a.options.max_inflight_bytes
-    )
+        a.root, storage_options, part_bytes=a.options.write_chunk_bytes, max_inflight_bytes=a.options.max_inflight_bytes,
+        io_timeout_s=a.options.io_timeout_s,
+    )  # fmt: skip
 
 
 def _begin(storage: Storage, a: Attempt) -> None:
     step = a.step
-    steps.ensure_committable(
-        storage, allow_non_atomic=a.options.allow_non_atomic_commit, switch="SaveOptions",
-        timeout_s=a.options.io_timeout_s,
-    )  # fmt: skip
+    steps.ensure_committable(storage, allow_non_atomic=a.options.allow_non_atomic_commit, switch="SaveOptions")
     rel = layout.manifest_path(step)
     # a linked steps/ or data/ is refused here, before any writer writes (Storage.check_no_links)
     storage.check_no_links(rel)
     storage.check_no_links(layout.shard_path(step, a.attempt, 0, 0))
-    if executor.bounded(lambda: storage.exists(rel), timeout_s=a.options.io_timeout_s, what=f"{storage.where(rel)}: exists"):
+    if storage.exists(rel):
         raise CheckpointExistsError(f"{storage.url}: step {step} is already committed")
 
 
@@ -157,12 +155,11 @@ def _write_shards(storage: Storage, attempt: Attempt, state: object, *, rank: in
         min_file_bytes=opts.min_file_bytes,
     )
     written = executor.write_files(
-        storage, plan.files, tensors, block_bytes=opts.block_bytes, num_threads=opts.num_threads, fsync=opts.fsync,
-        timeout_s=opts.io_timeout_s,
+        storage, plan.files, tensors, block_bytes=opts.block_bytes, num_threads=opts.num_threads, fsync=opts.fsync
     )
     if opts.fsync and plan.files:
         dirs = [layout.data_dir(attempt.step, attempt.attempt), "data", ""]
-        executor.bounded(lambda: storage.sync_dirs(dirs), timeout_s=opts.io_timeout_s, what=f"{storage.where(dirs[0])}: fsync")
+        storage.sync_dirs(dirs)
     shards: list[ShardRecord] = []
     for fp, wf in zip(plan.files, written, strict=True):
         for item, br in fp.items:
@@ -240,8 +237,8 @@ def _commit(storage: Storage, attempt: Attempt, reports: list[Report]) -> Manife
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     m = commit_mod.build_manifest(attempt, reports, created=created)
     opts = attempt.options
-    commit_mod.check_files(storage, m, num_threads=opts.num_threads, timeout_s=opts.io_timeout_s)
-    commit_mod.publish(storage, m, fsync=opts.fsync, update_latest=opts.update_latest, timeout_s=opts.io_timeout_s)
+    commit_mod.check_files(storage, m, num_threads=opts.num_threads)
+    commit_mod.publish(storage, m, fsync=opts.fsync, update_latest=opts.update_latest)
     return m
 
 

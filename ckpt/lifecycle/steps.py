@@ -1,7 +1,8 @@
 """Steps: the committed checkpoints of a root. Listing them, reading and resolving a manifest,
 the newest valid one, and the one check of whether a root may be committed to (with the S3
 conditional-write probe), used by save, copy and adopt alike. Paths come from
-:mod:`ckpt.format.layout`; every storage call is bounded by ``timeout_s``.
+:mod:`ckpt.format.layout`; every storage call runs under the storage's deadline
+(``Storage.io_timeout_s``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S, bounded
+from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptWarning,
@@ -26,11 +27,10 @@ from ckpt.format.manifest import Manifest
 from ckpt.storage import Storage, open_storage
 
 
-def committed_steps(storage: Storage, *, timeout_s: float | None = None) -> list[int]:
+def committed_steps(storage: Storage) -> list[int]:
     """Steps that have a ``steps/<step>/manifest.json`` file, ascending (one listing; manifests
     are not parsed). Anything else under ``steps/`` is ignored (docs/FORMAT.md 2.2)."""
-    listed = bounded(lambda: storage.list_files(layout.STEPS), timeout_s=timeout_s,
-                     what=f"{storage.where(layout.STEPS)}: listing")  # fmt: skip
+    listed = storage.list_files(layout.STEPS)
     return sorted(s for f in listed if (s := layout.step_of_manifest(f.path)) is not None)
 
 
@@ -39,7 +39,7 @@ def list_steps(
 ) -> list[int]:
     """Steps with a manifest present, ascending (one listing; manifests are not parsed).
     ``io_timeout_s`` bounds the listing (StorageTimeoutError); None waits as long as it takes."""
-    return committed_steps(open_storage(root, storage_options), timeout_s=io_timeout_s)
+    return committed_steps(open_storage(root, storage_options, io_timeout_s=io_timeout_s))
 
 
 def latest_step(
@@ -50,18 +50,18 @@ def latest_step(
     A newer manifest that fails validation is skipped with a CkptWarning (it is not a checkpoint).
     ``io_timeout_s`` bounds each storage call.
     """
-    m = _latest(open_storage(root, storage_options), timeout_s=io_timeout_s)
+    m = _latest(open_storage(root, storage_options, io_timeout_s=io_timeout_s))
     return None if m is None else m.step
 
 
-def _latest(storage: Storage, *, timeout_s: float | None = None, below: int | None = None) -> Manifest | None:
+def _latest(storage: Storage, *, below: int | None = None) -> Manifest | None:
     """The newest manifest that validates (of the steps before ``below``, if given)."""
-    steps = committed_steps(storage, timeout_s=timeout_s)
+    steps = committed_steps(storage)
     for step in reversed(steps):
         if below is not None and step >= below:
             continue
         try:
-            return read_step(storage, step, timeout_s=timeout_s)
+            return read_step(storage, step)
         except ManifestError as err:
             warnings.warn(f"skipping step {step}: {err}", CkptWarning, stacklevel=3)
         except CheckpointNotFoundError:
@@ -78,34 +78,32 @@ def read_manifest(
 ) -> Manifest:
     """The parsed, validated manifest of ``step`` (default: the latest); ``io_timeout_s``
     bounds each storage call."""
-    return resolve_step(open_storage(root, storage_options), step, timeout_s=io_timeout_s)
+    return resolve_step(open_storage(root, storage_options, io_timeout_s=io_timeout_s), step)
 
 
-def resolve_step(storage: Storage, step: int | None, *, timeout_s: float | None = None) -> Manifest:
+def resolve_step(storage: Storage, step: int | None) -> Manifest:
     """``step``'s manifest, or the newest one that validates when ``step`` is None (newer
-    invalid ones are skipped with a CkptWarning: they are not checkpoints). ``timeout_s``
-    bounds each storage operation (StorageTimeoutError)."""
+    invalid ones are skipped with a CkptWarning: they are not checkpoints)."""
     if step is not None:
-        return read_step(storage, step, timeout_s=timeout_s)
-    m = _latest(storage, timeout_s=timeout_s)
+        return read_step(storage, step)
+    m = _latest(storage)
     if m is None:
         raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
     return m
 
 
-def read_step(storage: Storage, step: int, *, timeout_s: float | None = None) -> Manifest:
+def read_step(storage: Storage, step: int) -> Manifest:
     """The validated manifest of ``step``: CheckpointNotFoundError if absent, a ManifestError if
-    it does not validate. The size is checked before anything is read. ``timeout_s`` bounds
-    each storage operation (StorageTimeoutError)."""
+    it does not validate. The size is checked before anything is read."""
     rel = layout.manifest_path(step)
     where = storage.where(rel)
     try:
-        size = bounded(lambda: storage.size(rel), timeout_s=timeout_s, what=f"{where}: stat")
+        size = storage.size(rel)
         if size > manifest_mod.MAX_MANIFEST_BYTES:
             raise ManifestTooLargeError(
                 f"{where}: {size} bytes is over the {manifest_mod.MAX_MANIFEST_BYTES}-byte manifest cap"
             )
-        data = bounded(lambda: storage.read(rel), timeout_s=timeout_s, what=f"{where}: read")
+        data = storage.read(rel)
     except MissingShardError:  # absent, or retired between the stat and the read
         raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint for step {step}") from None
     if len(data) < size:  # manifests are never rewritten: fewer bytes than stat said is a failed read
@@ -113,13 +111,13 @@ def read_step(storage: Storage, step: int, *, timeout_s: float | None = None) ->
     return manifest_mod.parse(data, where=storage.where(rel), expected_step=step)
 
 
-def newest_step(storage: Storage, *, below: int | None = None, timeout_s: float | None = None) -> int | None:
+def newest_step(storage: Storage, *, below: int | None = None) -> int | None:
     """The newest step (before ``below``) whose manifest exists and validates, or None."""
-    m = _latest(storage, timeout_s=timeout_s, below=below)
+    m = _latest(storage, below=below)
     return None if m is None else m.step
 
 
-def ensure_committable(storage: Storage, *, allow_non_atomic: bool, switch: str | None, timeout_s: float | None) -> None:
+def ensure_committable(storage: Storage, *, allow_non_atomic: bool, switch: str | None) -> None:
     """The one check of "may we commit to this root?" (save, copy, adopt): the backend must have
     a create-only write ckpt trusts, and where that write needs a probe (S3), the endpoint must
     pass it; ``allow_non_atomic`` (the caller declares a single writer) skips both. ``switch``
@@ -134,7 +132,7 @@ def ensure_committable(storage: Storage, *, allow_non_atomic: bool, switch: str 
             f"{storage.url}: this backend has no create-only write ckpt trusts; concurrent commits "
             f"could overwrite each other.{escape}"
         )
-    if not bounded(storage.conditional_writes_work, timeout_s=timeout_s, what=f"{storage.url}: conditional-write probe"):
+    if not storage.conditional_writes_work():
         raise ConditionalWriteUnsupportedError(
             f"{storage.url}: the endpoint {storage.endpoint()} ignores {storage.precondition} (a second "
             "create-only write of a probe key succeeded instead of being refused), so two writers "

@@ -119,15 +119,13 @@ def verify(
     Raises CheckpointNotFoundError if there is no such checkpoint and a ManifestError if its
     manifest does not validate; problems in the data files are collected in the report (call
     ``raise_if_failed()`` on it to turn them into an error). ``progress`` is called with the
-    number of bytes just checked, from worker threads. ``io_timeout_s`` bounds the manifest's
-    reads and the check of each file (StorageTimeoutError); None waits as long as it takes.
+    number of bytes just checked, from worker threads. ``io_timeout_s`` bounds each storage
+    call (StorageTimeoutError; a file's check reads it in chunks, each one call); None waits as
+    long as it takes.
     """
-    storage = open_storage(root, storage_options)
-    m = steps.resolve_step(storage, step, timeout_s=io_timeout_s)
-    return verify_manifest(
-        storage, m, num_threads=num_threads, chunk_bytes=chunk_bytes, progress=progress,
-        io_timeout_s=io_timeout_s,
-    )  # fmt: skip
+    storage = open_storage(root, storage_options, io_timeout_s=io_timeout_s)
+    m = steps.resolve_step(storage, step)
+    return verify_manifest(storage, m, num_threads=num_threads, chunk_bytes=chunk_bytes, progress=progress)
 
 
 def verify_manifest(
@@ -137,9 +135,9 @@ def verify_manifest(
     num_threads: int = 8,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Callable[[int], None] | None = None,
-    io_timeout_s: float | None = None,
 ) -> VerifyReport:
-    """Check every file of an already parsed manifest (see :func:`verify`)."""
+    """Check every file of an already parsed manifest (see :func:`verify`), each storage call
+    under the storage's deadline."""
     if chunk_bytes <= 0 or num_threads <= 0:
         raise ValueError("chunk_bytes and num_threads must be positive")
     shards: dict[str, list[_Stored]] = {path: [] for path in m.files}
@@ -152,7 +150,9 @@ def verify_manifest(
         results[path] = _check_file(storage, m, path, shards[path], chunk_bytes, progress)
 
     paths = sorted(m.files)
-    executor.run_all(check, paths, num_threads=num_threads, timeout_s=io_timeout_s,
+    # the storage's deadline, on the pool's own threads: every read of a file's check must end
+    # in time (each ended call restarts the clock), not the whole file
+    executor.run_all(check, paths, num_threads=num_threads, timeout_s=storage.io_timeout_s,
                      what=lambda p: f"{storage.where(p)}: verify")  # fmt: skip
     findings: list[Problem] = []
     for path in paths:

@@ -5,7 +5,8 @@ Driver pattern (a group of Ray actors holds the training state)::
     m = ckpt.parallel.ray.save(root, actors, step=100)            # every actor writes, the driver commits
     ckpt.parallel.ray.restore(root, actors)                        # every actor reads what it needs
 
-Each actor gives its state through a method (default ``checkpoint_state()``) and, on restore,
+Each actor gives its state through a method (default ``checkpoint_state()``, called once per
+save: the describe exchange and the write use what it gave) and, on restore,
 its target (``checkpoint_target()``) and a loader (``load_checkpoint(state)``); both can be
 functions ``fn(actor_self)`` instead. Work runs inside the actors (``__ray_call__``); only small
 JSON reports travel back. If an actor raises or dies, every waiting party gets a
@@ -22,7 +23,9 @@ environment (instance role, IRSA, ``AWS_*`` variables) plus the non-secret ``sto
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -36,6 +39,7 @@ from ckpt.lifecycle import steps
 from ckpt.lifecycle.attempt import Attempt
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.parallel import _protocol
+from ckpt.state import tree
 
 StateFn = str | Callable[[Any], Any]
 _SECRET_KEYS = frozenset(
@@ -73,11 +77,29 @@ def _call(fn: StateFn, obj: Any, *args: Any) -> Any:
     return getattr(obj, fn)(*args) if isinstance(fn, str) else fn(obj, *args)
 
 
+# In each actor's process: the state an actor gave at the describe step of a save, flattened,
+# for that save's write step (one call of its state method per save). Keyed by the actor;
+# at most one per actor, dropped by the next write step of any save.
+_TAKEN: dict[int, tuple[str, tree.Flat]] = {}
+_TAKEN_LOCK = threading.Lock()
+
+
 def _step_in_actor(
     self: Any, step: _protocol.WriterStep, state_fn: StateFn, rank: int, payload: _protocol.Msg,
-    storage_options: dict[str, Any],
+    storage_options: dict[str, Any], save_id: str,
 ) -> _protocol.Msg:  # fmt: skip
-    return _protocol.writer_reply(step, lambda: _call(state_fn, self), rank, payload, storage_options)
+    def state() -> object:
+        with _TAKEN_LOCK:
+            taken = _TAKEN.pop(id(self), None) if step == "write" else None
+        if taken is not None and taken[0] == save_id:
+            return taken[1]  # the state this save described
+        flat = tree.flatten(_call(state_fn, self))
+        if step == "describe":
+            with _TAKEN_LOCK:
+                _TAKEN[id(self)] = (save_id, flat)
+        return flat
+
+    return _protocol.writer_reply(step, state, rank, payload, storage_options)
 
 
 def _restore_in_actor(
@@ -128,7 +150,8 @@ def _gather(refs: Sequence[Any], *, what: str, timeout_s: float) -> list[Any]:
 
 class _Actors:
     """The protocol's transport for the driver pattern: the driver coordinates and holds no state
-    (a broadcast stays with it); every actor runs the writer steps through ``__ray_call__``."""
+    (a broadcast stays with it); every actor runs the writer steps through ``__ray_call__``,
+    asked for its state once per save (the write step reuses what the describe step took)."""
 
     rank: int | None = None
     coordinator = True
@@ -136,13 +159,14 @@ class _Actors:
     def __init__(self, actors: Sequence[Any], state_fn: StateFn, storage_options: dict[str, Any], timeout_s: float):
         self.actors, self.world_size = actors, len(actors)
         self.state_fn, self.storage_options, self.timeout_s = state_fn, storage_options, timeout_s
+        self.save_id = uuid.uuid4().hex  # one transport per save
 
     def broadcast(self, msg: _protocol.Msg | None) -> _protocol.Msg:
         assert msg is not None
         return msg
 
     def gather(self, step: _protocol.WriterStep, payload: _protocol.Msg) -> dict[int, _protocol.Msg]:
-        refs = [a.__ray_call__.remote(_step_in_actor, step, self.state_fn, rank, payload, self.storage_options)
+        refs = [a.__ray_call__.remote(_step_in_actor, step, self.state_fn, rank, payload, self.storage_options, self.save_id)
                 for rank, a in enumerate(self.actors)]  # fmt: skip
         replies, failures = _wait(refs, self.timeout_s)
         return {**replies, **{r: {"error": m} for r, m in failures.items()}}

@@ -15,6 +15,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S
 from ckpt.options import RetryPolicy
 from ckpt.storage._azure import AZURE_PROTOCOLS, AzureStorage, open_azure
 from ckpt.storage._base import Listed, Storage, Upload
@@ -54,13 +55,37 @@ def open_storage(
     max_inflight_bytes: int | None = None,
     retry: RetryPolicy | None = None,
     max_requests: int | None = None,
+    io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S,
 ) -> Storage:
     """The storage of one checkpoint root: a path or fsspec URL, with ``storage_options`` the
     fsspec way. ckpt's own knobs may ride in ``storage_options`` too (so every entry point takes
-    them; fsspec never sees them): ``ckpt_retry`` (a RetryPolicy or a dict of its fields) and
-    ``ckpt_max_requests`` (requests in flight per Storage of an object store). The write knobs
-    (``part_bytes``, ``single_put_max_bytes``, ``max_inflight_bytes``: None for the defaults)
-    matter to object stores only."""
+    them; fsspec never sees them): ``ckpt_retry`` (a RetryPolicy or a dict of its fields),
+    ``ckpt_max_requests`` (requests in flight per Storage of an object store) and
+    ``ckpt_io_timeout_s`` (the deadline of every storage call, ``Storage.io_timeout_s``: seconds,
+    or None for none; when given it wins over ``io_timeout_s``, which entry points set from their
+    own options). The write knobs (``part_bytes``, ``single_put_max_bytes``,
+    ``max_inflight_bytes``: None for the defaults) matter to object stores only."""
+    opts = dict(storage_options or {})
+    timeout = _io_timeout(opts.pop("ckpt_io_timeout_s", io_timeout_s))
+    storage = _backend(
+        root, opts, part_bytes=part_bytes, single_put_max_bytes=single_put_max_bytes,
+        max_inflight_bytes=max_inflight_bytes, retry=retry, max_requests=max_requests,
+    )  # fmt: skip
+    storage.io_timeout_s = timeout
+    return storage
+
+
+def _backend(
+    root: str,
+    storage_options: dict[str, Any] | None,
+    *,
+    part_bytes: int | None,
+    single_put_max_bytes: int | None,
+    max_inflight_bytes: int | None,
+    retry: RetryPolicy | None,
+    max_requests: int | None,
+) -> Storage:
+    """The backend of ``root`` (:func:`open_storage`, whose deadline it does not set)."""
     opts = dict(storage_options or {})
     policy = _retry_policy(opts.pop("ckpt_retry", None), retry)
     requests = int(max_requests or opts.pop("ckpt_max_requests", None) or S3_MAX_REQUESTS)
@@ -101,6 +126,14 @@ def trusts_create_only(fs: Any) -> bool:
     ``If-None-Match``, after the probe). For the fault kit, which wraps such file systems."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("memory", *_S3_PROTOCOLS, *_GCS_PROTOCOLS)
+
+
+def _io_timeout(given: object) -> float | None:
+    if given is None:
+        return None
+    if isinstance(given, bool) or not isinstance(given, int | float) or not given > 0:
+        raise ValueError(f"ckpt_io_timeout_s must be a positive number of seconds or None, got {given!r}")
+    return float(given)
 
 
 def _retry_policy(given: object, override: RetryPolicy | None) -> RetryPolicy:

@@ -17,6 +17,16 @@ same semantics, checked by the conformance suite in :mod:`ckpt.testing.storage_t
   per-endpoint probe where the backend needs one).
 
 Errors are translated once, here, into the ckpt hierarchy, naming the path (never credentials).
+
+Deadlines belong here too: every call of the contract that does I/O runs under the storage's
+``io_timeout_s`` (set by :func:`~ckpt.storage.open_storage`; None: no deadline), so every entry
+point has one. A call that does not end in time is StorageTimeoutError naming the file and the
+operation; its thread is abandoned (Python cannot stop it) and may still complete later. A
+streamed write (``write_file``) must take each next chunk within the deadline rather than end
+within it, so a long upload that keeps moving is never cut. Backends need do nothing: the
+contract's methods of every subclass are wrapped when the class is made (``__init_subclass__``),
+and a call made inside another (a backend calling its own methods) runs under the outer one's
+deadline (:func:`ckpt._concurrency.bounded`).
 """
 
 from __future__ import annotations
@@ -24,13 +34,37 @@ from __future__ import annotations
 import abc
 import contextlib
 import errno
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
+from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S, bounded, progress_of_this_thread
 from ckpt.errors import CkptError, MissingShardError, StorageError, UnsafePathError
 
 Chunks = Iterable[memoryview | bytes]
 ChunkSource = Chunks | Callable[[], Chunks]  # a function gives the data afresh on each call
+
+#: the contract's calls that do I/O (each runs under ``Storage.io_timeout_s``) and how a
+#: StorageTimeoutError names the operation
+DEADLINED = {
+    "conditional_writes_work": "conditional-write probe",
+    "check_no_links": "link check",
+    "write_file": "write",
+    "put_if_absent": "create-only write",
+    "put": "write",
+    "sync_dirs": "fsync",
+    "read": "read",
+    "read_into": "read",
+    "size": "stat",
+    "exists": "exists",
+    "list_files": "listing",
+    "delete": "delete",
+    "delete_tree": "delete",
+    "remove_empty_dir": "remove directory",
+    "multipart_uploads": "listing uploads",
+    "abort_upload": "abort upload",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +96,21 @@ class Storage(abc.ABC):
     streams_chunks: bool = False
     #: the service's create-only precondition, for messages ("If-None-Match on PutObject")
     precondition: str = "the create-only precondition"
+    #: seconds each call of the contract may take (a streamed write: between two chunks); None:
+    #: no deadline. Set per instance by ``open_storage`` (module docstring).
+    io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
 
     def __init__(self, root: str, url: str) -> None:
         self.root = root  # the backend's path of the root (no trailing slash)
         self.url = url  # the root for messages: no credentials
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Put every contract call the subclass defines under the deadline (module docstring)."""
+        super().__init_subclass__(**kwargs)
+        for name, op in DEADLINED.items():
+            fn = cls.__dict__.get(name)
+            if callable(fn) and not hasattr(fn, "__ckpt_deadline__"):
+                setattr(cls, name, _with_deadline(fn, op))
 
     # --- paths and errors ------------------------------------------------------------------
 
@@ -198,3 +243,54 @@ class Storage(abc.ABC):
 
     def abort_upload(self, upload: Upload) -> None:
         raise StorageError(f"{self.where(upload.key)}: this backend has no multipart uploads")
+
+
+# --- the deadline of every call ----------------------------------------------------------------
+
+
+def _with_deadline(fn: Callable[..., Any], op: str) -> Callable[..., Any]:
+    """The contract method ``fn`` of a backend, run under the storage's ``io_timeout_s``."""
+    streamed = fn.__name__ == "write_file"
+
+    @functools.wraps(fn)
+    def call(self: Storage, *args: Any, **kwargs: Any) -> Any:
+        def run() -> Any:  # on the thread of the deadline
+            if not streamed:
+                return fn(self, *args, **kwargs)
+            # write_file(rel, chunks, ...): each chunk taken restarts the clock
+            tick = progress_of_this_thread()
+            if len(args) > 1:
+                return fn(self, args[0], _ticking(args[1], tick), *args[2:], **kwargs)
+            return fn(self, *args, **{**kwargs, "chunks": _ticking(kwargs["chunks"], tick)})
+
+        what = f"{_subject(self, args)}: {op}"
+        return bounded(run, timeout_s=self.io_timeout_s, what=what)
+
+    call.__ckpt_deadline__ = True  # type: ignore[attr-defined]
+    return call
+
+
+def _ticking(source: ChunkSource, tick: Callable[[], None]) -> ChunkSource:
+    """``source`` (an iterable, or a function giving one), calling ``tick`` at each chunk taken
+    (whichever thread takes it)."""
+    if callable(source):
+        fresh = source
+        return lambda: _tick(fresh(), tick)
+    return _tick(source, tick)
+
+
+def _tick(chunks: Chunks, tick: Callable[[], None]) -> Iterator[memoryview | bytes]:
+    for chunk in chunks:
+        tick()
+        yield chunk
+
+
+def _subject(storage: Storage, args: tuple[Any, ...]) -> str:
+    """The file a call is about, for its timeout message: its path (an upload's key, the first
+    of several directories); the root's URL for a call about the whole root."""
+    first = args[0] if args else ""
+    if isinstance(first, Upload):
+        first = first.key
+    elif isinstance(first, list | tuple):
+        first = first[0] if first else ""
+    return storage.where(first) if isinstance(first, str) and first else storage.url

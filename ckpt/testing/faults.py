@@ -236,6 +236,13 @@ class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
         if rule is not None and rule.after:
             _fire(rule)
 
+    def _run(self, op: str, path: str, fn: Callable[[], T]) -> T:
+        """``fn()`` (the target's operation ``op`` on ``path``) between the two parts of the hook."""
+        rule = self._hook(self._call(op, path))
+        out = fn()
+        self._done(rule)
+        return out
+
     # --- writes ------------------------------------------------------------------------------
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
@@ -285,39 +292,25 @@ class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
         return f
 
     def touch(self, path: str, truncate: bool = True, **kwargs: Any) -> None:
-        rule = self._hook(self._call("touch", path))
-        self.target.touch(path, truncate=truncate, **kwargs)
-        self._done(rule)
+        self._run("touch", path, lambda: self.target.touch(path, truncate=truncate, **kwargs))
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
-        rule = self._hook(self._call("mkdir", path))
-        self.target.mkdir(path, create_parents=create_parents, **kwargs)
-        self._done(rule)
+        self._run("mkdir", path, lambda: self.target.mkdir(path, create_parents=create_parents, **kwargs))
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
-        rule = self._hook(self._call("makedirs", path))
-        self.target.makedirs(path, exist_ok=exist_ok)
-        self._done(rule)
+        self._run("makedirs", path, lambda: self.target.makedirs(path, exist_ok=exist_ok))
 
     def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
-        rule = self._hook(self._call("cp_file", path2))
-        self.target.cp_file(path1, path2, **kwargs)
-        self._done(rule)
+        self._run("cp_file", path2, lambda: self.target.cp_file(path1, path2, **kwargs))
 
     def mv(self, path1: str, path2: str, recursive: bool = False, maxdepth: int | None = None, **kwargs: Any) -> None:
-        rule = self._hook(self._call("mv", path2))
-        self.target.mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)
-        self._done(rule)
+        self._run("mv", path2, lambda: self.target.mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs))
 
     def put_file(self, lpath: str, rpath: str, **kwargs: Any) -> None:
-        rule = self._hook(self._call("put_file", rpath))
-        self.target.put_file(lpath, rpath, **kwargs)
-        self._done(rule)
+        self._run("put_file", rpath, lambda: self.target.put_file(lpath, rpath, **kwargs))
 
     def get_file(self, rpath: str, lpath: str, **kwargs: Any) -> None:
-        rule = self._hook(self._call("get_file", rpath))
-        self.target.get_file(rpath, lpath, **kwargs)
-        self._done(rule)
+        self._run("get_file", rpath, lambda: self.target.get_file(rpath, lpath, **kwargs))
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -330,75 +323,43 @@ class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
         return data
 
     def size(self, path: str) -> int:
-        rule = self._hook(self._call("size", path))
-        out = int(self.target.size(path))
-        self._done(rule)
-        return out
+        return int(self._run("size", path, lambda: self.target.size(path)))
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        rule = self._hook(self._call("info", path))
-        out: dict[str, Any] = self.target.info(path, **kwargs)
-        self._done(rule)
+        out: dict[str, Any] = self._run("info", path, lambda: self.target.info(path, **kwargs))
         return out
 
     def exists(self, path: str, **kwargs: Any) -> bool:
-        rule = self._hook(self._call("exists", path))
-        out = bool(self.target.exists(path, **kwargs))
-        self._done(rule)
-        return out
+        return bool(self._run("exists", path, lambda: self.target.exists(path, **kwargs)))
 
     def isfile(self, path: str) -> bool:
-        rule = self._hook(self._call("isfile", path))
-        out = bool(self.target.isfile(path))
-        self._done(rule)
-        return out
+        return bool(self._run("isfile", path, lambda: self.target.isfile(path)))
 
     def isdir(self, path: str) -> bool:
-        rule = self._hook(self._call("isdir", path))
-        out = bool(self.target.isdir(path))
-        self._done(rule)
-        return out
+        return bool(self._run("isdir", path, lambda: self.target.isdir(path)))
 
     def modified(self, path: str) -> Any:
-        rule = self._hook(self._call("modified", path))
-        out = self.target.modified(path)
-        self._done(rule)
-        return out
+        return self._run("modified", path, lambda: self.target.modified(path))
 
     def created(self, path: str) -> Any:
-        rule = self._hook(self._call("created", path))
-        out = self.target.created(path)
-        self._done(rule)
-        return out
+        return self._run("created", path, lambda: self.target.created(path))
 
     def find(self, path: str, *args: Any, **kwargs: Any) -> Any:
-        rule = self._hook(self._call("find", path))
-        out = self.target.find(path, *args, **kwargs)
-        self._done(rule)
-        return out
+        return self._run("find", path, lambda: self.target.find(path, *args, **kwargs))
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> Any:
-        rule = self._hook(self._call("ls", path))
-        out = self.target.ls(path, detail=detail, **kwargs)
-        self._done(rule)
-        return out
+        return self._run("ls", path, lambda: self.target.ls(path, detail=detail, **kwargs))
 
     # --- deletes -----------------------------------------------------------------------------
 
     def rm(self, path: str, recursive: bool = False, maxdepth: int | None = None) -> None:
-        rule = self._hook(self._call("rm", path))
-        self.target.rm(path, recursive=recursive, maxdepth=maxdepth)
-        self._done(rule)
+        self._run("rm", path, lambda: self.target.rm(path, recursive=recursive, maxdepth=maxdepth))
 
     def rm_file(self, path: str) -> None:
-        rule = self._hook(self._call("rm_file", path))
-        self.target.rm_file(path)
-        self._done(rule)
+        self._run("rm_file", path, lambda: self.target.rm_file(path))
 
     def rmdir(self, path: str) -> None:
-        rule = self._hook(self._call("rmdir", path))
-        self.target.rmdir(path)
-        self._done(rule)
+        self._run("rmdir", path, lambda: self.target.rmdir(path))
 
     def invalidate_cache(self, path: str | None = None) -> None:
         self.target.invalidate_cache(path)

@@ -35,6 +35,7 @@ class FaultyStorage(Storage):
         self.atomic_create = inner.atomic_create
         self.local_disk = inner.local_disk
         self.streams_chunks = inner.streams_chunks
+        self.io_timeout_s = inner.io_timeout_s  # its calls run under this deadline, inner's within
 
     def path(self, rel: str) -> str:
         return self.inner.path(rel)

@@ -32,7 +32,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from ckpt._concurrency import bounded
 from ckpt.errors import (
     MissingShardError,
     ShardSizeMismatchError,
@@ -335,22 +334,20 @@ class StorageTests:
     # --- deadlines -----------------------------------------------------------------------------
 
     def test_hung_call_times_out(self, storage: Storage) -> None:
-        """A storage call that hangs ends in StorageTimeoutError under ``bounded``, naming the
-        operation; the caller is not held (the hung thread ends once released)."""
+        """A storage call that hangs ends in StorageTimeoutError within the storage's own
+        deadline (``io_timeout_s``), naming the file; the caller is not held (the hung thread
+        ends once released)."""
         from ckpt.testing.faults import Recorder, Rule
         from ckpt.testing.faulty_storage import FaultyStorage
 
         storage.write_file("x.bin", [DATA], size=len(DATA), fsync=False)
         rec = Recorder(rules=[Rule("read_into", hang=True)])
         faulty = FaultyStorage(storage, rec)
+        faulty.io_timeout_s = 0.2
         out = bytearray(4)
         try:
-            with pytest.raises(StorageTimeoutError, match=r"x\.bin"):
-                bounded(
-                    lambda: faulty.read_into("x.bin", 0, [memoryview(out)]),
-                    timeout_s=0.2,
-                    what=f"read of {faulty.where('x.bin')}",
-                )
+            with pytest.raises(StorageTimeoutError, match=r"x\.bin: read"):
+                faulty.read_into("x.bin", 0, [memoryview(out)])
         finally:
             rec.release()
         assert faulty.read("x.bin") == DATA  # the rule fired once; the storage still works
