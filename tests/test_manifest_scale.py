@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from benchmarks import scale_bench
 from ckpt import errors
 from ckpt.engine.restore_plan import Request, plan_restore
 from ckpt.format import manifest
@@ -26,12 +25,13 @@ from ckpt.geometry.byte_ranges import ByteRange
 from ckpt.lifecycle import attempt as attempt_mod
 from ckpt.lifecycle import commit as commit_protocol
 from ckpt.options import MiB, SaveOptions
+from ckpt.testing import scale
 
-ROWS, COLS = scale_bench.ROWS, scale_bench.COLS
+ROWS, COLS = scale.ROWS, scale.COLS
 
 
 def _raw(ranks: int, tensors: int) -> bytes:
-    data: bytes = scale_bench.build(ranks, tensors).to_json()
+    data: bytes = scale.build(ranks, tensors).to_json()
     return data
 
 
@@ -46,17 +46,17 @@ def test_a_large_manifest_round_trips_and_parses_fast() -> None:
     Python parser takes (generous: the machine may be busy); every column survives exactly."""
     data = _raw(300, 1000)
     t0 = time.perf_counter()
-    m = manifest.parse(data, where="m.json", expected_step=scale_bench.STEP)
+    m = manifest.parse(data, where="m.json", expected_step=scale.STEP)
     elapsed = time.perf_counter() - t0
     assert elapsed < 3.0, f"parse took {elapsed:.2f} s"
     assert len(m.tensors) == 1000
     t = m.tensors["model.layers.7.weight"]
     assert len(t.shards) == 300
     assert t.shards[5] == ShardEntry(
-        scale_bench._path(5),
+        scale.path(5),
         (5 * ROWS, 0),
         (ROWS, COLS),
-        ByteRange(scale_bench.HEADER + 7 * 1024, scale_bench.HEADER + 8 * 1024),
+        ByteRange(scale.HEADER + 7 * 1024, scale.HEADER + 8 * 1024),
         (0,),
     )
     assert m.to_json() == data  # the parsed bytes
@@ -192,15 +192,15 @@ def test_plan_restore_picks_only_the_shards_a_region_touches() -> None:
         max_gap_bytes=MiB,
         read_chunk_bytes=32 * MiB,
     )
-    assert plan.files == (scale_bench._path(1), scale_bench._path(2))
+    assert plan.files == (scale.path(1), scale.path(2))
     assert sum(c.length for r in plan.reads for c in r.copies) == 4 * COLS * 4
-    start = scale_bench.HEADER + 2 * 1024
+    start = scale.HEADER + 2 * 1024
     assert [(r.path, r.range) for r in plan.reads] == [
         (
-            scale_bench._path(1),
+            scale.path(1),
             ByteRange(start, start + 1024),
         ),  # whole blocks: verify reads the shard
-        (scale_bench._path(2), ByteRange(start, start + 1024)),
+        (scale.path(2), ByteRange(start, start + 1024)),
     ]
     assert (
         plan_restore(
@@ -215,15 +215,13 @@ def test_plan_restore_picks_only_the_shards_a_region_touches() -> None:
 
 
 def _att(ranks: int) -> attempt_mod.Attempt:
-    return attempt_mod.Attempt(
-        "/nonexistent", scale_bench.STEP, scale_bench.ATTEMPT, ranks, SaveOptions()
-    )
+    return attempt_mod.Attempt("/nonexistent", scale.STEP, scale.ATTEMPT, ranks, SaveOptions())
 
 
 def test_commit_builds_the_same_manifest_from_uniform_and_mixed_reports() -> None:
     """Reports with every rank's keys in the same order take the vectorized path; shuffled ones
     the general path. Both give the same manifest (shards in rank order)."""
-    reports = scale_bench.reports(40, 30)
+    reports = scale.reports(40, 30)
     for r in reports:
         for i, sh in enumerate(r["shards"]):
             sh["crc32c"] = [1000 * r["rank"] + i]  # tells every shard's crc32c apart
@@ -243,7 +241,7 @@ def test_commit_builds_the_same_manifest_from_uniform_and_mixed_reports() -> Non
     assert {k: v for k, v in a.items() if k != "manifest_crc32c"} == {
         k: v for k, v in b.items() if k != "manifest_crc32c"
     }
-    want = scale_bench.build(40, 30)
+    want = scale.build(40, 30)
     for t, (key, entry) in enumerate(list(want.tensors.items())):
         crcs = 1000 * np.arange(40, dtype=np.int64) + t
         want.tensors[key] = dataclasses.replace(
@@ -257,7 +255,7 @@ def test_commit_builds_the_same_manifest_from_uniform_and_mixed_reports() -> Non
 @pytest.mark.parametrize("shuffle", [False, True], ids=["uniform", "mixed"])
 def test_commit_names_the_ranks_that_wrote_a_region_twice_or_not_at_all(shuffle: bool) -> None:
     def reports(edit: Any) -> list[dict[str, Any]]:
-        out = scale_bench.reports(30, 5)
+        out = scale.reports(30, 5)
         edit(out)
         if shuffle:
             out = [dict(r, shards=r["shards"][::-1]) for r in out]
@@ -291,7 +289,7 @@ def test_commit_names_the_ranks_that_wrote_a_region_twice_or_not_at_all(shuffle:
 
 
 def test_commit_refuses_non_integer_report_values() -> None:
-    reps = scale_bench.reports(4, 3)
+    reps = scale.reports(4, 3)
     reps[2]["shards"][1]["crc32c"] = [1.5]
     with pytest.raises(errors.PlanError, match=r"reported a crc32c 1\.5, not an integer"):
         commit_protocol.build_manifest(_att(4), reps, created="c")
