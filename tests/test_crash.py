@@ -20,13 +20,13 @@ import time
 from typing import Any
 
 import pytest
-import rank_loops
 import torch
-from conftest import Store
-from crash_loops import expected, train
-from forker import forker
 
 import ckpt
+from tests.conftest import Store
+from tests.support import rank_loops
+from tests.support.crash_loops import expected, train
+from tests.support.forker import forker
 
 TRIALS = 50
 TRIALS_NEW_BACKENDS = 10  # GCS and Azure (emulators): a shorter set
@@ -70,7 +70,7 @@ def test_sigkill_at_random_moments_of_async_saves(backend: str, request: pytest.
     kills = 0
     with forker(env) as fk:
         for trial in range(trials):
-            pid = fk.start("crash_loops:saving_loop", store.root, opts_json, trial)
+            pid = fk.start("tests.support.crash_loops:saving_loop", store.root, opts_json, trial)
             time.sleep(rnd.uniform(*window))
             os.kill(pid, signal.SIGKILL)
             status = fk.reap(pid)
@@ -101,7 +101,7 @@ def test_two_ranks_sigkilled_at_random_moments_of_async_saves(
     with forker(env) as fk:
         for trial in range(TRIALS):
             init = str(tmp_path / f"init-{trial}")
-            pids = [fk.start("rank_loops:saving_loop", store.root, opts_json, trial, r, 2, init) for r in range(2)]
+            pids = [fk.start("tests.support.rank_loops:saving_loop", store.root, opts_json, trial, r, 2, init) for r in range(2)]
             time.sleep(rnd.uniform(*window))
             first = rnd.randrange(2)
             os.kill(pids[first], signal.SIGKILL)
@@ -148,7 +148,7 @@ def test_killed_and_resumed_training_is_bit_identical(backend: str, request: pyt
     with forker(env) as fk:
         while True:
             seen = _lines(log)
-            pid = fk.start("crash_loops:train", store.root, opts_json, seed, total, log)
+            pid = fk.start("tests.support.crash_loops:train", store.root, opts_json, seed, total, log)
             goal = seen + rnd.randint(2, 12)  # kill after a random number of training steps
             deadline = time.monotonic() + 60
             while _lines(log) < goal and time.monotonic() < deadline and not _finished(pid):

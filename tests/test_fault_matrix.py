@@ -16,7 +16,7 @@ data stat and read of each rank (``size``, ``read_into``).
 Fault kinds: ``oserror`` (EIO), ``transient`` (ConnectionResetError), ``lost`` (the operation took
 effect, then the error: a lost response), ``delay``, ``hang`` (until released, with a short
 ``io_timeout_s``), ``truncate`` (short reads; torn shard writes), ``kill`` (SIGKILL of the
-process at that operation, in a child forked from tests/forker.py).
+process at that operation, in a child forked from tests/support/forker.py).
 
 After each: every committed step restores bitwise and verifies; the new step is listed only if
 its manifest was written, and then restores to exactly its data; a failure is a typed ckpt error
@@ -413,7 +413,7 @@ def child_restore(root: str, opts: dict[str, Any] | None, point: str, timeout_s:
 
 @pytest.fixture(scope="module")
 def fork_server() -> Iterator[Any]:
-    from forker import forker
+    from tests.support.forker import forker
 
     with forker() as fk:
         yield fk
@@ -421,7 +421,7 @@ def fork_server() -> Iterator[Any]:
 
 def run_save_killed(t: Target, point: str, after: bool, fork_server: Any) -> None:
     p = _BY_NAME[("save", point)]
-    pid = fork_server.start("test_fault_matrix:child_save", t.root, t.opts, point, after, t.timeout_s)
+    pid = fork_server.start(f"{__name__}:child_save", t.root, t.opts, point, after, t.timeout_s)
     status = fork_server.reap(pid)
     assert status == -signal.SIGKILL, f"the child was not killed at {point} (exit {status})"
     _count(t.backend, "save", point, "kill", 1)
@@ -435,7 +435,7 @@ def run_save_killed(t: Target, point: str, after: bool, fork_server: Any) -> Non
 
 
 def run_restore_killed(t: Target, point: str, fork_server: Any) -> None:
-    pid = fork_server.start("test_fault_matrix:child_restore", t.root, t.opts, point, t.timeout_s)
+    pid = fork_server.start(f"{__name__}:child_restore", t.root, t.opts, point, t.timeout_s)
     status = fork_server.reap(pid)
     assert status == -signal.SIGKILL, f"the child was not killed at {point} (exit {status})"
     _count(t.backend, "restore", point, "kill", 1)

@@ -7,12 +7,12 @@ import time
 
 import pytest
 import torch
-from conftest import Store
 
 import ckpt
 from ckpt.cli import main
 from ckpt.lifecycle import cleanup
 from ckpt.storage import Listed, Upload, open_storage
+from tests.conftest import Store
 
 H = 3600.0
 NOW = 1_000_000.0

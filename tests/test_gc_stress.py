@@ -29,7 +29,6 @@ from typing import Any
 import fsspec
 import pytest
 import torch
-from conftest import s3_options
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -38,6 +37,7 @@ import ckpt
 from ckpt.errors import CkptError
 from ckpt.lifecycle import cleanup, retention
 from ckpt.storage import Listed, LocalStorage, S3Storage, Storage, open_storage
+from tests.conftest import s3_options
 
 GRACE = 1000.0  # model seconds
 SLACK = 30.0  # real seconds a step may take: ages within SLACK of the grace are not judged

@@ -5,7 +5,7 @@ the manifest PutObject and the LATEST PutObject, through the fault proxy.
 Hang: the request sleeps in the proxy past the save's ``io_timeout_s``: the save raises
 StorageTimeoutError naming the file within the deadline, and once the abandoned request has
 landed or not, step 1 restores bitwise and step 2 is either absent or whole. Kill: the saving
-process (forked from tests/forker.py) is SIGKILLed while its request hangs: step 1 restores,
+process (forked from tests/support/forker.py) is SIGKILLed while its request hangs: step 1 restores,
 step 2 is not committed, and ``ckpt gc`` aborts the multipart upload left behind."""
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Any
 import fsspec
 import pytest
 import torch
-from forker import forker
 
 import ckpt
 from ckpt.lifecycle import cleanup
 from ckpt.storage import _s3 as storage_mod
 from ckpt.storage import open_storage
 from ckpt.testing.fault_proxy import Fault, FaultProxy
+from tests.support.forker import forker
 
 # Timing-sensitive (a deadline of a few seconds against moto on a loaded 2-core machine): run with
 # `pytest -m stress tests/test_s3_fault_points.py`, not in CI.
@@ -125,7 +125,7 @@ def test_kill_at_each_s3_request_of_a_save(point: str, proxy: FaultProxy, root: 
     opts = {k: v for k, v in _opts(proxy.url).items() if k not in ("key", "secret", "ckpt_retry")}
     env = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret"}
     with forker(env) as fk:
-        pid = fk.start("s3_kill_child:save", root, json.dumps(opts), 2)
+        pid = fk.start("tests.support.s3_kill_child:save", root, json.dumps(opts), 2)
         deadline = time.monotonic() + 20
         while fault.injected == 0 and time.monotonic() < deadline:
             time.sleep(0.01)

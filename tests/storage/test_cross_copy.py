@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Store
 
 import ckpt
 from ckpt.cli import main
+from tests.conftest import Store
 
 BACKENDS = [
     "local",

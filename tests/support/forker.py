@@ -4,6 +4,7 @@ interpreter starts. The test kills the children itself (``os.kill(pid, SIGKILL)`
 server to reap them.
 
 Protocol (one JSON object per line on stdin/stdout): ``{"run": "module:function", "args": [...]}``
+(``module`` importable from the repo root, e.g. ``tests.support.crash_loops``)
 -> ``{"pid": N}``; the child calls the function, prints nothing on the server's stdout, and exits
 0 (or 1 with the traceback on stderr). ``{"reap": N}`` -> ``{"pid": N, "status": S}`` where S is
 ``-signal`` or the exit code.
@@ -83,11 +84,11 @@ class Forker:
 
 @contextmanager
 def forker(env: dict[str, str] | None = None) -> Iterator[Forker]:
-    tests = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     full_env = dict(os.environ, **(env or {}))
-    full_env["PYTHONPATH"] = os.pathsep.join([tests, os.path.dirname(tests), full_env.get("PYTHONPATH", "")])
+    full_env["PYTHONPATH"] = os.pathsep.join([repo, full_env.get("PYTHONPATH", "")])
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import forker; forker.serve()"],
+        [sys.executable, "-c", "from tests.support import forker; forker.serve()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=full_env,
     )  # fmt: skip
     try:

@@ -1,4 +1,4 @@
-"""Training loops that crash tests run in forked children (see forker.py) and kill with SIGKILL.
+"""Training loops that crash tests run in forked children (see tests/support/forker.py) and kill with SIGKILL.
 
 Each loop resumes from the newest committed checkpoint under its root, as a restarted job would.
 """

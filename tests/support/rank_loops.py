@@ -1,5 +1,5 @@
 """What each rank of a 2-rank torch.distributed job runs in the CheckpointManager tests (forked
-children, see forker.py): a process group over gloo from a file store, then one scenario."""
+children, see tests/support/forker.py): a process group over gloo from a file store, then one scenario."""
 
 from __future__ import annotations
 
