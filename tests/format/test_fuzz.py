@@ -17,7 +17,7 @@
 - Resource limits: huge claims are refused in under a second with bounded memory.
 - The atheris harness (fuzz/fuzz_parsers.py) runs for a fixed number of inputs and exits 0.
 
-The default run is short; ``pytest -m stress tests/test_fuzz.py`` runs each property with many
+The default run is short; ``pytest -m stress tests/format/test_fuzz.py`` runs each property with many
 more examples.
 """
 
@@ -62,9 +62,9 @@ from ckpt.geometry import boxes as regions
 from ckpt.lifecycle import verify as verifier
 from ckpt.state import tree
 from ckpt.storage import Storage, open_storage
-from tests.test_save_restore import _random
+from tests.lifecycle.test_save_restore import _random
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WHERE = "fuzz://root/steps/000000000003/manifest.json"
 HWHERE = "fuzz://root/data/x.safetensors"
 _COMMON: dict[str, Any] = {

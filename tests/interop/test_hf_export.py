@@ -15,7 +15,7 @@ import ckpt
 from ckpt.cli import main
 from ckpt.engine.owners import chunk
 from ckpt.interop.hf import INDEX_NAME, export_hf
-from tests.test_save_restore import _random
+from tests.lifecycle.test_save_restore import _random
 
 
 def _model(seed: int = 0) -> dict[str, torch.Tensor]:

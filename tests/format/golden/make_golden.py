@@ -1,8 +1,8 @@
 """Write the golden compatibility corpus for format version 1 (run once, from the repo root):
 
-    .venv/bin/python tests/golden/make_golden.py
+    .venv/bin/python tests/format/golden/make_golden.py
 
-``tests/golden/v1/good/`` is a tiny checkpoint root (step 1) made by ``ckpt.save`` from
+``tests/format/golden/v1/good/`` is a tiny checkpoint root (step 1) made by ``ckpt.save`` from
 :func:`golden_state`, made deterministic by rewriting the random attempt id and the creation
 time in the manifest (and renaming the data directory to match). Each other directory under
 ``v1/`` is a full copy of it with one alteration. ``v1/expected.json`` holds the exact value the
@@ -10,7 +10,7 @@ good copy must restore to (see :func:`describe`) and, for each altered copy, whe
 still load or the typed error it must raise.
 
 Once released, these files are never regenerated for v1: they are what older releases wrote,
-and every later ckpt must keep reading them (tests/test_golden.py). (They were regenerated once,
+and every later ckpt must keep reading them (tests/format/test_golden.py). (They were regenerated once,
 before the first release, when v1's shards became columnar tables: FORMAT.md 4.4.)
 """
 
@@ -118,7 +118,7 @@ def _file_of(m: dict[str, Any], key: str) -> str:
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE.parent.parent))
+    sys.path.insert(0, str(HERE.parents[2]))  # the repo root
     import ckpt
     import ckpt.format.manifest
 

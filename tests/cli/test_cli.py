@@ -19,7 +19,7 @@ from ckpt.format.manifest import Manifest
 from ckpt.units import human_size
 from tests.conftest import Store
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _state(seed: int = 0) -> dict[str, Any]:

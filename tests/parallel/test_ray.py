@@ -23,8 +23,8 @@ GLOBAL = (96, 24)
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")])
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.environ["PYTHONPATH"] = os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=150 << 20, log_to_driver=False)
     yield
     ray.shutdown()

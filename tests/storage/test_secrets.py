@@ -303,14 +303,14 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
         "import logging, sys; logging.basicConfig(level=logging.DEBUG, stream=sys.stderr);"
         "from ckpt.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return subprocess.run(
         [sys.executable, "-c", boot, *args],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
-        cwd=here,
+        cwd=repo,
     )
 
 
@@ -427,11 +427,11 @@ ray = pytest.importorskip("ray")
 def ray_with_env_credentials() -> Iterator[None]:
     """A local Ray instance whose workers inherit AWS_* credentials from the environment (the
     way ckpt.parallel.ray expects workers to get them)."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     old = {k: os.environ.get(k) for k in [*ENV, "PYTHONPATH"]}
     os.environ.update(ENV)
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]
+        [repo, os.environ.get("PYTHONPATH", "")]
     )
     ray.init(
         num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, log_to_driver=False

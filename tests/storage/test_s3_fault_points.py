@@ -30,7 +30,7 @@ from ckpt.testing.fault_proxy import Fault, FaultProxy
 from tests.support.forker import forker
 
 # Timing-sensitive (a deadline of a few seconds against moto on a loaded 2-core machine): run with
-# `pytest -m stress tests/test_s3_fault_points.py`, not in CI.
+# `pytest -m stress tests/storage/test_s3_fault_points.py`, not in CI.
 pytestmark = [pytest.mark.s3, pytest.mark.stress]
 
 MiB = 1 << 20

@@ -43,7 +43,7 @@ import torch
 import ckpt
 from ckpt import errors
 from ckpt.engine.owners import chunk
-from tests.test_save_restore import _random
+from tests.lifecycle.test_save_restore import _random
 
 STEP = 1
 MANIFEST = f"steps/{STEP:012d}/manifest.json"

@@ -19,7 +19,7 @@ from ckpt.engine.owners import chunk
 from ckpt.interop.adopt import adopt
 from ckpt.interop.hf import export_hf
 from tests.conftest import Store
-from tests.test_hf_export import _bits, _model, _save_sharded
+from tests.interop.test_hf_export import _bits, _model, _save_sharded
 
 
 def _restore_sharded(root: str, model: dict[str, torch.Tensor], n: int, opts: dict[str, Any] | None = None) -> None:

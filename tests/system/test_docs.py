@@ -10,7 +10,7 @@ import pytest
 
 import ckpt
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def _section(doc: str, heading: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import ckpt
 from ckpt.manager import PREEMPTED_EXIT_CODE
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "training_loop.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "training_loop.py"
 
 
 def _run(root: Path, *extra: str) -> tuple[int, list[str]]:

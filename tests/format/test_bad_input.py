@@ -17,7 +17,7 @@ Not applicable, or covered elsewhere:
 - 20 ETag/VersionId: not stored. Data objects are immutable and create-only; a replaced object
   is caught by the size check (19) and the block crc32c (29).
 - 27 header vs manifest: restore never parses headers (it reads the manifest's byte ranges and
-  checks their crc32c); ``ckpt.lifecycle.verify`` compares headers with the manifest (tests/test_verify.py).
+  checks their crc32c); ``ckpt.lifecycle.verify`` compares headers with the manifest (tests/lifecycle/test_verify.py).
 - 31 device files: reading one needs a symlink (refused, tested) or root privileges.
 - 32 "DanglingPointer": ckpt never follows LATEST or any pointer; it lists ``steps/``. Tested:
   a dangling or hostile LATEST changes nothing.
@@ -383,7 +383,7 @@ MANIFEST_CASES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any] | byte
     ("09-5000-digit-int", _big_digits(5000), errors.ManifestParseError, "invalid JSON: Exceeds the limit .* for integer string conversion"),
     ("09-4000-digit-int", _big_digits(4000), errors.ManifestSchemaError, r"step: expected an integer in \[0, 2\*\*63\), found 9999999999"),
     ("09-5000-digit-tagged-int", _set("objects/step", {"$int": "9" * 5000}), errors.ManifestSchemaError, "object 'step': malformed"),
-    # found by tests/test_fuzz.py: a numpy scalar tag whose value its dtype cannot hold was
+    # found by tests/format/test_fuzz.py: a numpy scalar tag whose value its dtype cannot hold was
     # rounded (1e300 -> inf, 1.5 -> 1, 5 -> True), with a RuntimeWarning, instead of refused
     ("07-np-float16-overflow", _set("objects/step", {"$np": ["<f2", 1e300]}), errors.ManifestSchemaError, r"object 'step': malformed tagged value .*\$np"),
     ("07-np-int-from-float", _set("objects/step", {"$np": ["<i8", 1.5]}), errors.ManifestSchemaError, r"object 'step': malformed tagged value .*\$np"),
@@ -834,7 +834,7 @@ HEADER_CASES: list[tuple[str, bytes, type[Exception], str]] = [
     # 26
     ("26-size-mismatch", st_file({"a": _t("F32", [2], 0, 4)}, b"xxxx"), errors.HeaderError, r"tensor 'a': data_offsets \[0, 4\) hold 4 bytes, shape \[2\] of F32 needs 8"),
     ("26-overflow", st_file({"a": _t("F32", [2, 2**64 - 2], 0, 8)}, b"x" * 8), errors.HeaderError, r"shape \[2, 18446744073709551614\] has more than 2\*\*64 - 1 elements \(the product overflows\)"),
-    # found by tests/test_fuzz.py: the product of many huge dimensions was multiplied out in
+    # found by tests/format/test_fuzz.py: the product of many huge dimensions was multiplied out in
     # full (quadratic time) and its thousands of digits then failed to print (a bare ValueError)
     ("26-many-huge-dims", st_file(b'{"a":{"dtype":"U8","shape":[' + b",".join([b"18446744073709551615"] * 100_000) + b'],"data_offsets":[0,1]}}', b"x"), errors.HeaderError, r"tensor 'a': shape \[18446744073709551615, .*\.\.\. has more than 2\*\*64 - 1 elements"),
     ("26-overflow-before-a-zero", st_file({"a": _t("U8", [2**40, 2**40, 0], 0, 0)}), errors.HeaderError, "the product overflows"),
@@ -1136,7 +1136,7 @@ def test_a_damaged_newest_manifest_is_skipped_not_restored(tmp_path: Path) -> No
     ids=["value", "object-key", "tensor-key", "nested"],
 )
 def test_a_lone_surrogate_in_the_state_is_a_state_error(state: dict[str, Any], tmp_path: Path) -> None:
-    """Found by tests/test_fuzz.py: a str holding a lone UTF-16 surrogate (e.g. from
+    """Found by tests/format/test_fuzz.py: a str holding a lone UTF-16 surrogate (e.g. from
     os.fsdecode of a non-UTF-8 file name) failed deep in the save with a bare UnicodeEncodeError;
     it is now refused up front, naming the key."""
     with pytest.raises(errors.StateError, match="lone UTF-16 surrogate"):

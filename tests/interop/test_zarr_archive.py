@@ -20,7 +20,7 @@ import ckpt
 from ckpt.cli import main
 from ckpt.interop import _read as interop
 from ckpt.interop.zarr import STORED, chunk_shape, export_zarr, import_zarr
-from tests.test_save_restore import ALL_DTYPES, _random
+from tests.lifecycle.test_save_restore import ALL_DTYPES, _random
 
 zarr = pytest.importorskip("zarr")
 

@@ -14,7 +14,7 @@ import pytest
 import ckpt
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ray_train.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ray_train.py"
 
 
 def test_ray_train_workers_resume_after_a_worker_is_killed(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""The golden compatibility corpus (tests/golden/v1, written once by tests/golden/make_golden.py):
+"""The golden compatibility corpus (tests/format/golden/v1, written once by
+tests/format/golden/make_golden.py):
 what format version 1 looks like on disk must restore bit-exactly forever, and each critical
 alteration of it must fail with its own typed error; non-critical ones must still load.
 
-The corpus is copied to a temporary directory first: tests never write into tests/golden.
+The corpus is copied to a temporary directory first: tests never write into tests/format/golden.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 import ckpt
-from tests.golden.make_golden import describe, golden_state
+from tests.format.golden.make_golden import describe, golden_state
 
 GOLDEN = Path(__file__).parent / "golden" / "v1"
 EXPECTED: dict[str, Any] = json.loads((GOLDEN / "expected.json").read_text())

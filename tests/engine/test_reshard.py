@@ -14,7 +14,7 @@ import torch
 import ckpt
 from ckpt.engine.owners import chunk
 from ckpt.testing import Recorder
-from tests.test_save_restore import ALL_DTYPES, _random
+from tests.lifecycle.test_save_restore import ALL_DTYPES, _random
 
 
 def _root() -> tuple[str, dict[str, Any], Recorder]:

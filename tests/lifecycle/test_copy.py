@@ -27,7 +27,7 @@ from ckpt.options import SaveOptions
 from ckpt.storage import open_storage
 from tests.conftest import Store, make_state
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # one file per tensor: many small files
 MANY_FILES = SaveOptions(max_file_bytes=1, min_file_bytes=1, parallel_files=64, fsync=False)
 

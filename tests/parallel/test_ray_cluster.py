@@ -25,9 +25,9 @@ SHAPE = (60, 16)
 
 @pytest.fixture(scope="module")
 def three_nodes(s3_endpoint: str) -> Iterator[Any]:
-    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), here, saved["PYTHONPATH"] or ""])
+    os.environ["PYTHONPATH"] = os.pathsep.join([repo, saved["PYTHONPATH"] or ""])
     # Workers get S3 credentials from their environment, never from ckpt's arguments.
     os.environ["AWS_ACCESS_KEY_ID"] = "cluster-test-key"
     os.environ["AWS_SECRET_ACCESS_KEY"] = "cluster-test-secret"

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 EXAMPLE = ROOT / "examples" / "ray_train.py"  # what every recipe runs
 DEMO = ROOT / "examples" / "ray_demo.py"
