@@ -73,7 +73,7 @@ def s3_store(s3_endpoint: str) -> Store:
 @pytest.fixture(scope="session")
 def gcs_endpoint() -> Iterator[str]:
     """One fake-gcs-server per test run, on loopback (tests/support/emulators.py)."""
-    from support.emulators import fake_gcs_server
+    from tests.support.emulators import fake_gcs_server
 
     with fake_gcs_server() as url:
         yield url
@@ -82,7 +82,7 @@ def gcs_endpoint() -> Iterator[str]:
 @pytest.fixture
 def gcs_store(gcs_endpoint: str) -> Store:
     """A fresh bucket on the fake-gcs-server endpoint."""
-    from support.emulators import gcs_options
+    from tests.support.emulators import gcs_options
 
     opts = gcs_options(gcs_endpoint)
     bucket = f"ckpt-test-{uuid.uuid4().hex[:12]}"
@@ -93,7 +93,7 @@ def gcs_store(gcs_endpoint: str) -> Store:
 @pytest.fixture(scope="session")
 def azure_endpoint() -> Iterator[str]:
     """One Azurite blob service per test run, on loopback (tests/support/emulators.py)."""
-    from support.emulators import azurite
+    from tests.support.emulators import azurite
 
     with azurite() as url:
         yield url
@@ -102,7 +102,7 @@ def azure_endpoint() -> Iterator[str]:
 @pytest.fixture
 def azure_store(azure_endpoint: str) -> Store:
     """A fresh container on the Azurite endpoint."""
-    from support.emulators import azure_options
+    from tests.support.emulators import azure_options
 
     opts = azure_options(azure_endpoint)
     container = f"ckpt-test-{uuid.uuid4().hex[:12]}"

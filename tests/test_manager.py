@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import Store, make_state
 
 import ckpt
 from ckpt.testing import Recorder, Rule
+from tests.conftest import Store, make_state
 
 
 def _equal(a: Any, b: Any) -> bool:

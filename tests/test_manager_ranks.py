@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import torch
-from forker import forker
-from rank_loops import expected
 
 import ckpt
 from ckpt.manager import PREEMPTED_EXIT_CODE
+from tests.support.forker import forker
+from tests.support.rank_loops import expected
 
 WORLD = 2
 
@@ -25,7 +25,7 @@ def _run(name: str, root: str, tmp_path: Path) -> tuple[list[int], list[dict[str
     init = str(tmp_path / f"init-{uuid.uuid4().hex}")
     outs = [str(tmp_path / f"{name}-{r}.json") for r in range(WORLD)]
     with forker() as fk:
-        pids = [fk.start("rank_loops:scenario", name, root, r, WORLD, init, outs[r]) for r in range(WORLD)]
+        pids = [fk.start("tests.support.rank_loops:scenario", name, root, r, WORLD, init, outs[r]) for r in range(WORLD)]
         statuses = [fk.reap(p) for p in pids]
     seen = []
     for o in outs:

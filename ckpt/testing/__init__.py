@@ -1,7 +1,10 @@
 """Test kit, shipped so users can test their own setups: the fault kit (:mod:`ckpt.testing.faults`:
 :class:`FaultyStorage` over any storage backend, :class:`FaultyFileSystem` below it, the
 :class:`Recorder` and its :class:`Rule` objects) and the storage conformance suite
-(:mod:`ckpt.testing.storage_tests`, imported on its own: it needs pytest).
+(:mod:`ckpt.testing.storage_tests`, imported on its own: it needs pytest); the proxies in front
+of an S3 endpoint (:mod:`ckpt.testing.proxy`, :mod:`ckpt.testing.fault_proxy`) and a synthetic
+checkpoint of many ranks x tensors for scale tests (:mod:`ckpt.testing.scale`), each imported on
+its own.
 
 Importing this package registers nothing: call :func:`register_faulty` before opening a
 ``faulty://`` URL.

@@ -15,14 +15,14 @@ import fsspec
 import numpy as np
 import pytest
 import torch
-from conftest import Store, make_state
-from support.emulators import AZURITE_ACCOUNT, azure_options, azure_sas_options
 
 import ckpt
 from ckpt.errors import ConditionalWriteUnsupportedError, MissingShardError, StorageError
 from ckpt.storage import AzureStorage, open_storage
 from ckpt.storage import _azure as azure_mod
 from ckpt.testing.fault_proxy import Fault, FaultProxy
+from tests.conftest import Store, make_state
+from tests.support.emulators import AZURITE_ACCOUNT, azure_options, azure_sas_options
 
 pytestmark = pytest.mark.azure
 

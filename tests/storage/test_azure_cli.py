@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Store
 
 import ckpt
 from ckpt.cli import main
 from ckpt.storage import AzureStorage, open_storage
+from tests.conftest import Store
 
 pytestmark = pytest.mark.azure
 

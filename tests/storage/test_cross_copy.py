@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Store
 
 import ckpt
 from ckpt.cli import main
+from tests.conftest import Store
 
 BACKENDS = [
     "local",
@@ -29,7 +29,7 @@ def _flags(flag: str, opts: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize("dst_kind", BACKENDS)
 def test_cp_between_backends(src_kind: str, dst_kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> None:
     if src_kind == dst_kind:
-        pytest.skip("a copy within one backend is tested in tests/test_copy.py")
+        pytest.skip("a copy within one backend is tested in tests/lifecycle/test_copy.py")
     src: Store = request.getfixturevalue(f"{src_kind}_store")
     dst: Store = request.getfixturevalue(f"{dst_kind}_store")
     state = {"w": torch.randn(3000, generator=torch.Generator().manual_seed(2)), "b": torch.arange(7)}

@@ -15,15 +15,15 @@ from typing import Any
 import fsspec
 import pytest
 import torch
-from conftest import Store, make_state
 from safetensors.torch import save as st_save
-from support.emulators import fake_gcs_server, free_port, gcs_options
 
 import ckpt
 from ckpt.cli import main
 from ckpt.errors import ConditionalWriteUnsupportedError
 from ckpt.storage import GCSStorage, open_storage
 from ckpt.testing.fault_proxy import Fault, FaultProxy
+from tests.conftest import Store, make_state
+from tests.support.emulators import fake_gcs_server, free_port, gcs_options
 
 pytestmark = pytest.mark.gcs
 _MiB = 1 << 20

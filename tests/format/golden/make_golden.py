@@ -1,0 +1,191 @@
+"""Write the golden compatibility corpus for format version 1 (run once, from the repo root):
+
+    .venv/bin/python tests/format/golden/make_golden.py
+
+``tests/format/golden/v1/good/`` is a tiny checkpoint root (step 1) made by ``ckpt.save`` from
+:func:`golden_state`, made deterministic by rewriting the random attempt id and the creation
+time in the manifest (and renaming the data directory to match). Each other directory under
+``v1/`` is a full copy of it with one alteration. ``v1/expected.json`` holds the exact value the
+good copy must restore to (see :func:`describe`) and, for each altered copy, whether it must
+still load or the typed error it must raise.
+
+Once released, these files are never regenerated for v1: they are what older releases wrote,
+and every later ckpt must keep reading them (tests/format/test_golden.py). (They were regenerated once,
+before the first release, when v1's shards became columnar tables: FORMAT.md 4.4.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "v1"
+STEP = 1
+ATTEMPT = "golden"
+CREATED = "2025-01-01T00:00:00+00:00"
+MANIFEST = f"steps/{STEP:012d}/manifest.json"
+
+
+def golden_state() -> dict[str, Any]:
+    """The saved state: several dtypes incl. bf16, a 0-d and a zero-size tensor, nested
+    dict/tuple/OrderedDict (with state_dict ``_metadata``), a numpy array and plain objects."""
+    model: OrderedDict[str, Any] = OrderedDict(
+        [
+            ("w", torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7),
+            ("b16", torch.arange(6, dtype=torch.float32).to(torch.bfloat16) * 0.5 - 1),
+            ("h", torch.tensor([1.0, -2.5, float("inf"), float("nan")], dtype=torch.float16)),
+            ("i8", torch.tensor([-128, 0, 127], dtype=torch.int8)),
+            ("mask", torch.tensor([True, False, True])),
+        ]
+    )
+    model._metadata = OrderedDict([("", {"version": 1})])  # type: ignore[attr-defined]
+    return {
+        "model": model,
+        "scalar": torch.tensor(42, dtype=torch.int64),
+        "empty": torch.zeros(0, 3, dtype=torch.float64),
+        "np": np.arange(5, dtype=np.int32),
+        "nested": {"pair": (torch.tensor([1, 2], dtype=torch.uint8), {"k": 1}), "names": ["a", "é"]},
+        "objects": {
+            "big": 2**100,
+            "neg_big": -(3**50),
+            "nan": float("nan"),
+            "neg_zero": -0.0,
+            "inf": float("-inf"),
+            "bytes": b"\x00\xffckpt",
+            "tuple": (1, "two", None, True),
+            "odict": OrderedDict([("z", 1), ("a", 2)]),
+            "np_scalar": np.float32(1.5),
+            7: "an int key",
+        },
+        "step": 100,
+    }
+
+
+def describe(x: Any) -> Any:
+    """An exact, JSON-able description of a value: types, dtypes, shapes and raw bytes."""
+    if isinstance(x, torch.Tensor):
+        raw = x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return {"tensor": [str(x.dtype), list(x.shape), raw.hex()]}
+    if isinstance(x, np.ndarray):
+        return {"ndarray": [x.dtype.str, list(x.shape), x.tobytes().hex()]}
+    if isinstance(x, np.generic):
+        return {"np": [x.dtype.str, x.tobytes().hex()]}
+    if x is None or isinstance(x, bool | str):
+        return {type(x).__name__: x}
+    if type(x) is int:
+        return {"int": str(x)}
+    if type(x) is float:
+        return {"float": struct.pack(">d", x).hex()}
+    if type(x) is bytes:
+        return {"bytes": x.hex()}
+    if type(x) in (list, tuple):
+        return {type(x).__name__: [describe(v) for v in x]}
+    if type(x) is OrderedDict:
+        meta = getattr(x, "_metadata", None)
+        return {"odict": [[describe(k), describe(v)] for k, v in x.items()], "metadata": describe(meta)}
+    if type(x) is dict:
+        return {"dict": [[describe(k), describe(v)] for k, v in x.items()]}
+    raise TypeError(f"cannot describe a {type(x).__name__}")
+
+
+# Each altered copy: (what is done, the error restore must raise or None if it must load, a
+# regex its message must match).
+DAMAGE: dict[str, tuple[str, str | None, str]] = {
+    "bitflip-data": ("one bit flipped in model/w's bytes", "ChecksumMismatchError", r"key 'model/w': crc32c of bytes"),
+    "truncated-shard": ("model/w's file cut by 7 bytes", "ShardSizeMismatchError", r"truncated or extended"),
+    "missing-shard": ("model/w's file deleted", "MissingShardError", r"missing; it holds keys \['model/w'"),
+    "unknown-dtype": ("model/w's dtype set to F128 in the manifest", "UnsupportedDtypeError", r"tensor 'model/w': unknown dtype \"F128\""),
+    "future-version": ("format_version set to 2", "UnsupportedFormatError", r"format_version 2 is not supported"),
+    "manifest-traversal": ("model/w's file renamed to ../../outside.safetensors in the manifest", "UnsafePathError", r"unsafe file path \"\.\./\.\./outside\.safetensors\""),
+    "bitflip-manifest": ("one bit flipped in the manifest's created string (still valid JSON)", "ManifestChecksumError", r"the manifest's crc32c is [0-9a-f]{8} but it records"),
+    "dangling-latest": ("LATEST names step 99, which does not exist (a hint only)", None, ""),
+    "no-latest": ("LATEST removed (a hint only)", None, ""),
+}  # fmt: skip
+
+
+def _file_of(m: dict[str, Any], key: str) -> str:
+    (index,) = m["tensors"][key]["shards"]["file"]  # one shard: its file's position in "files"
+    return str(m["files"][index]["path"])
+
+
+def main() -> None:
+    sys.path.insert(0, str(HERE.parents[2]))  # the repo root
+    import ckpt
+    import ckpt.format.manifest
+
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    good = OUT / "good"
+    state = golden_state()
+    opts = ckpt.SaveOptions(max_file_bytes=64, block_bytes=16, fsync=False)  # several files, several blocks
+    m0 = ckpt.save(str(good), state, step=STEP, options=opts)
+
+    # Determinism: fixed attempt id and creation time; the data directory renamed to match.
+    mpath = good / MANIFEST
+    m = json.loads(mpath.read_bytes())
+    old_dir, new_dir = f"data/{STEP:012d}-{m0.attempt}", f"data/{STEP:012d}-{ATTEMPT}"
+    (good / old_dir).rename(good / new_dir)
+    m["attempt"], m["created"] = ATTEMPT, CREATED
+    for f in m["files"]:  # shards name files by their index in this list
+        f["path"] = f["path"].replace(old_dir, new_dir, 1)
+    mpath.write_bytes(ckpt.format.manifest.seal(m))
+    assert describe(ckpt.restore(str(good))) == describe(state), "the good copy does not round-trip"
+
+    victim = _file_of(m, "model/w")
+    for name in DAMAGE:
+        root = OUT / name
+        shutil.copytree(good, root)
+        mp = root / MANIFEST
+        dm = json.loads(mp.read_bytes())
+        if name == "bitflip-data":
+            (start, _), data = dm["tensors"]["model/w"]["shards"]["byte_range"], bytearray((root / victim).read_bytes())
+            data[start + 5] ^= 0x10
+            (root / victim).write_bytes(bytes(data))
+        elif name == "truncated-shard":
+            (root / victim).write_bytes((root / victim).read_bytes()[:-7])
+        elif name == "missing-shard":
+            (root / victim).unlink()
+        elif name == "unknown-dtype":
+            dm["tensors"]["model/w"]["dtype"] = "F128"
+        elif name == "future-version":
+            dm["format_version"] = 2
+        elif name == "manifest-traversal":
+            bad = "../../outside.safetensors"
+            for f in dm["files"]:
+                if f["path"] == victim:
+                    f["path"] = bad
+        elif name == "bitflip-manifest":
+            raw = bytearray(mp.read_bytes())
+            raw[raw.index(b'"created":"') + len(b'"created":"')] ^= 0x01
+            mp.write_bytes(bytes(raw))
+            continue  # the flipped bytes are the point: do not re-seal them
+        elif name == "dangling-latest":
+            (root / "LATEST").write_bytes(b'{"step":99}')
+        elif name == "no-latest":
+            (root / "LATEST").unlink()
+        if dm != m:
+            mp.write_bytes(ckpt.format.manifest.seal(dm))
+
+    expected = {
+        "format_version": 1,
+        "step": STEP,
+        "state": describe(state),
+        "damaged": {k: {"change": c, "error": e, "match": r} for k, (c, e, r) in DAMAGE.items()},
+    }
+    (OUT / "expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False) + "\n")
+    total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
+    print(f"wrote {OUT} ({total} bytes, {len(DAMAGE)} altered copies)")
+    assert total < 100_000, total
+
+
+if __name__ == "__main__":
+    main()
