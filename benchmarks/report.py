@@ -2,7 +2,7 @@
 
     python -m benchmarks.report [--out bench-out] [--md BENCHMARKS.md] [--no-md]
 
-Reads ``<out>/{local,scale,dist,s3}_bench.json`` (whichever exist) and ``<out>/run.json`` (the
+Reads ``<out>/{local,scale,dist,s3,stall,cloud}_bench.json`` (whichever exist) and ``<out>/run.json`` (the
 command line of the last ``python -m benchmarks.run``), prints one markdown table per part,
 writes PNG plots into ``<out>`` and replaces the text between ``<!-- BEGIN GENERATED -->`` and
 ``<!-- END GENERATED -->`` in BENCHMARKS.md (appending the markers if they are missing).
@@ -340,6 +340,19 @@ def s3_markdown(result: dict[str, Any]) -> str:
     if not cases:
         lines.append("| - | - | - | no cases in s3_bench.json | - | - | - | - | - |")
     return "\n".join(lines)
+
+
+# --- cloud (schema and table owned by benchmarks/cloud_bench.py) -----------------------------------------
+
+
+def cloud_markdown(result: dict[str, Any]) -> str:
+    from benchmarks.cloud_bench import build_report
+
+    return build_report(result["cases"], result["args"])
+
+
+def plot_cloud(result: dict[str, Any], out: str) -> list[str]:
+    return []  # the table carries it: cold and warm times per client
 
 
 # --- stall (benchmarks/stall_bench.py) ---------------------------------------------------------------
@@ -681,6 +694,7 @@ def generate(out: str, md_path: str | None = "BENCHMARKS.md") -> str:
         ("dist", "Distributed save and restore vs DCP", dist_markdown, plot_dist),
         ("s3", "S3 endpoint", s3_markdown, plot_s3),
         ("stall", "Async save: training stall", stall_markdown, plot_stall),
+        ("cloud", "GCS and Azure emulators: ckpt vs the raw clients", cloud_markdown, plot_cloud),
     ):
         data = _load(out, f"{part}_bench.json")
         if data is not None:

@@ -1,6 +1,6 @@
 """Run the whole benchmark suite, then write the tables, plots and BENCHMARKS.md's generated part.
 
-    python -m benchmarks.run [--quick] [--big] [--only local,scale,dist,s3,stall] [--runs N]
+    python -m benchmarks.run [--quick] [--big] [--only local,scale,dist,s3,stall,cloud] [--runs N]
                              [--out bench-out] [--no-md]
 
 Parts, each in its own process (see benchmarks/README.md):
@@ -11,7 +11,9 @@ Parts, each in its own process (see benchmarks/README.md):
 - dist: ``benchmarks.dist_bench``: W gloo processes, ckpt.parallel.torchrun vs DCP;
 - s3: ``benchmarks.s3_bench`` if it exists (skipped otherwise);
 - stall: ``benchmarks.stall_bench``: the training stall of an async vs a sync save
-  (CheckpointManager), 1 GiB on local disk and 256 MiB on moto.
+  (CheckpointManager), 1 GiB on local disk and 256 MiB on moto;
+- cloud: ``benchmarks.cloud_bench``: ckpt vs gcsfs/adlfs and obstore on fake-gcs-server and
+  Azurite, 256 MiB (the ckpt rows of a backend ckpt lacks are skipped).
 
 ``--quick`` (about 5 minutes): 32 MiB, 2 runs, the scale part extrapolated from 100 ranks, a
 64 MiB distributed run with 2 writers, small S3 and stall cases. The default run takes about
@@ -32,7 +34,7 @@ import sys
 import time
 from typing import Any
 
-PARTS = ("local", "scale", "dist", "s3", "stall")
+PARTS = ("local", "scale", "dist", "s3", "stall", "cloud")
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 
 
@@ -55,6 +57,8 @@ def part_command(part: str, args: argparse.Namespace) -> list[str] | None:
         return [*py, "benchmarks.s3_bench", "--out", args.out, *quick, *runs]
     if part == "stall":
         return [*py, "benchmarks.stall_bench", "--out", args.out, *quick, *runs]
+    if part == "cloud":
+        return [*py, "benchmarks.cloud_bench", "--out", args.out, *quick, *runs]
     raise ValueError(part)
 
 
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, 2 runs (~2 minutes): a smoke test")
     ap.add_argument("--big", action="store_true", help="add the 4 GiB size to the local part")
-    ap.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: local,scale,dist,s3")
+    ap.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ",".join(PARTS))
     ap.add_argument("--runs", type=int, help="runs per case (default 5; --quick: 2)")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--no-md", action="store_true", help="do not rewrite BENCHMARKS.md")
