@@ -22,7 +22,7 @@ from ckpt.storage._base import Listed, Storage, Upload
 from ckpt.storage._fsspec import FsspecStorage
 from ckpt.storage._gcs import GCSStorage
 from ckpt.storage._local import LocalStorage
-from ckpt.storage._object import BACKOFFS, PROBE_DIR, RETRIES, ObjectStorage
+from ckpt.storage._object import BACKOFFS, PROBE_DIR, RETRIES, ObjectStorage, WriteSizes
 from ckpt.storage._s3 import S3_MAX_REQUESTS, S3Storage
 
 __all__ = [
@@ -93,15 +93,13 @@ def _backend(
     if requests < 1:
         raise ValueError("ckpt_max_requests must be >= 1")
     protocol = fsspec.core.split_protocol(root)[0]
-    writes: dict[str, Any] = {
-        "part_bytes": part_bytes, "single_put_max_bytes": single_put_max_bytes, "max_inflight_bytes": max_inflight_bytes,
-    }  # fmt: skip
+    writes = WriteSizes(part_bytes, single_put_max_bytes, max_inflight_bytes)
     if protocol in _GCS_PROTOCOLS:
         # ckpt makes its own requests on gcsfs's session: gcsfs's retry loop is never entered
         fs, path = fsspec.core.url_to_fs(root, **opts)
-        return GCSStorage(fs, path, retry=policy, max_requests=requests, **writes)
+        return GCSStorage(fs, path, retry=policy, max_requests=requests, writes=writes)
     if protocol in AZURE_PROTOCOLS:
-        return open_azure(root, opts, retry=policy, max_requests=requests, **writes)
+        return open_azure(root, opts, retry=policy, max_requests=requests, writes=writes)
     if protocol not in _S3_PROTOCOLS:
         fs, path = fsspec.core.url_to_fs(root, **opts)
         if isinstance(fs, LocalFileSystem):
@@ -117,7 +115,7 @@ def _backend(
         # s3fs's retry loop off too (this instance is ckpt's: its config differs from the
         # caller's own); botocore's off by the config above
         fs.retries = 1
-    return S3Storage(fs, path, retry=policy, max_requests=requests, **writes)
+    return S3Storage(fs, path, retry=policy, max_requests=requests, writes=writes)
 
 
 def trusts_create_only(fs: Any) -> bool:

@@ -55,7 +55,7 @@ from ckpt.storage._azure_errors import azure_error, not_found, precondition_fail
 from ckpt.storage._base import Chunks as ChunkIter
 from ckpt.storage._base import ChunkSource, Listed, Upload
 from ckpt.storage._bodies import Body, Chunks, stream_into
-from ckpt.storage._object import MAX_INFLIGHT_BYTES, ObjectStorage
+from ckpt.storage._object import ObjectStorage, WriteSizes
 
 T = TypeVar("T")
 log = logging.getLogger("ckpt.storage")
@@ -74,13 +74,13 @@ UNCOMMITTED = "uncommitted-blocks"  # the upload_id of every Azure Upload (the s
 
 
 def open_azure(
-    root: str, opts: dict[str, Any], *, retry: RetryPolicy, max_requests: int, **writes: int | None
+    root: str, opts: dict[str, Any], *, retry: RetryPolicy, max_requests: int, writes: WriteSizes
 ) -> AzureStorage:
     """The Storage of an Azure root, on ckpt's own client (``_azure_client``)."""
     scheme = fsspec.core.split_protocol(root)[0] or "az"
     fs = own_filesystem(scheme, root, opts)
     path = fs._strip_protocol(root)
-    return AzureStorage(fs, path, scheme=scheme, retry=retry, max_requests=max_requests, **writes)
+    return AzureStorage(fs, path, scheme=scheme, retry=retry, max_requests=max_requests, writes=writes)
 
 
 def _initiated(blob: Any) -> float:
@@ -96,35 +96,19 @@ class AzureStorage(ObjectStorage):
     precondition = "If-None-Match on Put Blob"
 
     def __init__(
-        self,
-        fs: Any,
-        path: str,
-        *,
-        scheme: str,
-        retry: RetryPolicy,
-        max_requests: int,
-        **writes: int | None,
+        self, fs: Any, path: str, *, scheme: str, retry: RetryPolicy, max_requests: int, writes: WriteSizes
     ) -> None:
-        """``writes``: ``part_bytes`` (the block size), ``single_put_max_bytes``,
-        ``max_inflight_bytes`` (the upload byte budget); None or absent: the defaults."""
-        unknown = set(writes) - {"part_bytes", "single_put_max_bytes", "max_inflight_bytes"}
-        if unknown:
-            raise TypeError(f"unknown write options {sorted(unknown)}")
-        block = min(_AZ_MAX_BLOCK, max(1, writes.get("part_bytes") or AZ_BLOCK_BYTES))
-        inflight = max(writes.get("max_inflight_bytes") or MAX_INFLIGHT_BYTES, block)
-        super().__init__(
-            fs, path, retry=retry, max_requests=max_requests, max_inflight_bytes=inflight
-        )
+        super().__init__(fs, path, retry=retry, max_requests=max_requests, writes=writes)
         # messages name the root with the scheme given (adlfs calls itself abfs)
         self.url = f"{scheme}://{self.root.lstrip('/')}"
         self.protocol = scheme
-        self.block_bytes = block
-        single = writes.get("single_put_max_bytes")
-        self.single_put_max_bytes = min(
-            _AZ_MAX_PUT, min(AZ_SINGLE_PUT_MAX_BYTES, inflight) if single is None else single
-        )
+        self.block_bytes = self.part_bytes
+        self.single_put_max_bytes = min(_AZ_MAX_PUT, self.single_put_max_bytes)
         self._container, _, self._prefix = self.root.strip("/").partition("/")
         self._client = fs.service_client
+
+    def _sizes(self, part_bytes: int | None) -> tuple[int, int]:
+        return min(_AZ_MAX_BLOCK, max(1, part_bytes or AZ_BLOCK_BYTES)), AZ_SINGLE_PUT_MAX_BYTES
 
     # --- what ObjectStorage asks of a backend --------------------------------------------------
 
@@ -244,14 +228,6 @@ class AzureStorage(ObjectStorage):
 
     # --- writes --------------------------------------------------------------------------------
 
-    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
-        with self._creating(rel):
-            data = chunks() if callable(chunks) else chunks
-            if size > self.single_put_max_bytes:
-                self._write_blocks(rel, data, size)
-            else:
-                self._write_single(rel, data, size)
-
     def _write_single(self, rel: str, chunks: ChunkIter, size: int) -> None:
         """One create-only Put Blob; a refusal is checked against the blob there (a try whose
         reply was lost may have landed, and its retry then meets our own write)."""
@@ -263,10 +239,11 @@ class AzureStorage(ObjectStorage):
                     raise
                 log.info("%s: a retried create-only Put Blob met its own earlier write", self.url)
 
-    def _write_blocks(self, rel: str, chunks: ChunkIter, size: int) -> None:
+    def _write_parts(self, rel: str, source: ChunkSource, size: int) -> None:
         """Staged blocks (ids unique to this write), several in flight, each retried; then one
         create-only Put Block List. A commit whose reply was lost is ours if the blob's committed
         blocks are exactly ours. On any failure the staged blocks are discarded."""
+        chunks = source() if callable(source) else source
         bc = self._blob(rel)
         block = max(self.block_bytes, -(-size // _AZ_MAX_BLOCKS))
         tag = uuid.uuid4().hex

@@ -41,7 +41,7 @@ from ckpt.storage._base import Chunks as ChunkIter
 from ckpt.storage._base import ChunkSource, Listed
 from ckpt.storage._bodies import Body, Chunks, stream_into
 from ckpt.storage._gcs_errors import IncompleteChunk, answer_error, transient
-from ckpt.storage._object import MAX_INFLIGHT_BYTES, MAX_REQUESTS, ObjectStorage
+from ckpt.storage._object import MAX_REQUESTS, ObjectStorage, WriteSizes
 
 T = TypeVar("T")
 log = logging.getLogger("ckpt.storage")
@@ -60,29 +60,14 @@ class GCSStorage(ObjectStorage):
 
     precondition = "ifGenerationMatch=0 on uploads"
 
-    def __init__(
-        self,
-        fs: Any,
-        path: str,
-        *,
-        retry: RetryPolicy,
-        max_requests: int,
-        part_bytes: int | None = None,
-        single_put_max_bytes: int | None = None,
-        max_inflight_bytes: int | None = None,
-    ) -> None:
-        part = -(-max(_CHUNK_ALIGN, part_bytes or GCS_PART_BYTES) // _CHUNK_ALIGN) * _CHUNK_ALIGN
-        inflight = max(max_inflight_bytes or MAX_INFLIGHT_BYTES, part)
-        super().__init__(
-            fs, path, retry=retry, max_requests=max_requests, max_inflight_bytes=inflight
-        )
+    def __init__(self, fs: Any, path: str, *, retry: RetryPolicy, max_requests: int, writes: WriteSizes) -> None:
+        super().__init__(fs, path, retry=retry, max_requests=max_requests, writes=writes)
         self.url = f"gs://{self.root.lstrip('/')}"
-        self.part_bytes = part
-        self.single_put_max_bytes = (
-            min(GCS_SINGLE_PUT_MAX_BYTES, inflight)
-            if single_put_max_bytes is None
-            else single_put_max_bytes
-        )
+
+    def _sizes(self, part_bytes: int | None) -> tuple[int, int]:
+        # resumable upload chunks are multiples of 256 KiB
+        part = -(-max(_CHUNK_ALIGN, part_bytes or GCS_PART_BYTES) // _CHUNK_ALIGN) * _CHUNK_ALIGN
+        return part, GCS_SINGLE_PUT_MAX_BYTES
 
     # --- what the object-store base asks -----------------------------------------------------
 
@@ -198,14 +183,6 @@ class GCSStorage(ObjectStorage):
                 lambda: self._upload(body, create_only=False, tries=None, what=self.where(rel))
             )
 
-    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
-        with self._creating(rel):
-            source = chunks() if callable(chunks) else chunks
-            if size > self.single_put_max_bytes:
-                self._write_resumable(rel, source, size)
-            else:
-                self._write_single(rel, source, size)
-
     def _write_single(self, rel: str, chunks: ChunkIter, size: int) -> None:
         """One create-only multipart upload. A 412 is checked against the object there (its
         size and MD5): a try whose reply was lost may have landed, and its retry then meets our
@@ -236,9 +213,10 @@ class GCSStorage(ObjectStorage):
         want = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
         return int(meta.get("size", -1)) == len(data) and meta.get("md5Hash") == want
 
-    def _write_resumable(self, rel: str, chunks: ChunkIter, size: int) -> None:
+    def _write_parts(self, rel: str, source: ChunkSource, size: int) -> None:
         """A resumable upload created with ``ifGenerationMatch=0``, sent in chunks while this
         thread fills the next; cancelled on any failure."""
+        chunks = source() if callable(source) else source
         if size == 0:
             self._write_single(rel, chunks, size)
             return

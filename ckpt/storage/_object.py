@@ -2,10 +2,12 @@
 request slots, the upload byte budget, the per-endpoint conditional-write probe and the
 lost-reply check of a create-only write (docs/storage.md, "Object stores").
 
-A backend subclasses :class:`ObjectStorage` and supplies three things: ``_transient(err)`` (its
-error vocabulary: the reason a failure may be retried, or None), ``_create_only(rel, data)``
-(one create-only write of a small object: True if it created it, False if the service refused
-because an object is there) and ``_bucket()`` (the bucket or container, for the probe's cache).
+A backend subclasses :class:`ObjectStorage` and supplies: ``_transient(err)`` (its error
+vocabulary: the reason a failure may be retried, or None), ``_create_only(rel, data)`` (one
+create-only write of a small object: True if it created it, False if the service refused because
+an object is there), ``_discard(rel)``, ``_bucket()`` (the bucket or container, for the probe's
+cache), and its writes: ``_sizes`` (the defaults and limits of :class:`WriteSizes`), ``_write_single`` and ``_write_parts`` (one
+request, or parts published create-only; :meth:`ObjectStorage.write_file` picks one).
 The clients' own retry loops are turned off where the backend builds its client, so the two
 layers never multiply.
 """
@@ -23,12 +25,14 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ckpt._concurrency import ByteBudget
 from ckpt.errors import MissingShardError
 from ckpt.options import RetryPolicy
 from ckpt.storage._base import Chunks as ChunkIter
+from ckpt.storage._base import ChunkSource
 from ckpt.storage._bodies import Body, Chunks
 from ckpt.storage._fsspec import FsspecStorage
 
@@ -49,6 +53,18 @@ _PROBE_LOCK = threading.Lock()
 PROBE_DIR = "_ckpt_probe"
 
 
+@dataclass(frozen=True, slots=True)
+class WriteSizes:
+    """An object store's write sizes (``open_storage``'s knobs); None: the backend's default.
+    ``part_bytes``: a part of a bigger file; ``single_put_max_bytes``: the largest file sent as
+    one request; ``max_inflight_bytes``: upload bodies in flight at once over all of a Storage's
+    writes (never under one part)."""
+
+    part_bytes: int | None = None
+    single_put_max_bytes: int | None = None
+    max_inflight_bytes: int | None = None
+
+
 class ObjectStorage(FsspecStorage):
     """A root in a bucket of an object store, with ckpt's retries and the commit probe."""
 
@@ -56,17 +72,29 @@ class ObjectStorage(FsspecStorage):
     streams_chunks = True
 
     def __init__(
-        self, fs: Any, path: str, *, retry: RetryPolicy, max_requests: int, max_inflight_bytes: int
+        self, fs: Any, path: str, *, retry: RetryPolicy, max_requests: int, writes: WriteSizes
     ) -> None:
         super().__init__(fs, path)
+        part, single_default = self._sizes(writes.part_bytes)
+        inflight = max(writes.max_inflight_bytes or MAX_INFLIGHT_BYTES, part)
+        self.part_bytes = part  # a part (S3), chunk (GCS) or block (Azure) of a bigger file
+        # a single request's body is one copy of the whole file: by default never more than
+        # the budget allows
+        single = writes.single_put_max_bytes
+        self.single_put_max_bytes = min(single_default, inflight) if single is None else single
         self.atomic_create = True
         self.retry = retry
         self.max_requests = max_requests
         self.retries: collections.Counter[str] = collections.Counter()  # this Storage's own
         self._slots = asyncio.Semaphore(max_requests)  # requests in flight (bound on first use)
-        self._upload_budget = ByteBudget(max_inflight_bytes)
+        self._upload_budget = ByteBudget(inflight)
 
     # --- what a backend supplies -------------------------------------------------------------
+
+    def _sizes(self, part_bytes: int | None) -> tuple[int, int]:
+        """The part size for ``part_bytes`` (None: the default) within the service's limits, and
+        the largest file sent as one request by default (read when the Storage is made)."""
+        raise NotImplementedError
 
     def _transient(self, err: BaseException) -> str | None:
         """Why ``err`` may be retried (a short reason for the counters), or None."""
@@ -148,6 +176,24 @@ class ObjectStorage(FsspecStorage):
         return lambda _fut: self._upload_budget.release(n)
 
     # --- writes: what every backend's write_file is made of ------------------------------------
+
+    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
+        """A data file, create-only: up to ``single_put_max_bytes`` as one request, a bigger one
+        in parts (``_write_parts``: the backend's multipart upload, resumable upload or blocks)."""
+        with self._creating(rel):
+            if size > self.single_put_max_bytes:
+                self._write_parts(rel, chunks, size)
+            else:
+                self._write_single(rel, chunks() if callable(chunks) else chunks, size)
+
+    def _write_single(self, rel: str, chunks: ChunkIter, size: int) -> None:
+        """One create-only request whose body is the file (``_single_body``)."""
+        raise NotImplementedError
+
+    def _write_parts(self, rel: str, source: ChunkSource, size: int) -> None:
+        """The file in parts under the upload budget, published create-only at the end;
+        ``source`` may be a function that gives the data again (a restart)."""
+        raise NotImplementedError
 
     @contextlib.contextmanager
     def _single_body(self, chunks: ChunkIter, size: int) -> Iterator[Body]:

@@ -25,7 +25,6 @@ from typing import Any
 import fsspec
 
 from ckpt.errors import ShardSizeMismatchError, StorageError
-from ckpt.options import RetryPolicy
 from ckpt.storage._base import Chunks as ChunkIter
 from ckpt.storage._base import ChunkSource, Upload
 from ckpt.storage._bodies import Body, Chunks, stream_into
@@ -55,31 +54,8 @@ class S3Storage(ObjectStorage):
 
     precondition = "If-None-Match on PutObject"
 
-    def __init__(
-        self,
-        fs: Any,
-        path: str,
-        *,
-        retry: RetryPolicy,
-        max_requests: int,
-        part_bytes: int | None = None,
-        single_put_max_bytes: int | None = None,
-        max_inflight_bytes: int | None = None,
-    ) -> None:
-        # multipart part size, the largest single PutObject, and the bytes of upload bodies in
-        # flight at once over all of this Storage's writes
-        part = max(_S3_MIN_PART, part_bytes or S3_PART_BYTES)
-        inflight = max(max_inflight_bytes or S3_MAX_INFLIGHT_BYTES, part)
-        super().__init__(
-            fs, path, retry=retry, max_requests=max_requests, max_inflight_bytes=inflight
-        )
-        self.part_bytes = part
-        # a single PUT's body is one copy of the whole file: never more than the budget allows
-        self.single_put_max_bytes = (
-            min(S3_SINGLE_PUT_MAX_BYTES, inflight)
-            if single_put_max_bytes is None
-            else single_put_max_bytes
-        )
+    def _sizes(self, part_bytes: int | None) -> tuple[int, int]:
+        return max(_S3_MIN_PART, part_bytes or S3_PART_BYTES), S3_SINGLE_PUT_MAX_BYTES
 
     def _transient(self, err: BaseException) -> str | None:
         return transient(err)
@@ -168,19 +144,12 @@ class S3Storage(ObjectStorage):
 
     # --- writes ----------------------------------------------------------------------------
 
-    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
-        full = self.path(rel)
-        with self._creating(rel):
-            if size > self.single_put_max_bytes:
-                self._write_s3_multipart(full, chunks, size)
-            else:
-                self._write_s3_single(full, chunks() if callable(chunks) else chunks, size)
-
-    def _write_s3_single(self, full: str, chunks: ChunkIter, size: int) -> None:
+    def _write_single(self, rel: str, chunks: ChunkIter, size: int) -> None:
         """One create-only PutObject; its body is the one copy of the file's bytes. A 412 is
         checked against the object there (its ETag, else its bytes): a try whose reply was lost
         may have landed, and its retry (ours, or aiohttp's own one-shot retry of an idempotent
         request on a reused connection) then meets our own write, which is our success."""
+        full = self.path(rel)
         bucket, key, _ = self.fs.split_path(full)
         with self._single_body(chunks, size) as body:
             try:
@@ -191,14 +160,10 @@ class S3Storage(ObjectStorage):
                 log.info("%s: a retried create-only PUT met its own earlier write", self.url)
         self.fs.invalidate_cache(full)
 
-    def _write_s3_multipart(
-        self,
-        full: str,
-        source: ChunkSource,
-        size: int,
-    ) -> None:
+    def _write_parts(self, rel: str, source: ChunkSource, size: int) -> None:
         """A multipart upload (see :meth:`_multipart_once`), started over when S3 discarded it
         after a 409 on its completion and ``source`` can give the data again."""
+        full = self.path(rel)
         for restart in itertools.count():
             try:
                 self._multipart_once(full, source() if callable(source) else source, size)
