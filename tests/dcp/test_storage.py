@@ -162,10 +162,11 @@ def test_typed_values_are_not_handed_to_a_planner_that_would_unpickle_them(local
 
 
 def test_a_value_without_a_typed_form_is_refused_before_anything_is_written(local_store: Store) -> None:
-    with pytest.raises(CheckpointException, match="'obj'"):
+    with pytest.raises(CheckpointException, match="'obj'") as info:
         dcp.save({"w": torch.ones(2), "obj": object()}, storage_writer=ckpt.dcp.StorageWriter(local_store.root, step=1),
                  planner=ckpt.dcp.SavePlanner())  # fmt: skip
-    assert not pathlib.Path(local_store.root, "data").exists()
+    assert info.value.args[0] == "plan"  # refused while planning, before any rank writes
+    assert not pathlib.Path(local_store.root).exists()
 
 
 def test_a_committed_step_is_refused_and_step_none_reads_the_newest(local_store: Store) -> None:
@@ -216,3 +217,30 @@ def _read_item(fqn: str) -> Any:
 
     idx = MetadataIndex(fqn)
     return ReadItem(LoadItemType.BYTE_IO, idx, torch.Size([]), idx, torch.Size([]), torch.Size([]))
+
+
+def test_no_unpickling_is_reached_on_ckpt_paths(local_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ckpt.dcp's planners, neither torch.load nor pickle runs on save or load."""
+
+    def banned(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("unpickling was reached")
+
+    monkeypatch.setattr(torch, "load", banned)
+    monkeypatch.setattr(pickle, "loads", banned)
+    monkeypatch.setattr(pickle, "load", banned)
+    state = _state()
+    dcp.save(state, storage_writer=ckpt.dcp.StorageWriter(local_store.root, step=1), planner=ckpt.dcp.SavePlanner())
+    target = _zeros_like(state)
+    target["extra"]["groups"] = [{"lr": 0.0, "params": []}]
+    dcp.load(target, storage_reader=ckpt.dcp.StorageReader(local_store.root), planner=ckpt.dcp.LoadPlanner())
+    assert target["extra"]["epoch"] == 7
+
+
+def test_ranks_that_resolved_different_steps_are_refused(local_store: Store) -> None:
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    ckpt.save(local_store.root, {"w": torch.ones(2)}, step=1)
+    reader = ckpt.dcp.StorageReader(local_store.root)
+    reader.read_metadata()
+    with pytest.raises(ckpt.PlanError, match="coordinator step 2"):
+        reader.read_data(LoadPlan([], storage_data={"ckpt.step": 2, "ckpt.attempt": "x"}), ckpt.dcp.LoadPlanner())
