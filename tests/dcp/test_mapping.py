@@ -19,7 +19,8 @@ def test_a_path_becomes_an_escaped_slash_joined_key() -> None:
     assert _mapping.key_of(("per/layer", "a~b", 0)) == "per~1layer/a~0b/0"
     assert _mapping.path_of("x.y", {}) == ("x.y",)  # no planner data: the FQN is one segment
     assert _mapping.paths({"a.b": ("a", "b")}) == {"a.b": ("a", "b")}
-    assert _mapping.paths(None) == {} and _mapping.paths({"a": "not a path"}) == {}
+    assert _mapping.paths(None) == {}
+    assert _mapping.paths({"a": "not a path"}) == {}
 
 
 def test_the_tree_makes_lists_of_contiguous_indices_and_dicts_of_the_rest() -> None:
@@ -45,11 +46,12 @@ def test_the_tree_makes_lists_of_contiguous_indices_and_dicts_of_the_rest() -> N
 )  # fmt: skip
 def test_typed_values_round_trip(value: object) -> None:
     back = _values.decode(_values.encode(value, "k"), "k")
-    assert back == value and type(back) is type(value)
+    assert back == value
+    assert type(back) is type(value)
 
 
 def test_a_value_without_a_typed_form_is_refused_naming_its_key() -> None:
     with pytest.raises(ckpt.StateError, match="'k/0'"):
         _values.encode([object()], "k")
-    with pytest.raises(ckpt.StateError, match="not a ckpt.dcp value envelope"):
+    with pytest.raises(ckpt.StateError, match=r"not a ckpt\.dcp value envelope"):
         _values.from_plain({"$dcp": "os.system", "value": "x"}, "k")
