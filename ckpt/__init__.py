@@ -27,6 +27,16 @@ from ckpt.storage.redaction import install as _install_redaction
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """``ckpt.dcp`` on first use: torch.distributed.checkpoint is imported only by its users."""
+    if name == "dcp":
+        import importlib
+
+        return importlib.import_module("ckpt.dcp")
+    raise AttributeError(f"module 'ckpt' has no attribute {name!r}")
+
+
 _install_redaction()  # botocore/s3fs DEBUG logs name credentials: redact them (ckpt.storage.redaction)
 
 __all__ = [

@@ -31,6 +31,7 @@ __all__ = [
     "MissingShardError",
     "NoIntactCheckpointError",
     "NotSafetensorsError",
+    "OpaqueBytesError",
     "OverlappingRangesError",
     "PlanError",
     "ShardCoverageError",
@@ -175,6 +176,12 @@ class MissingKeyError(CkptError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
         return str(self.args[0]) if self.args else ""
+
+
+class OpaqueBytesError(CkptError, TypeError):
+    """A PyTorch DCP non-tensor value would be stored or handed back as opaque bytes (DCP's
+    default planners pickle them) without the ``allow_opaque_bytes`` opt-in; the message names
+    its key and the ckpt.dcp planner that stores it as typed JSON instead."""
 
 
 class TargetMismatchError(CkptError, ValueError):

@@ -46,6 +46,21 @@ def new_attempt(
     return Attempt(root, step, uuid.uuid4().hex[:16], world_size, options, tuple(sorted(meta.items())))
 
 
+def to_wire(a: Attempt) -> dict[str, Any]:
+    """An attempt as a plain JSON-able record (what coordinators send to writers)."""
+    return {"root": a.root, "step": a.step, "attempt": a.attempt, "world_size": a.world_size,
+            "options": {f: getattr(a.options, f) for f in SaveOptions.__slots__},
+            "user_metadata": [list(p) for p in a.user_metadata]}  # fmt: skip
+
+
+def from_wire(d: dict[str, Any]) -> Attempt:
+    """The attempt :func:`to_wire` describes."""
+    return Attempt(
+        d["root"], d["step"], d["attempt"], d["world_size"], SaveOptions(**d["options"]),
+        tuple((k, v) for k, v in d["user_metadata"]),
+    )  # fmt: skip
+
+
 class FileRecord(TypedDict):
     """A file a writer wrote: its size and whole-file CRC32C."""
 

@@ -176,33 +176,11 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
     tree.walk(m.tree, target, "", sel)
     # Check every target region, shape and dtype before allocating anything.
     wanted = {key: _destination(key, m, sel.destinations.get(key)) for key in sel.tensor_keys}
-    # Stat the files of the requested tensors before planning: a plan is as big as the bytes
-    # the manifest claims, so a lying manifest (a 4 TiB tensor over a small file) stops here.
-    _check_sizes(storage, m, sel.tensor_keys, options.num_threads)
-    requests = [Request(k, box) for k, (box, _) in wanted.items()]
-    plan = plan_restore(
-        m,
-        requests,
-        verify=options.verify,
-        max_gap_bytes=options.gap_bytes(local=storage.local_disk),
-        read_chunk_bytes=options.chunk_bytes(local=storage.local_disk),
-    )
-    bufs: dict[str, torch.Tensor] = {}
-    finals: dict[str, torch.Tensor] = {}
-    for key, (box, t) in wanted.items():
-        if t is not None and t.device.type == "cpu" and t.is_contiguous():
-            bufs[key] = t
-        else:
-            bufs[key] = torch.empty(box.sizes, dtype=dtypes.BY_CODE[m.tensors[key].dtype].torch_dtype)
-        if t is not None:
-            finals[key] = t
-    executor.read_plan(
-        storage,
-        plan,
-        [executor.byte_view(bufs[k]) for k in sel.tensor_keys],
-        num_threads=options.num_threads,
-        max_inflight_bytes=options.max_inflight_bytes,
-    )
+    # in place where the target's tensor can take the bytes; else allocated after the size check
+    finals = {key: t for key, (_, t) in wanted.items() if t is not None}
+    direct = [t if t is not None and t.device.type == "cpu" and t.is_contiguous() else None for _, t in wanted.values()]
+    got = read_regions(storage, m, [Request(k, box) for k, (box, _) in wanted.items()], direct, options)
+    bufs = dict(zip(wanted, got, strict=True))
     for key, t in finals.items():
         if bufs[key] is not t:
             t.copy_(bufs[key])
@@ -215,6 +193,41 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
         return bufs[key].numpy() if kind == "ndarray" else bufs[key]
 
     return tree.walk(m.tree, target, "", sel, build)
+
+
+def read_regions(
+    storage: Storage,
+    m: Manifest,
+    requests: list[Request],
+    dests: list[torch.Tensor | None],
+    options: RestoreOptions,
+) -> list[torch.Tensor]:
+    """The regions ``requests`` ask for (a key may be asked for several times), read with one
+    plan of verified ranged reads into ``dests[i]`` (a contiguous CPU tensor of the saved dtype,
+    shaped like the box), or into a tensor allocated for a None; the files' sizes are checked
+    before anything is allocated or read. Returns the filled tensors."""
+    # Stat the files of the requested tensors before planning: a plan is as big as the bytes
+    # the manifest claims, so a lying manifest (a 4 TiB tensor over a small file) stops here.
+    _check_sizes(storage, m, sorted({r.key for r in requests}), options.num_threads)
+    out = [
+        d if d is not None else torch.empty(r.box.sizes, dtype=dtypes.BY_CODE[m.tensors[r.key].dtype].torch_dtype)
+        for r, d in zip(requests, dests, strict=True)
+    ]
+    plan = plan_restore(
+        m,
+        requests,
+        verify=options.verify,
+        max_gap_bytes=options.gap_bytes(local=storage.local_disk),
+        read_chunk_bytes=options.chunk_bytes(local=storage.local_disk),
+    )
+    executor.read_plan(
+        storage,
+        plan,
+        [executor.byte_view(d) for d in out],
+        num_threads=options.num_threads,
+        max_inflight_bytes=options.max_inflight_bytes,
+    )
+    return out
 
 
 def _destination(key: str, m: Manifest, dest: object) -> tuple[regions.Box, torch.Tensor | None]:

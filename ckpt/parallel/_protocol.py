@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol, cast
 
 from ckpt.errors import WorkerFailedError
 from ckpt.format.manifest import Manifest
+from ckpt.lifecycle import attempt as attempt_mod
 from ckpt.lifecycle import save as saver
 from ckpt.lifecycle.attempt import Attempt
 from ckpt.options import SaveOptions
@@ -64,17 +65,8 @@ def failure_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def attempt_wire(a: Attempt) -> Msg:
-    return {"root": a.root, "step": a.step, "attempt": a.attempt, "world_size": a.world_size,
-            "options": {f: getattr(a.options, f) for f in SaveOptions.__slots__},
-            "user_metadata": [list(p) for p in a.user_metadata]}  # fmt: skip
-
-
-def attempt_from(d: Msg) -> Attempt:
-    return Attempt(
-        d["root"], d["step"], d["attempt"], d["world_size"], SaveOptions(**d["options"]),
-        tuple((k, v) for k, v in d["user_metadata"]),
-    )  # fmt: skip
+attempt_wire = attempt_mod.to_wire
+attempt_from = attempt_mod.from_wire
 
 
 def plan_wire(plain: saver.PlainTensors) -> Any:
