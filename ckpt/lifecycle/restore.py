@@ -208,7 +208,7 @@ def read_regions(
     before anything is allocated or read. Returns the filled tensors."""
     # Stat the files of the requested tensors before planning: a plan is as big as the bytes
     # the manifest claims, so a lying manifest (a 4 TiB tensor over a small file) stops here.
-    _check_sizes(storage, m, sorted({r.key for r in requests}), options.num_threads)
+    _check_sizes(storage, m, list(dict.fromkeys(r.key for r in requests)), options.num_threads)
     out = [
         d if d is not None else torch.empty(r.box.sizes, dtype=dtypes.BY_CODE[m.tensors[r.key].dtype].torch_dtype)
         for r, d in zip(requests, dests, strict=True)
