@@ -109,3 +109,96 @@ def test_fsdp2_saved_through_ckpt_resumes_bit_identical_and_reshards_exactly(
         assert_same(load_file(out + ".loaded"), saved, f"loaded onto {world} ranks vs saved")
         assert got[0]["groups"] == seen[0]["groups"]
     assert ckpt.list_steps(store.root, storage_options=store.opts) == [step]  # loads wrote nothing
+
+
+# --- crash safety --------------------------------------------------------------------------------
+
+TRIALS, STRESS_TRIALS = 5, 30
+
+
+def _committed(store: Store, seen_before: list[int], trial: int) -> list[int]:
+    """The committed steps: none lost, each new one verifies."""
+    steps = ckpt.list_steps(store.root, storage_options=store.opts)
+    assert set(seen_before) <= set(steps), f"trial {trial}: committed steps vanished: {seen_before} -> {steps}"
+    for s in sorted(set(steps) - set(seen_before)):
+        report = ckpt.verify(store.root, s, storage_options=store.opts)
+        assert report.ok, f"trial {trial}: step {s}: {report}"
+    return steps
+
+
+def _restored_values(store: Store, step: int) -> dict[str, torch.Tensor]:
+    back = ckpt.restore(store.root, step, storage_options=store.opts)
+    assert back["step"] == step
+    out = {f"model/{fqn}": t for fqn, t in back["model"].items()}
+    for fqn, per in back["optim"]["state"].items():
+        out.update({f"optim/state/{fqn}/{name}": t for name, t in per.items()})
+    return out
+
+
+def _sigkill_trials(fk: Forker, store: Store, mode: str, trials: int, seed: int, tmp: Path) -> None:
+    """Each trial: 2 ranks resume from the newest committed step and save every step through
+    ckpt.dcp; one rank, chosen at random, is SIGKILLed at a random moment (every other trial: a
+    random moment within 30 ms of a rank starting to write a save's data), the other a random
+    moment later (as torchrun tears a job down). Then only committed steps are listed, each
+    verifies, and (at the end) each holds exactly the state of its step in a run that never
+    stopped."""
+    import os
+    import random
+    import signal
+    import time
+
+    from tests.system.test_crash import _finished, _lines
+
+    rnd = random.Random(seed)
+    window = (0.5, 1.5) if store.kind == "local" else (1.0, 4.0)
+    opts_json = json.dumps(store.opts or None)
+    steps: list[int] = []
+    for trial in range(trials):
+        init = str(tmp / f"init-crash-{trial}")
+        progress = str(tmp / f"progress-{trial}")
+        pids = [fk.start("tests.support.fsdp2_ranks:saving_loop", store.root, opts_json, mode, progress, r, 2, init)
+                for r in range(2)]  # fmt: skip
+        if trial % 2:  # at a random moment
+            time.sleep(rnd.uniform(*window))
+        else:  # a random moment after a rank started writing the data of its n-th save
+            n, deadline = rnd.randint(1, 6), time.monotonic() + 30
+            while _lines(progress) < n and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(rnd.uniform(0, 0.03))
+        first = rnd.randrange(2)
+        os.kill(pids[first], signal.SIGKILL)
+        time.sleep(rnd.choice([0.0, rnd.uniform(0, 0.3)]))
+        if not _finished(pids[1 - first]):
+            os.kill(pids[1 - first], signal.SIGKILL)
+        statuses = [fk.reap(p) for p in pids]
+        # a rank that failed on its own (a resume that could not load) exits 1 before the kill
+        assert statuses[first] == -signal.SIGKILL, f"trial {trial}: rank {first} exited by itself ({statuses})"
+        newest = steps[-1] if steps else None
+        steps = _committed(store, steps, trial)
+        if newest is not None:
+            assert steps[-1] >= newest, f"trial {trial}: the newest step went back from {newest} to {steps[-1]}"
+    assert len(steps) >= trials, f"saves made little progress across the kills: {steps}"
+    if store.kind == "local":  # the kills hit saves: attempts that never committed are left behind
+        committed = {f"{s:012d}-{ckpt.read_manifest(store.root, s).attempt}" for s in steps}
+        assert set(os.listdir(os.path.join(store.root, "data"))) - committed, "no kill landed inside a save"
+
+    _, out = run(fk, "reference", {"at": steps}, 2, tmp)
+    for s in steps:
+        assert_same(_restored_values(store, s), load_file(f"{out}.{s}"), f"committed step {s} vs the uninterrupted run")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_ranks_sigkilled_during_fsdp2_saves_leave_only_whole_committed_steps(
+    mode: str, fk: Forker, local_store: Store, tmp_path: Path
+) -> None:
+    _sigkill_trials(fk, local_store, mode, TRIALS, {"sync": 1, "async": 2}[mode], tmp_path)
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_ranks_sigkilled_during_fsdp2_saves_stress(
+    backend: str, mode: str, fk: Forker, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    store: Store = request.getfixturevalue(f"{backend}_store")
+    _sigkill_trials(fk, store, mode, STRESS_TRIALS, {"sync": 11, "async": 12}[mode], tmp_path)

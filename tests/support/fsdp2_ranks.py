@@ -183,10 +183,25 @@ def _reference(args: dict[str, Any], mesh: Any, rank: int, world: int, out: str,
 # --- crash trials --------------------------------------------------------------------------------
 
 
-def saving_loop(root: str, opts_json: str, mode: str, rank: int, world: int, init_file: str) -> None:
+def _traced_writer(progress: str) -> Any:
+    """ckpt.dcp.StorageWriter that appends a line to ``progress`` as each rank starts writing its
+    data (for the test to time a kill inside a save); nothing else changes."""
+    import ckpt.dcp
+
+    class Traced(ckpt.dcp.StorageWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            with open(progress, "a") as f:
+                f.write(f"{self.step}\n")
+            return super().write_data(plan, planner)
+
+    return Traced
+
+
+def saving_loop(root: str, opts_json: str, mode: str, progress: str, rank: int, world: int, init_file: str) -> None:
     """Resume from the newest committed step (if any), then train and save every step with
     dcp.save ("sync") or dcp.async_save ("async", the previous save waited on before the next,
-    as torchtitan does) through ckpt.dcp, until killed."""
+    as torchtitan does) through ckpt.dcp, until killed. Each rank appends a line to ``progress``
+    as it starts writing a save's data."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -205,10 +220,11 @@ def saving_loop(root: str, opts_json: str, mode: str, rank: int, world: int, ini
         step = state["step"]
     group = dist.new_group(backend="gloo") if mode == "async" else None
     fut: Any = None
+    writer_type = _traced_writer(progress)
     while True:
         train(model, opt, step, step + 1, rank)
         step += 1
-        writer = ckpt.dcp.StorageWriter(root, step=step, storage_options=opts)
+        writer = writer_type(root, step=step, storage_options=opts)
         if mode == "sync":
             dcp.save(state_of(model, opt, step), storage_writer=writer, planner=ckpt.dcp.SavePlanner())
             continue
