@@ -186,6 +186,15 @@ def _sigkill_trials(fk: Forker, store: Store, mode: str, trials: int, seed: int,
     for s in steps:
         assert_same(_restored_values(store, s), load_file(f"{out}.{s}"), f"committed step {s} vs the uninterrupted run")
 
+    # what the killed saves left is garbage to ckpt gc, and collecting it harms no committed step
+    from ckpt.lifecycle.cleanup import collect_garbage
+    from ckpt.storage import open_storage
+
+    plan = collect_garbage(open_storage(store.root, store.opts or None), grace_s=0.0)
+    assert plan.delete or store.kind != "local"
+    assert ckpt.list_steps(store.root, storage_options=store.opts) == steps
+    assert all(ckpt.verify(store.root, s, storage_options=store.opts).ok for s in steps)
+
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_ranks_sigkilled_during_fsdp2_saves_leave_only_whole_committed_steps(
