@@ -94,7 +94,7 @@ def test_fsdp2_saved_through_ckpt_resumes_bit_identical_and_reshards_exactly(
     assert back["optim"]["param_groups"][0]["lr"] == pytest.approx(1e-2)
 
     # 2 ranks: a fresh model loads it and trains on, bit-identical to the run that never stopped
-    # (async: the save was of step SAVE_AT, taken while step SAVE_AT + 1 trained)
+    # (async: the checkpoint of SAVE_AT steps was uploaded while the next step trained)
     args = {"root": store.root, "opts": store.opts, "total": total}
     got, out = run(fk, "resume", args, 2, tmp_path)
     assert [s["step"] for s in got] == [step, step]
@@ -114,6 +114,22 @@ def test_fsdp2_saved_through_ckpt_resumes_bit_identical_and_reshards_exactly(
 # --- crash safety --------------------------------------------------------------------------------
 
 TRIALS, STRESS_TRIALS = 5, 30
+
+
+def _lines(path: str) -> int:
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def _finished(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] == "Z"  # exited, not yet reaped
+    except FileNotFoundError:
+        return True
 
 
 def _committed(store: Store, seen_before: list[int], trial: int) -> list[int]:
@@ -146,8 +162,6 @@ def _sigkill_trials(fk: Forker, store: Store, mode: str, trials: int, seed: int,
     import random
     import signal
     import time
-
-    from tests.system.test_crash import _finished, _lines
 
     rnd = random.Random(seed)
     window = (0.5, 1.5) if store.kind == "local" else (1.0, 4.0)
