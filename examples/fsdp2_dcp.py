@@ -1,7 +1,7 @@
 """FSDP2 (``fully_shard``) checkpointed with torch.distributed.checkpoint (DCP) into ckpt's format.
 
     python examples/fsdp2_dcp.py [--root DIR_OR_URL] [--steps 6]          # spawns 2 CPU ranks
-    torchrun --nproc_per_node 2 examples/fsdp2_dcp.py [--root DIR_OR_URL] [--steps 6]
+    torchrun --nproc_per_node 2 examples/fsdp2_dcp.py --root DIR_OR_URL [--steps 6]
 
 Two processes (gloo, CPU) train a small MLP sharded with ``fully_shard``. Halfway the state
 (``get_state_dict(model, optimizer)``) is saved with ``dcp.save``, at the end with
@@ -139,14 +139,16 @@ def main() -> None:
     p.add_argument("--root", default=None, help="checkpoint root (default: a new temporary directory)")
     p.add_argument("--steps", type=int, default=6)
     args = p.parse_args()
-    root = args.root or tempfile.mkdtemp(prefix="ckpt-fsdp2-")
-    if "RANK" in os.environ:  # started by torchrun
+    if "RANK" in os.environ:  # started by torchrun: every rank must name the same root
+        if args.root is None:
+            p.error("under torchrun, pass --root (each rank would make a temporary directory of its own)")
         dist.init_process_group("gloo")
         try:
-            worker(root, args.steps)
+            worker(args.root, args.steps)
         finally:
             dist.destroy_process_group()
         return
+    root = args.root or tempfile.mkdtemp(prefix="ckpt-fsdp2-")
     print(f"checkpoint root: {root}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         # fork: the children start with torch imported (CPU only; no CUDA was initialised)
