@@ -31,7 +31,7 @@ def _init(rank: int, world: int, init_file: str) -> Any:
     return init_device_mesh("cpu", (world,))
 
 
-def build(mesh: Any, seed: int) -> tuple[Any, Any]:
+def build(mesh: Any, seed: int, lr: float = LR) -> tuple[Any, Any]:
     """The model (every Linear its own FSDP2 unit, then the root) and its AdamW."""
     import torch
     from torch.distributed.fsdp import fully_shard
@@ -44,7 +44,7 @@ def build(mesh: Any, seed: int) -> tuple[Any, Any]:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     return model, opt
 
 
@@ -149,15 +149,17 @@ def _train(args: dict[str, Any], mesh: Any, rank: int, world: int, out: str, see
 
 
 def _resume(args: dict[str, Any], mesh: Any, rank: int, world: int, out: str, seen: dict[str, Any]) -> None:
-    """A fresh model (another seed) on ``world`` ranks; dcp.load of the newest step (or ``step``)
-    and set_state_dict; writes ``out.loaded``, trains on to ``total`` (if given) and writes
-    ``out.final``."""
+    """A fresh model (another seed, another learning rate) on ``world`` ranks; dcp.load of the
+    newest step (or ``step``) and set_state_dict; writes ``out.loaded``, trains on to ``total``
+    (if given) and writes ``out.final``. dcp.load writes the tensors in place (get_state_dict's
+    DTensors are the model's and optimizer's own); the param groups (the learning rate) take
+    effect through set_state_dict."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     import ckpt.dcp
 
-    model, opt = build(mesh, seed=1)
+    model, opt = build(mesh, seed=1, lr=3 * LR)
     state = state_of(model, opt, -1)
     dcp.load(state, storage_reader=ckpt.dcp.StorageReader(args["root"], step=args.get("step"), storage_options=_opts(args)),
              planner=ckpt.dcp.LoadPlanner())  # fmt: skip
