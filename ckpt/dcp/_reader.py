@@ -23,6 +23,7 @@ from torch.futures import Future
 
 from ckpt.dcp import _mapping, _values
 from ckpt.dcp._planners import LoadPlanner
+from ckpt.dcp._root import Rooted
 from ckpt.engine.restore_plan import Request
 from ckpt.errors import MissingKeyError, OpaqueBytesError, PlanError
 from ckpt.format import dtypes, strictjson
@@ -43,7 +44,7 @@ class _Loaded:
     view: _mapping.View
 
 
-class StorageReader(DcpStorageReader):
+class StorageReader(Rooted, DcpStorageReader):
     """Read checkpoint ``step`` (None: the newest committed one) under ``root`` for ``dcp.load``.
 
     Args:
@@ -67,26 +68,13 @@ class StorageReader(DcpStorageReader):
         *,
         allow_opaque_bytes: bool = False,
     ) -> None:
-        super().__init__()
-        self.root = os.fspath(root)
+        super().__init__(root, storage_options, allow_opaque_bytes)
         self.step = step
-        self.storage_options = storage_options
         self.options = options or RestoreOptions()
-        self.allow_opaque_bytes = allow_opaque_bytes
         self._loaded: _Loaded | None = None
 
-    @property
-    def checkpoint_id(self) -> str:
-        return self.root
-
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self.root = os.fspath(checkpoint_id)
+    def _forget(self) -> None:
         self._loaded = None
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return False  # chosen explicitly, never by DCP's automatic storage choice
 
     def read_metadata(self) -> Metadata:
         storage = open_storage(self.root, self.storage_options, io_timeout_s=self.options.io_timeout_s)

@@ -34,6 +34,7 @@ from torch.futures import Future
 
 from ckpt.dcp import _mapping, _values
 from ckpt.dcp._planners import SavePlanner
+from ckpt.dcp._root import Rooted
 from ckpt.errors import OpaqueBytesError, PlanError
 from ckpt.lifecycle import attempt as attempt_mod
 from ckpt.lifecycle import save as saver
@@ -45,7 +46,7 @@ from ckpt.state.shard import Shard
 _ATTEMPT, _RANK, _REPORT, _KEY = "ckpt.attempt", "ckpt.rank", "ckpt.report", "ckpt.key"
 
 
-class StorageWriter(DcpStorageWriter):
+class StorageWriter(Rooted, DcpStorageWriter):
     """Write what ``dcp.save`` / ``dcp.async_save`` is given as checkpoint ``step`` under ``root``.
 
     Args:
@@ -70,27 +71,14 @@ class StorageWriter(DcpStorageWriter):
         user_metadata: dict[str, str] | None = None,
         allow_opaque_bytes: bool = False,
     ) -> None:
-        super().__init__()
-        self.root = os.fspath(root)
+        super().__init__(root, storage_options, allow_opaque_bytes)
         self.step = step
-        self.storage_options = storage_options
         self.options = options or SaveOptions()
         self.user_metadata = user_metadata
-        self.allow_opaque_bytes = allow_opaque_bytes
         self._attempt: Attempt | None = None
 
-    @property
-    def checkpoint_id(self) -> str:
-        return self.root
-
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self.root = os.fspath(checkpoint_id)
+    def _forget(self) -> None:
         self._attempt = None
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return False  # never picked by DCP's automatic storage choice: a save needs a step
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("use_collectives") is False:

@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from ckpt.engine import executor
-from ckpt.engine.restore_plan import Request, plan_restore
+from ckpt.engine.restore_plan import Request
 from ckpt.errors import PlanError
 from ckpt.format import dtypes
 from ckpt.format.manifest import Manifest
@@ -36,7 +35,7 @@ def read_box(
     storage: Storage, m: Manifest, key: str, box: regions.Box | None, options: RestoreOptions
 ) -> torch.Tensor:
     """``key``'s values in ``box`` (None: the whole tensor) as a new contiguous CPU tensor,
-    read with verified ranged reads."""
+    read with verified ranged reads (the caller stats the files first: :func:`check_sizes`)."""
     entry = m.tensors.get(key)
     if entry is None:
         raise PlanError(f"key {key!r} is not a tensor of step {m.step}")
@@ -44,21 +43,7 @@ def read_box(
     out = torch.empty(box.sizes, dtype=dtypes.BY_CODE[entry.dtype].torch_dtype)
     if box.numel == 0:
         return out
-    plan = plan_restore(
-        m,
-        [Request(key, box)],
-        verify=options.verify,
-        max_gap_bytes=options.gap_bytes(local=storage.local_disk),
-        read_chunk_bytes=options.chunk_bytes(local=storage.local_disk),
-    )
-    executor.read_plan(
-        storage,
-        plan,
-        [executor.byte_view(out)],
-        num_threads=options.num_threads,
-        max_inflight_bytes=options.max_inflight_bytes,
-    )
-    return out
+    return restorer.read_regions(storage, m, [Request(key, box)], [out], options, sizes_checked=True)[0]
 
 
 def tensor_keys_in_order(node: Any) -> Iterator[str]:

@@ -201,14 +201,18 @@ def read_regions(
     requests: list[Request],
     dests: list[torch.Tensor | None],
     options: RestoreOptions,
+    *,
+    sizes_checked: bool = False,
 ) -> list[torch.Tensor]:
     """The regions ``requests`` ask for (a key may be asked for several times), read with one
     plan of verified ranged reads into ``dests[i]`` (a contiguous CPU tensor of the saved dtype,
     shaped like the box), or into a tensor allocated for a None; the files' sizes are checked
-    before anything is allocated or read. Returns the filled tensors."""
+    before anything is allocated or read (``sizes_checked``: the caller did, for every key it
+    will ask for, once). Returns the filled tensors."""
     # Stat the files of the requested tensors before planning: a plan is as big as the bytes
     # the manifest claims, so a lying manifest (a 4 TiB tensor over a small file) stops here.
-    _check_sizes(storage, m, list(dict.fromkeys(r.key for r in requests)), options.num_threads)
+    if not sizes_checked:
+        _check_sizes(storage, m, list(dict.fromkeys(r.key for r in requests)), options.num_threads)
     out = [
         d if d is not None else torch.empty(r.box.sizes, dtype=dtypes.BY_CODE[m.tensors[r.key].dtype].torch_dtype)
         for r, d in zip(requests, dests, strict=True)
