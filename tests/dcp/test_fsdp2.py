@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import ckpt
 from tests.conftest import Store
-from tests.support.forker import Forker, forker
+from tests.support.forker import Forker, finished, forker, line_count
 
 SAVE_AT, MORE = 4, 3  # the save after 4 steps, 3 more after it
 
@@ -116,22 +116,6 @@ def test_fsdp2_saved_through_ckpt_resumes_bit_identical_and_reshards_exactly(
 TRIALS, STRESS_TRIALS = 5, 30
 
 
-def _lines(path: str) -> int:
-    try:
-        with open(path) as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
-
-
-def _finished(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] == "Z"  # exited, not yet reaped
-    except FileNotFoundError:
-        return True
-
-
 def _committed(store: Store, seen_before: list[int], trial: int) -> list[int]:
     """The committed steps: none lost, each new one verifies."""
     steps = ckpt.list_steps(store.root, storage_options=store.opts)
@@ -176,13 +160,13 @@ def _sigkill_trials(fk: Forker, store: Store, mode: str, trials: int, seed: int,
             time.sleep(rnd.uniform(*window))
         else:  # a random moment after a rank started writing the data of its n-th save
             n, deadline = rnd.randint(1, 6), time.monotonic() + 30
-            while _lines(progress) < n and time.monotonic() < deadline:
+            while line_count(progress) < n and time.monotonic() < deadline:
                 time.sleep(0.001)
             time.sleep(rnd.uniform(0, 0.03))
         first = rnd.randrange(2)
         os.kill(pids[first], signal.SIGKILL)
         time.sleep(rnd.choice([0.0, rnd.uniform(0, 0.3)]))
-        if not _finished(pids[1 - first]):
+        if not finished(pids[1 - first]):
             os.kill(pids[1 - first], signal.SIGKILL)
         statuses = [fk.reap(p) for p in pids]
         # a rank that failed on its own (a resume that could not load) exits 1 before the kill

@@ -107,3 +107,21 @@ def forker(env: dict[str, str] | None = None) -> Iterator[Forker]:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def line_count(path: str) -> int:
+    """The lines of a child's log so far (0 before it exists)."""
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def finished(pid: int) -> bool:
+    """Whether the child ``pid`` has exited (a zombie not yet reaped, or gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] == "Z"
+    except FileNotFoundError:
+        return True

@@ -26,7 +26,7 @@ import ckpt
 from tests.conftest import Store
 from tests.support import rank_loops
 from tests.support.crash_loops import expected, train
-from tests.support.forker import forker
+from tests.support.forker import finished, forker, line_count
 
 TRIALS = 50
 TRIALS_NEW_BACKENDS = 10  # GCS and Azure (emulators): a shorter set
@@ -110,7 +110,7 @@ def test_two_ranks_sigkilled_at_random_moments_of_async_saves(
             first = rnd.randrange(2)
             os.kill(pids[first], signal.SIGKILL)
             time.sleep(rnd.choice([0.0, rnd.uniform(0, 0.3)]))
-            if not _finished(pids[1 - first]):
+            if not finished(pids[1 - first]):
                 os.kill(pids[1 - first], signal.SIGKILL)
             statuses = [fk.reap(p) for p in pids]
             assert statuses[first] == -signal.SIGKILL, f"trial {trial}: rank {first} exited by itself ({statuses})"
@@ -153,14 +153,14 @@ def test_killed_and_resumed_training_is_bit_identical(backend: str, request: pyt
     kills = 0
     with forker(env) as fk:
         while True:
-            seen = _lines(log)
+            seen = line_count(log)
             pid = fk.start("tests.support.crash_loops:train", store.root, opts_json, seed, total, log)
             goal = seen + rnd.randint(2, 12)  # kill after a random number of training steps
             deadline = time.monotonic() + 60
-            while _lines(log) < goal and time.monotonic() < deadline and not _finished(pid):
+            while line_count(log) < goal and time.monotonic() < deadline and not finished(pid):
                 time.sleep(0.002)
             time.sleep(rnd.uniform(0, 0.02))
-            if kills < 4 and not _finished(pid):
+            if kills < 4 and not finished(pid):
                 os.kill(pid, signal.SIGKILL)
                 assert fk.reap(pid) == -signal.SIGKILL
                 kills += 1
@@ -168,26 +168,10 @@ def test_killed_and_resumed_training_is_bit_identical(backend: str, request: pyt
             assert fk.reap(pid) == 0, "the training run failed (its traceback is on stderr)"
             break
     assert kills == 4
-    assert _lines(log) > total, "no run resumed from a checkpoint"  # steps after one were recomputed
+    assert line_count(log) > total, "no run resumed from a checkpoint"  # steps after one were recomputed
     losses = _losses(log)  # every step's loss, whichever run computed it, equals the reference
     assert losses == ref_losses
     final = ckpt.restore(store.root + "-final", storage_options=store.opts)
     assert final.keys() == ref_params.keys()
     for k, v in ref_params.items():
         assert torch.equal(final[k], v), f"parameter {k} differs from the uninterrupted run"
-
-
-def _lines(path: str) -> int:
-    try:
-        with open(path) as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
-
-
-def _finished(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] == "Z"  # exited, not yet reaped
-    except FileNotFoundError:
-        return True
