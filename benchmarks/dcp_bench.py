@@ -388,8 +388,10 @@ def main() -> None:
                                 if WHERE[method] == "local":
                                     shutil.rmtree(root, ignore_errors=True)
                                 elif fs is not None:
-                                    with contextlib.suppress(FileNotFoundError):
+                                    try:
                                         fs.rm(root.removeprefix("s3://"), recursive=True)
+                                    except Exception as err:  # nothing written, or moto busy: not fatal
+                                        print(f"cleanup of {root}: {err!r}", file=sys.stderr, flush=True)
                             if r is not None:
                                 break
                         if r is None:
