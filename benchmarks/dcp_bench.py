@@ -206,7 +206,7 @@ def _worker(rank: int, spec: dict[str, Any]) -> None:
     for i, (key, shape) in enumerate(shapes):
         lo, hi = _rows(shape[0], rank, world)
         if not torch.equal(target[key].to_local(), rows_values(i, lo, hi)):
-            raise SystemExit(f"{method}: rank {rank}: {key} loaded wrong values")
+            raise RuntimeError(f"{method}: rank {rank}: {key} loaded wrong values")
     with open(f"{spec['out']}.rank{rank}.json", "w") as f:
         json.dump({"save_s": save_s, "load_s": load_s, "save_cpu_s": save_cpu, "load_cpu_s": load_cpu,
                    "peak_rss_save_bytes": peak_save, "peak_rss_bytes": peak, "checked": True}, f)  # fmt: skip
