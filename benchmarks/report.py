@@ -2,7 +2,7 @@
 
     python -m benchmarks.report [--out bench-out] [--md BENCHMARKS.md] [--no-md]
 
-Reads ``<out>/{local,scale,dist,s3,stall,cloud}_bench.json`` (whichever exist) and ``<out>/run.json`` (the
+Reads ``<out>/{local,scale,dist,s3,stall,cloud,dcp}_bench.json`` (whichever exist) and ``<out>/run.json`` (the
 command line of the last ``python -m benchmarks.run``), prints one markdown table per part,
 writes PNG plots into ``<out>`` and replaces the text between ``<!-- BEGIN GENERATED -->`` and
 ``<!-- END GENERATED -->`` in BENCHMARKS.md (appending the markers if they are missing).
@@ -355,6 +355,19 @@ def plot_cloud(result: dict[str, Any], out: str) -> list[str]:
     return []  # the table carries it: cold and warm times per client
 
 
+# --- dcp (schema and table owned by benchmarks/dcp_bench.py) -------------------------------------------
+
+
+def dcp_markdown(result: dict[str, Any]) -> str:
+    from benchmarks.dcp_bench import build_report
+
+    return build_report(result["cases"], result["args"])
+
+
+def plot_dcp(result: dict[str, Any], out: str) -> list[str]:
+    return []  # the tables carry it
+
+
 # --- stall (benchmarks/stall_bench.py) ---------------------------------------------------------------
 
 
@@ -695,6 +708,7 @@ def generate(out: str, md_path: str | None = "BENCHMARKS.md") -> str:
         ("s3", "S3 endpoint", s3_markdown, plot_s3),
         ("stall", "Async save: training stall", stall_markdown, plot_stall),
         ("cloud", "GCS and Azure emulators: ckpt vs the raw clients", cloud_markdown, plot_cloud),
+        ("dcp", "DCP storages: ckpt.dcp vs FileSystemWriter and FsspecWriter", dcp_markdown, plot_dcp),
     ):
         data = _load(out, f"{part}_bench.json")
         if data is not None:
