@@ -141,7 +141,7 @@ def view(m: Manifest) -> View:
     structure = tree.walk(m.tree, None, "", tree.Selection(), build)
     if not isinstance(structure, dict):
         raise PlanError(f"step {m.step} holds a {type(structure).__name__} at its root; DCP loads dicts")
-    flat, fqn_paths = flatten_state_dict(structure)
+    flat, fqn_paths = flatten_state_dict(_values.keep_empty(structure))  # an empty dict is a value, as saved
     md: dict[str, Any] = {}
     tensors: dict[str, str] = {}
     values: dict[str, object] = {}
@@ -159,5 +159,5 @@ def view(m: Manifest) -> View:
             unreadable.append(fqn)
         else:
             md[fqn] = BytesStorageMetadata()
-            values[fqn] = v
+            values[fqn] = {} if isinstance(v, _values.EmptyDict) else v
     return View(Metadata(state_dict_metadata=md, planner_data=dict(fqn_paths)), tensors, values, tuple(unreadable))

@@ -29,7 +29,12 @@ MAX_VALUE_BYTES = 1 << 30  # the manifest's own cap: no typed value can be large
 class SavePlanner(DefaultSavePlanner):
     """``DefaultSavePlanner`` whose non-tensor values are typed JSON, never pickles. Every value
     is encoded when the local plan is made, so a value without a typed form is refused (a
-    StateError naming its key) before anything is written."""
+    StateError naming its key) before anything is written. Nested empty dicts, which DCP's
+    flattening drops, are kept (saved as the value ``{}``)."""
+
+    def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
+        super().set_up_planner(state_dict=_values.keep_empty(state_dict), storage_meta=storage_meta,
+                               is_coordinator=is_coordinator)  # fmt: skip
 
     def create_local_plan(self) -> SavePlan:
         plan: SavePlan = super().create_local_plan()

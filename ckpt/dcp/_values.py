@@ -39,6 +39,27 @@ class Opaque:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class EmptyDict:
+    """Stands for an empty dict nested in a saved state: DCP's flattening drops empty dicts (no
+    leaf below them), so :class:`ckpt.dcp.SavePlanner` saves each as this leaf, stored as the
+    value ``{}`` and loaded back as ``{}``."""
+
+
+def keep_empty(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` with every nested empty dict replaced by :class:`EmptyDict` (the containers
+    above it copied, everything else the same object)."""
+
+    def inner(v: object) -> object:
+        if isinstance(v, dict):
+            return type(v)((k, inner(x)) for k, x in v.items()) if v else EmptyDict()
+        if type(v) is list:
+            return [inner(x) for x in v]
+        return v
+
+    return type(value)((k, inner(x)) for k, x in value.items())
+
+
 def _env(kind: str, value: object) -> dict[str, object]:
     return {TAG: kind, "value": value}
 
@@ -80,6 +101,8 @@ def to_plain(value: object, key: str) -> object:
         return _env("complex", [value.real, value.imag])
     if isinstance(value, Opaque):
         return _env("opaque", value.data)
+    if isinstance(value, EmptyDict):
+        return {}
     raise StateError(
         f"key {key!r}: a {t.__module__}.{t.__qualname__} has no typed form in ckpt.dcp; it stores "
         "tensors, None, bool, int, float, str, bytes, list, tuple, dict, set, complex, torch.dtype, "

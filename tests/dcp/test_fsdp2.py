@@ -70,7 +70,7 @@ def reference(fk: Forker, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 @pytest.mark.parametrize(
     ("backend", "mode"),
     [("local", "sync"), ("local", "async"), pytest.param("s3", "sync", marks=pytest.mark.s3),
-     pytest.param("s3", "async", marks=[pytest.mark.s3, pytest.mark.stress])],  # ~12 s each on moto
+     pytest.param("s3", "async", marks=pytest.mark.s3)],  # ~12 s each on moto
 )
 def test_fsdp2_saved_through_ckpt_resumes_bit_identical_and_reshards_exactly(
     backend: str, mode: str, fk: Forker, reference: dict[str, torch.Tensor], request: pytest.FixtureRequest, tmp_path: Path

@@ -119,6 +119,21 @@ def test_ckpt_save_loads_with_dcp_load(store: Store) -> None:
     assert target["extra"] == {"epoch": 7, "betas": (0.9, 0.999), "bucket": [1, 2]}
 
 
+def test_nested_empty_dicts_survive_a_save_that_dcp_would_flatten_away(local_store: Store) -> None:
+    # DCP's flattening has no leaf for an empty dict (a Lightning loop's "state_dict": {}); the
+    # save planner keeps it as the value {}
+    state = {"w": torch.ones(2), "loops": {"fit": {"state_dict": {}, "n": 3}, "none": {}}, "cbs": {}}
+    dcp.save(state, storage_writer=ckpt.dcp.StorageWriter(local_store.root, step=0), planner=ckpt.dcp.SavePlanner())
+    back = ckpt.restore(local_store.root)
+    assert back["loops"] == {"fit": {"state_dict": {}, "n": 3}, "none": {}}
+    assert back["cbs"] == {}
+    target: dict[str, Any] = {"w": torch.zeros(2), "loops": {"fit": {"state_dict": None, "n": 0}, "none": None}, "cbs": None}
+    dcp.load(target, storage_reader=ckpt.dcp.StorageReader(local_store.root), planner=ckpt.dcp.LoadPlanner())
+    assert target["loops"] == state["loops"]
+    assert target["cbs"] == {}
+    assert state["loops"]["none"] == {}  # the caller's dicts are not changed
+
+
 def test_a_resharded_read_loads_part_of_a_tensor_into_a_noncontiguous_target(local_store: Store) -> None:
     w = torch.arange(24.0).reshape(4, 6)
     ckpt.save(local_store.root, {"w": w}, step=0)
