@@ -1,7 +1,7 @@
 """DCP through ckpt vs DCP's own storages: ``dcp.save`` / ``dcp.load`` of the same DTensors, same run.
 
     python -m benchmarks.dcp_bench [--out bench-out] [--runs 5] [--ranks 1 2 4] [--local-mib 1024]
-                                   [--s3-mib 250] [--methods ckpt fs ckpt-s3 fsspec-s3 s3tc] [--quick]
+                                   [--s3-mib 250] [--methods ckpt fs ckpt-s3 fsspec-s3 raw-s3 s3tc] [--quick]
 
 For each rank count W, W real processes (gloo, CPU, started with ``torch.multiprocessing`` as
 ``benchmarks.dist_bench`` does) each hold their row shard of the same state: ``N_TENSORS`` fp32
@@ -20,6 +20,10 @@ Every case is one call of ``dcp.save`` then one of ``dcp.load`` on the same proc
 - ``fsspec-s3``: DCP's ``FsspecWriter(url, sync_files=False)`` / ``FsspecReader(url)`` on the
   same moto (``sync_files=False``: on an fsspec stream its fsync falls back to ``os.sync()`` of
   the local disks, which means nothing for S3), default planners;
+- ``raw-s3``: not DCP: the ceiling of this endpoint. Each rank PUTs the same bytes (its rows of
+  every tensor, joined before the clock starts) as 4 objects at once with s3fs ``pipe`` (one
+  client, its default concurrency), and GETs them back with ``cat``: no planning, no checksums,
+  no commit. A writer that matches it is as fast as moto takes bytes;
 - ``s3tc``: ``s3torchconnector.dcp.S3StorageWriter``/``S3StorageReader`` on the same moto, only if
   ``s3torchconnector`` is importable (otherwise recorded as not installed; nothing is installed).
 
@@ -66,17 +70,19 @@ from benchmarks.s3_bench import BUCKET, CREDENTIALS, MiB, _env, _rows, start_end
 
 N_TENSORS = 64
 COLS = 1024
-METHODS = ("ckpt", "fs", "ckpt-s3", "fsspec-s3", "s3tc")
-WHERE = {"ckpt": "local", "fs": "local", "ckpt-s3": "s3", "fsspec-s3": "s3", "s3tc": "s3"}
+METHODS = ("ckpt", "fs", "ckpt-s3", "fsspec-s3", "raw-s3", "s3tc")
+WHERE = {"ckpt": "local", "fs": "local", "ckpt-s3": "s3", "fsspec-s3": "s3", "raw-s3": "s3", "s3tc": "s3"}
 LABEL = {
     "ckpt": "ckpt.dcp StorageWriter/Reader",
     "fs": "DCP FileSystemWriter/Reader",
     "ckpt-s3": "ckpt.dcp StorageWriter/Reader",
     "fsspec-s3": "DCP FsspecWriter/Reader",
+    "raw-s3": "raw s3fs pipe/cat (no DCP: the endpoint's ceiling)",
     "s3tc": "s3torchconnector S3StorageWriter/Reader",
 }
 # (ckpt's method, the other, the issue's bar or None)
-RATIOS = (("ckpt", "fs", 1.5), ("ckpt-s3", "fsspec-s3", 3.0), ("ckpt-s3", "s3tc", None))
+RATIOS = (("ckpt", "fs", 1.5), ("ckpt-s3", "fsspec-s3", 3.0), ("ckpt-s3", "raw-s3", None), ("fsspec-s3", "raw-s3", None),
+          ("ckpt-s3", "s3tc", None))
 S3TC_REGION = "us-east-1"
 CASE_TIMEOUT_S = 900.0
 
@@ -183,6 +189,9 @@ def _worker(rank: int, spec: dict[str, Any]) -> None:
         return elapsed, _usage()[0] - cpu0
 
     held = [make(fill=True)]
+    if method == "raw-s3":
+        _raw_s3(rank, world, spec, held[0], timed)
+        return
 
     def save() -> None:
         writer, planner = make_writer()
@@ -207,6 +216,33 @@ def _worker(rank: int, spec: dict[str, Any]) -> None:
         lo, hi = _rows(shape[0], rank, world)
         if not torch.equal(target[key].to_local(), rows_values(i, lo, hi)):
             raise RuntimeError(f"{method}: rank {rank}: {key} loaded wrong values")
+    with open(f"{spec['out']}.rank{rank}.json", "w") as f:
+        json.dump({"save_s": save_s, "load_s": load_s, "save_cpu_s": save_cpu, "load_cpu_s": load_cpu,
+                   "peak_rss_save_bytes": peak_save, "peak_rss_bytes": peak, "checked": True}, f)  # fmt: skip
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _raw_s3(rank: int, world: int, spec: dict[str, Any], state: dict[str, Any], timed: Any) -> None:
+    """The raw-s3 case: this rank's bytes PUT as 4 objects at once, then GET back (see the top)."""
+    import fsspec
+    import torch.distributed as dist
+
+    joined = b"".join(t.to_local().contiguous().numpy().tobytes() for t in state.values())
+    step = -(-len(joined) // 4)
+    blobs = {f"{spec['root'].removeprefix('s3://')}/rank{rank}-{i}": joined[i * step:(i + 1) * step] for i in range(4)}
+    state.clear()
+    got: dict[str, bytes] = {}
+
+    def client() -> Any:
+        return fsspec.filesystem("s3", **spec["opts"], skip_instance_cache=True)
+
+    save_s, save_cpu = timed(lambda: client().pipe(blobs))
+    _, peak_save = _usage()
+    load_s, load_cpu = timed(lambda: got.update(client().cat(list(blobs))))
+    _, peak = _usage()
+    if got != blobs:
+        raise RuntimeError(f"raw-s3: rank {rank}: read back other bytes")
     with open(f"{spec['out']}.rank{rank}.json", "w") as f:
         json.dump({"save_s": save_s, "load_s": load_s, "save_cpu_s": save_cpu, "load_cpu_s": load_cpu,
                    "peak_rss_save_bytes": peak_save, "peak_rss_bytes": peak, "checked": True}, f)  # fmt: skip

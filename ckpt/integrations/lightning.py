@@ -30,6 +30,7 @@ refused by ``StateError`` naming its key, rather than pickled.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,13 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from ckpt.errors import CheckpointNotFoundError, PlanError, StateError
+from ckpt.errors import (
+    CheckpointNotFoundError,
+    CkptWarning,
+    PlanError,
+    StateError,
+    WorkerFailedError,
+)
 from ckpt.lifecycle import cleanup, steps
 from ckpt.lifecycle import restore as restorer
 from ckpt.lifecycle import save as saver
@@ -140,19 +147,40 @@ class _ShardedCheckpoints:
 
         root = os.fspath(self.broadcast(os.fspath(filepath)))
         opts = self._options(storage_options)
-        step = self.broadcast(_next_step(root, opts) if self.is_global_zero else None)
+        step = self._on_rank_zero(lambda: _next_step(root, opts))
         state: dict[str, Any] = {MODEL: checkpoint.pop("state_dict")}
         state.update({f"{OPTIMIZER}{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         if self.is_global_zero:  # the rest (loops, callbacks, schedulers, ...) once, as Lightning's meta.pt is
-            clash = sorted(k for k in checkpoint if k == MODEL or k.startswith(OPTIMIZER))
+            clash = sorted(k for k in checkpoint if _model_or_optimizer(k))
             if clash:
                 raise StateError(f"checkpoint entries {clash} would collide with the model or optimizer states")
             state.update(_plain_dicts(checkpoint))
         writer = ckpt_dcp.StorageWriter(root, step=step, storage_options=opts, options=self.ckpt_save_options)
         dcp_save(state, storage_writer=writer, planner=ckpt_dcp.SavePlanner())
         if self.is_global_zero:
-            _retire_before(root, opts, step)
+            try:
+                _retire_before(root, opts, step)
+            except Exception as err:  # committed: an older step left behind is not a failed save
+                warnings.warn(f"{root}: step {step} committed, but retiring the older steps failed: {err}",
+                              CkptWarning, stacklevel=2)  # fmt: skip
         self.barrier("ckpt.save_checkpoint")
+
+    def _on_rank_zero(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0, its result on every rank; an error on rank 0 is raised on every
+        rank (the others do not wait for a broadcast that never comes)."""
+        result: Any = None
+        error: Exception | None = None
+        if self.is_global_zero:
+            try:
+                result = fn()
+            except Exception as err:
+                error = err
+        got = self.broadcast((result, None if error is None else f"{type(error).__name__}: {error}"))
+        if error is not None:
+            raise error
+        if got[1] is not None:
+            raise WorkerFailedError(f"rank 0 failed: {got[1]}", {0: got[1]})
+        return got[0]
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         # weights_only is moot: nothing is unpickled.
@@ -168,7 +196,7 @@ class _ShardedCheckpoints:
 
         root = os.fspath(self.broadcast(os.fspath(checkpoint_path)))
         opts = self.ckpt_storage_options
-        step = self.broadcast(latest_step(root, storage_options=opts) if self.is_global_zero else None)
+        step = self._on_rank_zero(lambda: latest_step(root, storage_options=opts))
         if step is None:
             raise CheckpointNotFoundError(f"{root}: no committed checkpoint to resume from")
         reader = ckpt_dcp.StorageReader(root, step=step, storage_options=opts, options=self.ckpt_restore_options)
@@ -178,8 +206,7 @@ class _ShardedCheckpoints:
         if fitting:
             for i, opt in enumerate(self.optimizers):
                 state[f"{OPTIMIZER}{i}"] = get_optimizer_state_dict(module, opt)
-        skip = lambda top: top == MODEL or top.startswith(OPTIMIZER)  # noqa: E731
-        loaded = _skeleton(reader.read_metadata(), skip)
+        loaded = _skeleton(reader.read_metadata(), skip=_model_or_optimizer)
         meta_keys = list(loaded)
         loaded.update(state)  # one dict: DCP puts top-level values into the dict it was given
         dcp_load(loaded, storage_reader=reader, planner=ckpt_dcp.LoadPlanner())
@@ -237,6 +264,10 @@ class CkptModelParallelStrategy(_ShardedCheckpoints, ModelParallelStrategy):
             )
         super().__init__(*args, **kwargs)
         self._ckpt_init(storage_options, save_options, restore_options)
+
+
+def _model_or_optimizer(top: str) -> bool:
+    return top == MODEL or top.startswith(OPTIMIZER)
 
 
 def _plain_dicts(value: Any) -> Any:
