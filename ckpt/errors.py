@@ -34,6 +34,7 @@ __all__ = [
     "OpaqueBytesError",
     "OverlappingRangesError",
     "PlanError",
+    "RootTypeError",
     "ShardCoverageError",
     "ShardSizeMismatchError",
     "StateError",
@@ -165,6 +166,10 @@ class NoIntactCheckpointError(CorruptCheckpointError):
 
 class StateError(CkptError, TypeError):
     """A value in the state cannot be saved; the message names its key path."""
+
+
+class RootTypeError(CkptError, TypeError):
+    """A root (or a copy's source or destination) is neither a string nor an ``os.PathLike``."""
 
 
 class PlanError(CkptError, ValueError):

@@ -50,7 +50,7 @@ from ckpt.lifecycle import steps as steps_mod
 from ckpt.lifecycle.retention import RetentionPolicy
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.state.staging import Staging
-from ckpt.storage import open_storage
+from ckpt.storage import Root, open_storage, root_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +101,12 @@ class CheckpointManager:
 
     def __init__(
         self,
-        root: str,
+        root: Root,
         options: ManagerOptions | None = None,
         *,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        self.root = root
+        self.root = root_url(root)
         self.options = options or ManagerOptions()
         self._storage_options = storage_options
         self._staging = Staging()

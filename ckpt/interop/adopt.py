@@ -43,7 +43,7 @@ from ckpt.format.manifest import FileEntry, Manifest, ShardEntry, TensorEntry
 from ckpt.geometry.byte_ranges import ByteRange
 from ckpt.lifecycle import commit as commit_protocol
 from ckpt.lifecycle import steps
-from ckpt.storage import Storage, open_storage
+from ckpt.storage import Root, Storage, open_storage, root_url
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 64 << 20
@@ -60,7 +60,7 @@ class _Scanned:
 
 
 def adopt(
-    root: str,
+    root: Root,
     *,
     step: int = 0,
     storage_options: dict[str, Any] | None = None,
@@ -74,6 +74,7 @@ def adopt(
     """Commit checkpoint ``step`` under ``root`` over the safetensors files already there (see
     the module docstring). Returns the committed manifest. Raises CheckpointExistsError if the
     step is committed already, PlanError if there is nothing to adopt."""
+    root = root_url(root)
     if not 0 <= step <= 999_999_999_999:
         raise PlanError(f"step {step} is outside [0, 999999999999]")
     if block_bytes < 1 or read_bytes < 1:

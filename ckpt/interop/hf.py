@@ -35,7 +35,7 @@ from ckpt.interop import _read as interop
 from ckpt.lifecycle.steps import resolve_step
 from ckpt.options import RestoreOptions
 from ckpt.state import tree
-from ckpt.storage import open_storage
+from ckpt.storage import Root, open_storage, root_url
 from ckpt.units import parse_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -57,8 +57,8 @@ class HfExport:
 
 
 def export_hf(
-    root: str,
-    dst: str,
+    root: Root,
+    dst: Root,
     step: int | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
@@ -79,6 +79,8 @@ def export_hf(
     Raises StorageError if ``dst`` already holds an index or one of the files (nothing is
     overwritten) and PlanError if no tensor is selected or two keys map to one name.
     """
+    root = root_url(root)
+    dst = root_url(dst, "dst")
     start = time.perf_counter()
     limit = parse_size(max_shard_bytes)
     if strip_prefix and not prefix:

@@ -41,7 +41,7 @@ from ckpt.lifecycle import save as saver
 from ckpt.lifecycle.steps import resolve_step
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.state import tree
-from ckpt.storage import open_storage
+from ckpt.storage import Root, open_storage, root_url
 
 if TYPE_CHECKING:
     import zarr
@@ -128,8 +128,8 @@ def _to_numpy(t: torch.Tensor, code: str) -> np.ndarray:
 
 
 def export_zarr(
-    root: str,
-    dst: str,
+    root: Root,
+    dst: Root,
     step: int | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
@@ -147,6 +147,8 @@ def export_zarr(
         chunk_bytes: the target size of one (uncompressed) chunk.
         slab_bytes: tensors are read and written in slabs of whole chunk rows of about this size.
     """
+    root = root_url(root)
+    dst = root_url(dst, "dst")
     zarr = _zarr()
     from zarr.codecs import ZstdCodec
 
@@ -215,8 +217,8 @@ def _slabs(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, slab_
 
 
 def import_zarr(
-    src: str,
-    root: str,
+    src: Root,
+    root: Root,
     step: int | None = None,
     *,
     src_storage_options: dict[str, Any] | None = None,
@@ -228,6 +230,8 @@ def import_zarr(
     (default: the step it was exported from) under ``root``, through the normal save path.
     Tensors come back bitwise identical, with the same structure, plain data and user metadata.
     Raises CheckpointExistsError if the step is committed already."""
+    src = root_url(src, "src")
+    root = root_url(root)
     zarr = _zarr()
     group = zarr.open_group(src, mode="r", **_store_kw(src, src_storage_options))
     where = f"{src}: zarr attribute {ATTR!r}"

@@ -34,13 +34,13 @@ from ckpt.errors import CheckpointNotFoundError, ManifestError
 from ckpt.format import layout
 from ckpt.format.manifest import Manifest
 from ckpt.lifecycle.steps import committed_steps, read_step
-from ckpt.storage import Listed, Storage, Upload, open_storage
+from ckpt.storage import Listed, Root, Storage, Upload, open_storage, root_url
 
 # --- the public operations on a root ---------------------------------------------------------
 
 
 def retire(
-    root: str,
+    root: Root,
     steps: Iterable[int],
     *,
     storage_options: dict[str, Any] | None = None,
@@ -49,11 +49,12 @@ def retire(
 ) -> list[Retired]:
     """Retire committed checkpoints ``steps`` under ``root`` (``ckpt rm``); see the module docs.
     ``io_timeout_s`` bounds each storage call (StorageTimeoutError)."""
+    root = root_url(root)
     return retire_steps(open_storage(root, storage_options, io_timeout_s=io_timeout_s), steps, dry_run=dry_run)
 
 
 def collect(
-    root: str,
+    root: Root,
     *,
     grace_s: float | None = None,
     dry_run: bool = False,
@@ -62,6 +63,7 @@ def collect(
 ) -> GcPlan:
     """Collect the garbage under ``root`` (``ckpt gc``); see the module docs. ``grace_s``
     defaults to 24 hours; ``io_timeout_s`` bounds each storage call."""
+    root = root_url(root)
     grace = DEFAULT_GRACE_S if grace_s is None else grace_s
     return collect_garbage(open_storage(root, storage_options, io_timeout_s=io_timeout_s), grace_s=grace, dry_run=dry_run)
 

@@ -56,7 +56,7 @@ from ckpt.lifecycle import commit as commit_protocol
 from ckpt.lifecycle._copy_plan import CopyPlan, FileTask, plan_copy
 from ckpt.lifecycle.steps import committed_steps, ensure_committable, read_step
 from ckpt.lifecycle.verify import _BlockChecker, _Stored
-from ckpt.storage import Storage, open_storage
+from ckpt.storage import Root, Storage, open_storage, root_url
 
 __all__ = ["CopyOptions", "CopyPlan", "CopyReport", "FileTask", "copy", "plan_copy"]
 
@@ -155,8 +155,8 @@ class _Tally:
 
 
 def copy(
-    src_root: str,
-    dst_root: str,
+    src_root: Root,
+    dst_root: Root,
     steps: Sequence[int] | None = None,
     *,
     src_storage_options: dict[str, Any] | None = None,
@@ -183,6 +183,8 @@ def copy(
         ChecksumMismatchError / ShardSizeMismatchError / MissingShardError: a source file is
             corrupt, truncated or missing (the message names it); that step is not committed.
     """
+    src_root = root_url(src_root, "src_root")
+    dst_root = root_url(dst_root, "dst_root")
     opts = options or CopyOptions()
     t0 = time.perf_counter()
     src = open_storage(src_root, src_storage_options)

@@ -37,11 +37,11 @@ from ckpt.lifecycle.steps import newest_step, read_step, resolve_step
 from ckpt.options import RestoreOptions
 from ckpt.state import tree
 from ckpt.state.shard import Shard, dtensor_layout, is_dtensor
-from ckpt.storage import Storage, open_storage
+from ckpt.storage import Root, Storage, open_storage, root_url
 
 
 def restore(
-    root: str,
+    root: Root,
     step: int | None = None,
     *,
     target: object = None,
@@ -68,6 +68,7 @@ def restore(
     Returns:
         The restored structure (the target's tensors are the same objects, now filled).
     """
+    root = root_url(root)
     opts = options or RestoreOptions()
     storage = open_storage(root, storage_options, io_timeout_s=opts.io_timeout_s)
     if step is None and fallback:

@@ -23,7 +23,7 @@ from ckpt.lifecycle.attempt import Attempt, Report, ShardRecord
 from ckpt.options import SaveOptions
 from ckpt.state import tree
 from ckpt.state.shard import Shard, dtensor_layout, is_dtensor
-from ckpt.storage import Storage, open_storage
+from ckpt.storage import Root, Storage, open_storage, root_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ PlainTensors = Literal["exclusive", "replicated"] | Mapping[str, Held]
 
 
 def begin(
-    root: str,
+    root: Root,
     *,
     step: int,
     world_size: int = 1,
@@ -48,6 +48,7 @@ def begin(
     storage_options: dict[str, Any] | None = None,
 ) -> Attempt:
     """Start a save attempt (coordinator). Refuses a step that is already committed."""
+    root = root_url(root)
     a = attempt_mod.new_attempt(root, step, world_size, options or SaveOptions(), user_metadata)
     _begin(_storage(a, storage_options), a)
     return a
@@ -243,7 +244,7 @@ def _commit(storage: Storage, attempt: Attempt, reports: list[Report]) -> Manife
 
 
 def save(
-    root: str,
+    root: Root,
     state: object,
     *,
     step: int,
@@ -253,6 +254,7 @@ def save(
 ) -> Manifest:
     """Save ``state`` as checkpoint ``step`` from one process. Raises CheckpointExistsError if
     ``step`` is already committed."""
+    root = root_url(root)
     a = attempt_mod.new_attempt(root, step, 1, options or SaveOptions(), user_metadata)
     storage = _storage(a, storage_options)  # one storage for the whole save
     _begin(storage, a)

@@ -24,7 +24,7 @@ from ckpt.errors import (
 from ckpt.format import layout
 from ckpt.format import manifest as manifest_mod
 from ckpt.format.manifest import Manifest
-from ckpt.storage import Storage, open_storage
+from ckpt.storage import Root, Storage, open_storage, root_url
 
 
 def committed_steps(storage: Storage) -> list[int]:
@@ -35,21 +35,23 @@ def committed_steps(storage: Storage) -> list[int]:
 
 
 def list_steps(
-    root: str, *, storage_options: dict[str, Any] | None = None, io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
+    root: Root, *, storage_options: dict[str, Any] | None = None, io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
 ) -> list[int]:
     """Steps with a manifest present, ascending (one listing; manifests are not parsed).
     ``io_timeout_s`` bounds the listing (StorageTimeoutError); None waits as long as it takes."""
+    root = root_url(root)
     return committed_steps(open_storage(root, storage_options, io_timeout_s=io_timeout_s))
 
 
 def latest_step(
-    root: str, *, storage_options: dict[str, Any] | None = None, io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
+    root: Root, *, storage_options: dict[str, Any] | None = None, io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S
 ) -> int | None:
     """The newest step whose manifest exists and validates; None if there is none.
 
     A newer manifest that fails validation is skipped with a CkptWarning (it is not a checkpoint).
     ``io_timeout_s`` bounds each storage call.
     """
+    root = root_url(root)
     m = _latest(open_storage(root, storage_options, io_timeout_s=io_timeout_s))
     return None if m is None else m.step
 
@@ -70,7 +72,7 @@ def _latest(storage: Storage, *, below: int | None = None) -> Manifest | None:
 
 
 def read_manifest(
-    root: str,
+    root: Root,
     step: int | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
@@ -78,6 +80,7 @@ def read_manifest(
 ) -> Manifest:
     """The parsed, validated manifest of ``step`` (default: the latest); ``io_timeout_s``
     bounds each storage call."""
+    root = root_url(root)
     return resolve_step(open_storage(root, storage_options, io_timeout_s=io_timeout_s), step)
 
 

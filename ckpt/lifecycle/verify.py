@@ -40,7 +40,7 @@ from ckpt.errors import (
 from ckpt.format import safetensors as safetensors_format
 from ckpt.format.manifest import Manifest, ShardEntry
 from ckpt.lifecycle import steps
-from ckpt.storage import Storage, open_storage
+from ckpt.storage import Root, Storage, open_storage, root_url
 
 __all__ = ["Problem", "VerifyReport", "verify", "verify_manifest"]
 
@@ -105,7 +105,7 @@ class VerifyReport:
 
 
 def verify(
-    root: str,
+    root: Root,
     step: int | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
@@ -123,6 +123,7 @@ def verify(
     call (StorageTimeoutError; a file's check reads it in chunks, each one call); None waits as
     long as it takes.
     """
+    root = root_url(root)
     storage = open_storage(root, storage_options, io_timeout_s=io_timeout_s)
     m = steps.resolve_step(storage, step)
     return verify_manifest(storage, m, num_threads=num_threads, chunk_bytes=chunk_bytes, progress=progress)

@@ -40,6 +40,7 @@ from ckpt.lifecycle.attempt import Attempt
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.parallel import _protocol
 from ckpt.state import tree
+from ckpt.storage import Root, root_url
 
 StateFn = str | Callable[[Any], Any]
 _SECRET_KEYS = frozenset(
@@ -173,7 +174,7 @@ class _Actors:
 
 
 def save(
-    root: str,
+    root: Root,
     actors: Sequence[Any],
     *,
     step: int,
@@ -189,6 +190,7 @@ def save(
     ``plain_tensors="auto"`` (default) first asks every actor for the names, dtypes and shapes
     of its plain tensors: a key several actors hold is a replica, written once.
     """
+    root = root_url(root)
     opts = check_no_credentials(storage_options)
     m = _protocol.coordinated_save(_Actors(actors, state_fn, opts, timeout_s), root, step=step, plain_tensors=plain_tensors,
                                    options=options, user_metadata=user_metadata, storage_options=opts)  # fmt: skip
@@ -197,7 +199,7 @@ def save(
 
 
 def restore(
-    root: str,
+    root: Root,
     actors: Sequence[Any],
     *,
     step: int | None = None,
@@ -208,6 +210,7 @@ def restore(
     timeout_s: float = 1800.0,
 ) -> int:
     """Restore ``step`` (default: the latest) into every actor; returns the step."""
+    root = root_url(root)
     opts = check_no_credentials(storage_options)
     if step is None:
         step = steps.read_manifest(root, storage_options=opts).step
@@ -269,8 +272,9 @@ class _Coordinator:
 Coordinator: Any = ray.remote(num_cpus=0, max_concurrency=1000)(_Coordinator)  # type: ignore[call-overload]
 
 
-def coordinator(root: str, *, storage_options: dict[str, Any] | None = None, namespace: str | None = None) -> Any:
+def coordinator(root: Root, *, storage_options: dict[str, Any] | None = None, namespace: str | None = None) -> Any:
     """The named Coordinator actor for ``root`` (created on first use)."""
+    root = root_url(root)
     import hashlib
 
     opts = check_no_credentials(storage_options)  # refused here, before Ray serializes them
@@ -281,7 +285,7 @@ def coordinator(root: str, *, storage_options: dict[str, Any] | None = None, nam
 
 
 def spmd_save(
-    root: str,
+    root: Root,
     state: object,
     *,
     step: int,
@@ -294,6 +298,7 @@ def spmd_save(
 ) -> int:
     """Save from inside an SPMD worker on Ray (e.g. a Ray Train worker); every rank calls this.
     Returns the committed step on every rank, or raises WorkerFailedError on every rank."""
+    root = root_url(root)
     opts = check_no_credentials(storage_options)
     coord = coordinator(root, storage_options=opts)
     attempt: Attempt = ray.get(coord.begin.remote(step, world_size, options), timeout=timeout_s)

@@ -25,6 +25,7 @@ from ckpt.format import strictjson
 from ckpt.options import SaveOptions
 from ckpt.parallel import _protocol
 from ckpt.state import tree
+from ckpt.storage import Root, root_url
 
 _GROUPS: dict[tuple[int, float], Any] = {}
 
@@ -131,7 +132,7 @@ class _Gloo:
 
 
 def save(
-    root: str,
+    root: Root,
     state: object,
     *,
     step: int,
@@ -149,6 +150,7 @@ def save(
     ``group``: a gloo group from :func:`new_group` to coordinate on (default: one ckpt creates
     and caches per timeout); ``timeout_s`` bounds every wait on a peer either way.
     """
+    root = root_url(root)
     if not dist.is_initialized():
         raise PlanError("ckpt.parallel.torchrun.save needs an initialized torch.distributed process group")
     rank = dist.get_rank()

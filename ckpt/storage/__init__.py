@@ -10,12 +10,14 @@ messages show the URL only.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, TypeAlias
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S
+from ckpt.errors import RootTypeError
 from ckpt.options import RetryPolicy
 from ckpt.storage._azure import AZURE_PROTOCOLS, AzureStorage, open_azure
 from ckpt.storage._base import Listed, Storage, Upload
@@ -35,19 +37,35 @@ __all__ = [
     "Listed",
     "LocalStorage",
     "ObjectStorage",
+    "Root",
     "S3Storage",
     "Storage",
     "Upload",
     "open_storage",
+    "root_url",
     "trusts_create_only",
 ]
+
+Root: TypeAlias = "str | os.PathLike[str]"  # what every public function takes as a root
+
+
+def root_url(root: Root, what: str = "root") -> str:
+    """``root`` as the string ckpt keeps (a local path or an fsspec URL): a ``pathlib.Path`` or
+    any ``os.PathLike`` becomes its path; anything else is refused (RootTypeError)."""
+    if isinstance(root, str):
+        return root
+    if isinstance(root, os.PathLike):
+        path = os.fspath(root)
+        if isinstance(path, str):
+            return path
+    raise RootTypeError(f"{what} must be a str or os.PathLike (a path or an fsspec URL), not {type(root).__name__}")
 
 _S3_PROTOCOLS = ("s3", "s3a")
 _GCS_PROTOCOLS = ("gs", "gcs")
 
 
 def open_storage(
-    root: str,
+    root: Root,
     storage_options: dict[str, Any] | None = None,
     *,
     part_bytes: int | None = None,
@@ -65,6 +83,7 @@ def open_storage(
     or None for none; when given it wins over ``io_timeout_s``, which entry points set from their
     own options). The write knobs (``part_bytes``, ``single_put_max_bytes``,
     ``max_inflight_bytes``: None for the defaults) matter to object stores only."""
+    root = root_url(root)
     opts = dict(storage_options or {})
     timeout = _io_timeout(opts.pop("ckpt_io_timeout_s", io_timeout_s))
     storage = _backend(
