@@ -37,7 +37,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'ckpt' has no attribute {name!r}")
 
 
-_install_redaction()  # botocore/s3fs DEBUG logs name credentials: redact them (ckpt.storage.redaction)
+_install_redaction()  # the storage clients' DEBUG records name credentials: redacted as they are made (ckpt.storage.redaction)
 
 __all__ = [
     "FORMAT_VERSION",

@@ -5,16 +5,25 @@ botocore logs every request at DEBUG (``botocore.endpoint``: the headers, among 
 ``x-amz-server-side-encryption-customer-key``; ``botocore.auth``: the canonical request with the
 same headers; ``botocore.parsers``: response bodies, e.g. STS credentials), and s3fs logs the
 keyword arguments of every call. A training job that turns on DEBUG for every logger must not
-write credentials to its logs, so :func:`install` puts a :class:`RedactingFilter` on those
-loggers. It rewrites a record's message with the values of credential-bearing fields replaced
-by ``<redacted>``; it never drops a record. No secret value is known to the filter: it redacts by
-field name.
+write credentials to its logs.
+
+Where: at the making of each record. :func:`install` (called by ``import ckpt``; undone by
+:func:`uninstall`) wraps the process's log record factory (``logging.setLogRecordFactory``,
+chaining whatever factory was there), and a record whose logger is one of :data:`LOGGERS` or
+below one of them, whenever that logger was created, has its message (and exception text)
+rewritten with the values of credential-bearing fields replaced by ``<redacted>`` before any
+filter or handler sees it. No filter is hung on anybody's logger, the user's own loggers are
+never rewritten, and a record is never dropped. No secret value is known to the redaction: it
+redacts by field name. :class:`RedactingFilter` does the same as a filter, for a handler of
+one's own.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
+from typing import Any
 
 REDACTED = "<redacted>"
 
@@ -36,14 +45,11 @@ _PATTERNS = (
     re.compile(r"(Credential=)([^/\s'\"]+)(/)"),
 )
 
-# loggers of the libraries ckpt drives that log request details at DEBUG
+# the libraries ckpt drives that log request details at DEBUG: these loggers and all below them
 LOGGERS = (
-    "botocore", "botocore.endpoint", "botocore.auth", "botocore.parsers", "botocore.hooks",
-    "botocore.credentials", "botocore.utils", "botocore.retryhandler", "botocore.httpsession",
-    "botocore.client", "botocore.awsrequest", "botocore.regions", "botocore.handlers",
-    "aiobotocore", "aiobotocore.endpoint", "aiobotocore.credentials", "aiobotocore.httpsession",
-    "aiobotocore.client", "aiobotocore.regions", "s3fs", "fsspec", "urllib3",
-    "urllib3.connectionpool", "aiohttp.client",
+    "botocore", "aiobotocore", "boto3", "s3transfer", "s3fs", "fsspec", "urllib3", "aiohttp",
+    "gcsfs", "google.auth", "google.cloud", "google_auth_httplib2", "adlfs", "azure", "obstore",
+    "requests",
 )  # fmt: skip
 
 
@@ -55,34 +61,58 @@ def redact(text: str) -> str:
     return _PATTERNS[3].sub(lambda m: f"{m[1]}{REDACTED}{m[3]}", text)
 
 
+def clean(record: logging.LogRecord) -> None:
+    """Rewrite ``record``'s message (and any exception text) with credentials redacted."""
+    try:
+        message = record.getMessage()
+    except Exception:  # a malformed record: leave it to the handler to report
+        return
+    redacted = redact(message)
+    if redacted != message:
+        record.msg, record.args = redacted, ()
+    if record.exc_info and not record.exc_text:
+        record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+    elif record.exc_text:
+        record.exc_text = redact(record.exc_text)
+
+
 class RedactingFilter(logging.Filter):
-    """Rewrites each record's message (and any exception text) with credentials redacted."""
+    """:func:`clean` as a logging filter (for a handler of one's own); never drops a record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record: leave it to the handler to report
-            return True
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, ()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
-        elif record.exc_text:
-            record.exc_text = redact(record.exc_text)
+        clean(record)
         return True
 
 
-_FILTER = RedactingFilter()
+class _Factory:
+    """The record factory :func:`install` sets: the previous one, then :func:`clean` for the
+    records of the covered loggers."""
+
+    def __init__(self, previous: Callable[..., logging.LogRecord], names: tuple[str, ...]) -> None:
+        self.previous = previous
+        self.names = frozenset(names)
+        self.prefixes = tuple(n + "." for n in names)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self.previous(*args, **kwargs)
+        name = record.name
+        if name in self.names or name.startswith(self.prefixes):
+            clean(record)
+        return record
 
 
 def install(names: tuple[str, ...] = LOGGERS) -> None:
-    """Put the redacting filter on ``names`` and on every existing logger below them (once)."""
-    prefixes = tuple(n + "." for n in names)
-    existing = [
-        n for n in list(logging.Logger.manager.loggerDict) if n in names or n.startswith(prefixes)
-    ]
-    for name in {*names, *existing}:
-        logger = logging.getLogger(name)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
+    """Redact the records of ``names`` and every logger below them, from now on (idempotent)."""
+    current = logging.getLogRecordFactory()
+    if isinstance(current, _Factory):
+        if current.names == frozenset(names):
+            return
+        current = current.previous
+    logging.setLogRecordFactory(_Factory(current, names))
+
+
+def uninstall() -> None:
+    """Stop redacting (if ckpt's factory is still the process's; another one set since is kept)."""
+    current = logging.getLogRecordFactory()
+    if isinstance(current, _Factory):
+        logging.setLogRecordFactory(current.previous)

@@ -385,6 +385,33 @@ def test_redaction_filter_rewrites_botocore_records() -> None:
     assert not leaks(redaction.redact(sts))
 
 
+def test_loggers_created_after_import_are_redacted_without_filters_on_them() -> None:
+    """Redaction happens where records are made (the log record factory), so a child logger
+    botocore creates later, logging through whatever handler the user set, is covered; and
+    importing ckpt hangs no filter on anybody's loggers."""
+    name = f"botocore.created_later_{uuid.uuid4().hex[:8]}"
+    assert name not in logging.Logger.manager.loggerDict
+    keep = _Keep()
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    logger.addHandler(keep)
+    try:
+        logger.debug("Sending http request: %s", {"X-Amz-Security-Token": OPT_TOKEN, "Key": "run/LATEST"})
+        logger.debug("plain %s", "text")  # other records are untouched
+    finally:
+        logger.removeHandler(keep)
+    assert len(keep.texts) == 2
+    assert not leaks(keep.texts[0][1]), keep.texts[0][1]
+    assert "run/LATEST" in keep.texts[0][1]
+    assert "plain text" in keep.texts[1][1]
+    for n in ("botocore", "botocore.endpoint", "s3fs", "urllib3"):
+        assert not logging.getLogger(n).filters, f"{n} has filters: {logging.getLogger(n).filters}"
+    mine = logging.getLogger(f"myapp.{uuid.uuid4().hex[:8]}")
+    rec = mine.makeRecord(mine.name, logging.DEBUG, __file__, 1, "token=%s", (OPT_TOKEN,), None)
+    assert OPT_TOKEN in rec.getMessage()  # the user's own loggers are theirs: not rewritten
+
+
 @pytest.mark.gcs
 def test_gcs_bearer_token_stays_out_of_logs_and_errors(gcs_store: Any, debug_logs: _Keep) -> None:
     """A gs:// root with an OAuth access token (the emulator ignores it; gcsfs puts it in every
