@@ -22,6 +22,7 @@ from ckpt.lifecycle.steps import latest_step, list_steps, read_manifest
 from ckpt.lifecycle.verify import VerifyReport, verify
 from ckpt.manager import CheckpointManager, ManagerOptions
 from ckpt.options import RestoreOptions, RetryPolicy, SaveOptions
+from ckpt.progress import Progress
 from ckpt.state.shard import Shard
 from ckpt.storage.redaction import install as _install_redaction
 
@@ -48,6 +49,7 @@ __all__ = [
     "CopyReport",
     "ManagerOptions",
     "Manifest",
+    "Progress",
     "Report",
     "RestoreOptions",
     "Retired",

@@ -26,6 +26,7 @@ never used, from any thread. Retention runs on rank 0 only, after a commit.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import signal
 import threading
 import time
@@ -51,6 +52,9 @@ from ckpt.lifecycle.retention import RetentionPolicy
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.state.staging import Staging
 from ckpt.storage import Root, open_storage, root_url
+from ckpt.units import human_size
+
+_log = logging.getLogger("ckpt.manager")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,14 @@ class SaveStats:
     staged_bytes: int
     write_s: float | None = None  # write + commit + retention (known once done)
     retired: tuple[int, ...] = ()
+
+
+def _logged(root: str, stats: SaveStats) -> SaveStats:
+    """``stats``, logged at INFO (one line a save: what training waited, what ran beside it)."""
+    _log.info("%s: step %d saved: training stalled %.3f s (%s staged), written and committed in %.2f s%s",
+              root, stats.step, stats.stall_s, human_size(stats.staged_bytes), stats.write_s or 0.0,
+              f", retired steps {list(stats.retired)}" if stats.retired else "")  # fmt: skip
+    return stats
 
 
 class CheckpointManager:
@@ -168,7 +180,7 @@ class CheckpointManager:
         user_metadata = {retention.METRIC_PREFIX + k: repr(float(v)) for k, v in (metrics or {}).items()}
         t0 = time.perf_counter()
         if not self.options.async_save:
-            self.last_save = self._write(step, state, user_metadata, t0, staged_bytes=0)
+            self.last_save = _logged(self.root, self._write(step, state, user_metadata, t0, staged_bytes=0))
             return True
         snapshot = self._staging.snapshot(state)
         stall = time.perf_counter() - t0
@@ -202,7 +214,7 @@ class CheckpointManager:
     def _write_async(self, step: int, snapshot: object, meta: dict[str, str], stall: float, staged: int) -> SaveStats:
         t0 = time.perf_counter()
         done = self._write(step, snapshot, meta, t0, staged_bytes=staged, save_options=self._async_save_options(staged))
-        return SaveStats(step, stall, staged, done.write_s, done.retired)
+        return _logged(self.root, SaveStats(step, stall, staged, done.write_s, done.retired))
 
     def _write(self, step: int, state: object, meta: dict[str, str], t0: float, *, staged_bytes: int,
                save_options: SaveOptions | None = None) -> SaveStats:  # fmt: skip

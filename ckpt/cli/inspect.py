@@ -23,6 +23,7 @@ from ckpt.format.layout import manifest_path
 from ckpt.format.manifest import Manifest
 from ckpt.lifecycle.steps import committed_steps, read_step, resolve_step
 from ckpt.lifecycle.verify import Problem, VerifyReport, verify_manifest
+from ckpt.progress import Progress
 from ckpt.storage import Storage
 from ckpt.units import human_size
 
@@ -225,9 +226,10 @@ def _run_verify(storage: Storage, m: Manifest, args: argparse.Namespace) -> Veri
     bar = progress_bar(m.total_bytes, f"step {m.step}", disable=args.json)
     lock = threading.Lock()
 
-    def progress(n: int) -> None:
+    def progress(p: Progress) -> None:
         with lock:
-            bar.update(n)
+            if p.bytes_done > bar.n:
+                bar.update(p.bytes_done - bar.n)
 
     try:
         return verify_manifest(storage, m, num_threads=args.threads, progress=progress)

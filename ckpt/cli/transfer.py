@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 def cmd_cp(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     from ckpt.lifecycle import copy as copier
+    from ckpt.progress import Progress
 
     src_root, at_step = split_root_at_step(args.src)
     steps = [*(args.step or []), *([] if at_step is None else [at_step])]
@@ -52,9 +53,10 @@ def cmd_cp(args: argparse.Namespace, opts: dict[str, Any]) -> int:
         total = plan.bytes_to_copy + plan.bytes_to_check
         bars.append(progress_bar(total, "cp", disable=args.quiet))
 
-    def progress(n: int) -> None:
+    def progress(p: Progress) -> None:
         with lock:
-            bars[0].update(n)
+            if bars and p.bytes_done > bars[0].n:
+                bars[0].update(p.bytes_done - bars[0].n)
 
     try:
         report = copier.copy(

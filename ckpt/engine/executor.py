@@ -12,6 +12,8 @@ a write's clock restarts at each chunk it takes), with no thread of its own.
 
 from __future__ import annotations
 
+import collections
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -31,6 +33,7 @@ from ckpt.errors import (
 )
 from ckpt.format import crc
 from ckpt.geometry import byte_ranges as ranges
+from ckpt.progress import FileCounter, Meter
 from ckpt.storage import Storage
 
 T = TypeVar("T")
@@ -65,32 +68,42 @@ def write_files(
     block_bytes: int,
     num_threads: int,
     fsync: bool,
+    meter: Meter | None = None,
 ) -> list[WrittenFile]:
-    """Write every planned file; return sizes and checksums. Tensors must be CPU-contiguous."""
+    """Write every planned file; return sizes and checksums. Tensors must be CPU-contiguous.
+    ``meter`` counts the bytes as the storage takes them, and each file once written."""
     results: dict[str, WrittenFile] = {}
 
     def write_one(fp: FilePlan) -> None:
         state = {"crc": 0}
         block_crcs: dict[str, tuple[int, ...]] = {}
+        counter = FileCounter(meter) if meter is not None and meter.active else None
 
         def chunks() -> Iterator[memoryview | bytes]:
             state["crc"] = crc32c.crc32c(fp.header)
             yield fp.header
+            pos = len(fp.header)
             for item, _ in fp.items:
                 view = byte_view(tensors[item.key])
                 crcs = []
                 for off in range(0, len(view), block_bytes):
+                    if counter is not None:
+                        counter.seen(pos)  # the storage took the chunk before this one
                     blk = view[off : off + block_bytes]
                     c = crc32c.crc32c(blk)  # one pass: the file's CRC is combined from the blocks'
                     crcs.append(c)
                     state["crc"] = crc.combine(state["crc"], c, len(blk), fast=len(blk) == block_bytes)
                     yield blk
+                    pos += len(blk)
                 block_crcs[item.key] = tuple(crcs)
 
         # the function, not one generator: an S3 upload that must start over reads the data again
         # (each run of chunks() recomputes the checksums from scratch)
         storage.write_file(fp.path, chunks, size=fp.size, fsync=fsync)
         results[fp.path] = WrittenFile(fp.path, fp.size, state["crc"], block_crcs)
+        if counter is not None and meter is not None:
+            counter.seen(fp.size)
+            meter.add(files=1)
 
     run_all(write_one, plans, num_threads=num_threads, timeout_s=storage.io_timeout_s,
             what=lambda fp: f"{storage.where(fp.path)}: write")  # fmt: skip
@@ -107,9 +120,22 @@ def read_plan(
     *,
     num_threads: int,
     max_inflight_bytes: int,
+    meter: Meter | None = None,
 ) -> None:
-    """Run every read of ``plan`` into ``dests`` (flat byte views, one per request)."""
+    """Run every read of ``plan`` into ``dests`` (flat byte views, one per request). ``meter``
+    counts each read's bytes once checked, and each file once all its reads are."""
     budget = ByteBudget(max_inflight_bytes)
+    counting = meter is not None and meter.active
+    left = collections.Counter(op.path for op in plan.reads) if counting else collections.Counter[str]()
+    left_lock = threading.Lock()
+
+    def done(op: ReadOp) -> None:
+        if meter is None:
+            return
+        with left_lock:
+            left[op.path] -= 1
+            finished = left[op.path] == 0
+        meter.add(op.range.length, files=int(finished))
 
     def run(op: ReadOp) -> None:
         layout = _tiles(op)
@@ -137,6 +163,8 @@ def read_plan(
             if scratch is not None:
                 for c in op.copies:
                     dests[c.dest][c.dest_offset : c.dest_offset + c.length] = scratch[c.src : c.src + c.length]
+            if counting:
+                done(op)
         except CkptError:
             raise
         except OSError as err:

@@ -33,6 +33,7 @@ stops with the typed error naming it).
 from __future__ import annotations
 
 import contextlib
+import logging
 import posixpath
 import threading
 import time
@@ -56,12 +57,15 @@ from ckpt.lifecycle import commit as commit_protocol
 from ckpt.lifecycle._copy_plan import CopyPlan, FileTask, plan_copy
 from ckpt.lifecycle.steps import committed_steps, ensure_committable, read_step
 from ckpt.lifecycle.verify import _BlockChecker, _Stored
+from ckpt.progress import Meter, ProgressArg, summary
 from ckpt.storage import Root, Storage, open_storage, root_url
 
 __all__ = ["CopyOptions", "CopyPlan", "CopyReport", "FileTask", "copy", "plan_copy"]
 
 MiB = 1 << 20
 
+
+_log = logging.getLogger("ckpt.copy")
 
 @dataclass(frozen=True, slots=True)
 class CopyOptions:
@@ -162,7 +166,7 @@ def copy(
     src_storage_options: dict[str, Any] | None = None,
     dst_storage_options: dict[str, Any] | None = None,
     options: CopyOptions | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressArg = None,
     on_plan: Callable[[CopyPlan], None] | None = None,
 ) -> CopyReport:
     """Copy committed checkpoints from ``src_root`` to ``dst_root`` (any two fsspec roots),
@@ -171,7 +175,8 @@ def copy(
     Args:
         steps: the steps to copy; None: every committed step of the source whose manifest
             validates (invalid ones are skipped: they are not checkpoints).
-        progress: called with a number of bytes just copied or checked, from worker threads.
+        progress: a callable given a ``ckpt.Progress`` as bytes are copied or checked (from
+            worker threads), or True for a tqdm bar (``ckpt.progress``).
         on_plan: called once with the plan, before any file is copied (e.g. to size a
             progress bar: ``plan.bytes_to_copy + plan.bytes_to_check``).
 
@@ -209,7 +214,10 @@ def copy(
     by_step = {m.step: m for m in manifests}
     tally = _Tally()
     committed: list[int] = []
-    runner = _Runner(src, dst, opts, by_step, tally, progress)
+    meter = Meter("copy", progress)
+    todo = [t for t in plan.tasks if t.action != "skip"]
+    meter.phase("copy", bytes_total=plan.bytes_to_copy + plan.bytes_to_check, files_total=len(todo))
+    runner = _Runner(src, dst, opts, by_step, tally, meter)
 
     # each step commits as soon as the last of its files is in (steps sharing files wait for them)
     waiting = {s: set(plan.needs[s]) for s in plan.commit}
@@ -241,9 +249,16 @@ def copy(
 
     def run(task: FileTask) -> None:
         runner.run(task)
+        meter.add(files=1)
         commit_ready(task.path)
 
-    executor.run_all(run, [t for t in plan.tasks if t.action != "skip"], num_threads=opts.num_threads)
+    try:
+        executor.run_all(run, todo, num_threads=opts.num_threads)
+        meter.phase("done")
+    finally:
+        meter.close()
+    _log.info("%s -> %s: copied steps %s: %s", src.url, dst.url, sorted(committed),
+              summary(tally.bytes_copied, time.perf_counter() - t0, dst.retries + src.retries))  # fmt: skip
     return CopyReport(
         src=src.url,
         dst=dst.url,
@@ -287,10 +302,10 @@ class _Runner:
         opts: CopyOptions,
         manifests: dict[int, Manifest],
         tally: _Tally,
-        progress: Callable[[int], None] | None,
+        meter: Meter,
     ) -> None:
         self.src, self.dst, self.opts, self.manifests = src, dst, opts, manifests
-        self.tally, self.progress = tally, progress
+        self.tally, self.meter = tally, meter
         self.budget = executor.ByteBudget(opts.max_inflight_bytes)
         self.throttle = _Throttle(opts.max_bytes_per_s)
         self._shards: dict[int, dict[str, list[_Stored]]] = {}
@@ -345,8 +360,7 @@ class _Runner:
                 pos += n
                 with self.tally.lock:
                     self.tally.bytes_checked += n
-                if self.progress is not None:
-                    self.progress(n)
+                self.meter.add(n)
             return crc
         finally:
             self.budget.release(cost)
@@ -417,8 +431,7 @@ class _Runner:
                     f"{self.dst.where(task.path)}"
                 )
             pos += n
-            if self.progress is not None:
-                self.progress(n)
+            self.meter.add(n)
             yield view
         if crc != task.crc32c:
             raise ChecksumMismatchError(

@@ -9,6 +9,8 @@ for one process and for several ranks that must all land on the same step.
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from ckpt.format.manifest import Manifest
 from ckpt.geometry import boxes as regions
 from ckpt.lifecycle.steps import newest_step, read_step, resolve_step
 from ckpt.options import RestoreOptions
+from ckpt.progress import Meter, ProgressArg, summary
 from ckpt.state import tree
 from ckpt.state.shard import Shard, dtensor_layout, is_dtensor
 from ckpt.storage import Root, Storage, open_storage, root_url
@@ -48,6 +51,7 @@ def restore(
     options: RestoreOptions | None = None,
     storage_options: dict[str, Any] | None = None,
     fallback: bool = False,
+    progress: ProgressArg = None,
 ) -> Any:
     """Restore checkpoint ``step`` (default: the latest) under ``root``.
 
@@ -64,24 +68,37 @@ def restore(
             with a CkptWarning naming each step skipped and why; NoIntactCheckpointError if none
             does. Without it, damaged data of the newest step is raised. Either way a newest
             manifest that does not validate is skipped with a warning: it is not a checkpoint.
+        progress: a callable given a ``ckpt.Progress`` as the bytes are read and checked, or
+            True for a tqdm bar (``ckpt.progress``).
 
     Returns:
         The restored structure (the target's tensors are the same objects, now filled).
     """
     root = root_url(root)
     opts = options or RestoreOptions()
+    t0 = time.perf_counter()
     storage = open_storage(root, storage_options, io_timeout_s=opts.io_timeout_s)
-    if step is None and fallback:
-        found = restore_newest(storage, target, opts, fallback=True)
-        if found is None:
-            raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
-        out = found.state
-    else:
-        m = resolve_step(storage, step)
-        out = restore_manifest(storage, m, target=target, options=opts)
+    meter = Meter("restore", progress)
+    try:
+        if step is None and fallback:
+            found = restore_newest(storage, target, opts, fallback=True, meter=meter)
+            if found is None:
+                raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
+            out = found.state
+        else:
+            m = resolve_step(storage, step)
+            out = restore_manifest(storage, m, target=target, options=opts, meter=meter)
+        meter.phase("done")
+    finally:
+        meter.close()
     assign(target, out)
+    seconds = time.perf_counter() - t0
+    _log.info("%s: restored step %s from %d files: %s", storage.url, meter.step, meter.files_done,
+              summary(meter.bytes_done, seconds, storage.retries))  # fmt: skip
     return out
 
+
+_log = logging.getLogger("ckpt.restore")
 
 # The outcome of one rank's try at a step, combined over ranks by the maximum.
 _OK, _DAMAGED, _FAILED = 0, 1, 2
@@ -105,6 +122,7 @@ def restore_newest(
     fallback: bool,
     pick: Callable[[int | None], int | None] | None = None,
     agree: Callable[[int], int] | None = None,
+    meter: Meter | None = None,
 ) -> Found | None:
     """Restore the newest committed step; with ``fallback``, the newest that passes every check
     of the restore (DAMAGE errors), skipping damaged ones with a CkptWarning. None when nothing
@@ -125,7 +143,7 @@ def restore_newest(
         err: Exception | None = None
         try:
             m = read_step(storage, step)
-            restored = restore_manifest(storage, m, target=target, options=options)
+            restored = restore_manifest(storage, m, target=target, options=options, meter=meter)
         except Exception as e:
             err = e
         code = _OK if err is None else _DAMAGED if isinstance(err, DAMAGE) else _FAILED
@@ -172,7 +190,11 @@ def assign(target: object, restored: object) -> None:
                 target[i] = v
 
 
-def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: RestoreOptions) -> Any:
+def restore_manifest(
+    storage: Storage, m: Manifest, *, target: object, options: RestoreOptions, meter: Meter | None = None
+) -> Any:
+    if meter is not None:
+        meter.step = m.step
     sel = tree.Selection()
     tree.walk(m.tree, target, "", sel)
     # Check every target region, shape and dtype before allocating anything.
@@ -180,7 +202,7 @@ def restore_manifest(storage: Storage, m: Manifest, *, target: object, options: 
     # in place where the target's tensor can take the bytes; else allocated after the size check
     finals = {key: t for key, (_, t) in wanted.items() if t is not None}
     direct = [t if t is not None and t.device.type == "cpu" and t.is_contiguous() else None for _, t in wanted.values()]
-    got = read_regions(storage, m, [Request(k, box) for k, (box, _) in wanted.items()], direct, options)
+    got = read_regions(storage, m, [Request(k, box) for k, (box, _) in wanted.items()], direct, options, meter=meter)
     bufs = dict(zip(wanted, got, strict=True))
     for key, t in finals.items():
         if bufs[key] is not t:
@@ -204,6 +226,7 @@ def read_regions(
     options: RestoreOptions,
     *,
     sizes_checked: bool = False,
+    meter: Meter | None = None,
 ) -> list[torch.Tensor]:
     """The regions ``requests`` ask for (a key may be asked for several times), read with one
     plan of verified ranged reads into ``dests[i]`` (a contiguous CPU tensor of the saved dtype,
@@ -225,12 +248,17 @@ def read_regions(
         max_gap_bytes=options.gap_bytes(local=storage.local_disk),
         read_chunk_bytes=options.chunk_bytes(local=storage.local_disk),
     )
+    if meter is not None:  # totals on top of what an earlier (fallen back from) step read
+        paths = {op.path for op in plan.reads}
+        meter.phase("read", bytes_total=meter.bytes_done + sum(op.range.length for op in plan.reads),
+                    files_total=meter.files_done + len(paths))  # fmt: skip
     executor.read_plan(
         storage,
         plan,
         [executor.byte_view(d) for d in out],
         num_threads=options.num_threads,
         max_inflight_bytes=options.max_inflight_bytes,
+        meter=meter,
     )
     return out
 

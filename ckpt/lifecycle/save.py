@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,9 +23,13 @@ from ckpt.lifecycle import commit as commit_mod
 from ckpt.lifecycle import steps
 from ckpt.lifecycle.attempt import Attempt, Report, ShardRecord
 from ckpt.options import SaveOptions
+from ckpt.progress import Meter, ProgressArg, summary
 from ckpt.state import tree
 from ckpt.state.shard import Shard, dtensor_layout, is_dtensor
 from ckpt.storage import Root, Storage, open_storage, root_url
+from ckpt.units import human_size
+
+_log = logging.getLogger("ckpt.save")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,8 @@ def _begin(storage: Storage, a: Attempt) -> None:
     storage.check_no_links(layout.shard_path(step, a.attempt, 0, 0))
     if storage.exists(rel):
         raise CheckpointExistsError(f"{storage.url}: step {step} is already committed")
+    _log.info("%s: step %d: attempt %s begins (%d writer%s)", storage.url, step, a.attempt, a.world_size,
+              "" if a.world_size == 1 else "s")  # fmt: skip
 
 
 def write_shards(
@@ -80,6 +88,7 @@ def write_shards(
     rank: int = 0,
     plain_tensors: PlainTensors = "exclusive",
     storage_options: dict[str, Any] | None = None,
+    progress: ProgressArg = None,
 ) -> Report:
     """Write this writer's share of ``state`` as safetensors shard files; return its report.
 
@@ -93,15 +102,26 @@ def write_shards(
             :func:`holders` over every rank's :func:`describe`) says exactly who holds each plain
             tensor: keys several ranks hold are replicas, written once. ``ckpt.Shard`` and DTensor
             leaves carry their own replica information.
+        progress: a callable given a ``ckpt.Progress`` as this writer's bytes are written, or
+            True for a tqdm bar (``ckpt.progress``).
     """
     if type(rank) is not int or not 0 <= rank < attempt.world_size:
         raise PlanError(f"rank {rank!r} is outside [0, {attempt.world_size})")
     if not isinstance(plain_tensors, Mapping) and plain_tensors not in ("exclusive", "replicated"):
         raise PlanError(f"plain_tensors must be 'exclusive', 'replicated' or a key -> ranks mapping, got {plain_tensors!r}")
-    return _write_shards(_storage(attempt, storage_options), attempt, state, rank=rank, plain_tensors=plain_tensors)
+    meter = Meter("save", progress, step=attempt.step)
+    try:
+        report = _write_shards(_storage(attempt, storage_options), attempt, state, rank=rank, plain_tensors=plain_tensors,
+                               meter=meter)  # fmt: skip
+        meter.phase("done")
+    finally:
+        meter.close()
+    return report
 
 
-def _write_shards(storage: Storage, attempt: Attempt, state: object, *, rank: int, plain_tensors: PlainTensors) -> Report:
+def _write_shards(
+    storage: Storage, attempt: Attempt, state: object, *, rank: int, plain_tensors: PlainTensors, meter: Meter | None = None
+) -> Report:
     flat = state if isinstance(state, tree.Flat) else tree.flatten(state)  # a Flat: a staged snapshot
     opts = attempt.options
     everyone = tuple(range(attempt.world_size))
@@ -155,12 +175,19 @@ def _write_shards(storage: Storage, attempt: Attempt, state: object, *, rank: in
         parallel_files=opts.parallel_files,
         min_file_bytes=opts.min_file_bytes,
     )
+    nbytes = sum(fp.size for fp in plan.files)
+    if meter is not None:
+        meter.phase("write", bytes_total=nbytes, files_total=len(plan.files))
+    t0 = time.perf_counter()
     written = executor.write_files(
-        storage, plan.files, tensors, block_bytes=opts.block_bytes, num_threads=opts.num_threads, fsync=opts.fsync
-    )
+        storage, plan.files, tensors, block_bytes=opts.block_bytes, num_threads=opts.num_threads, fsync=opts.fsync,
+        meter=meter,
+    )  # fmt: skip
     if opts.fsync and plan.files:
         dirs = [layout.data_dir(attempt.step, attempt.attempt), "data", ""]
         storage.sync_dirs(dirs)
+    _log.info("%s: step %d: rank %d wrote %d files: %s", storage.url, attempt.step, rank, len(written),
+              summary(nbytes, time.perf_counter() - t0, storage.retries))  # fmt: skip
     shards: list[ShardRecord] = []
     for fp, wf in zip(plan.files, written, strict=True):
         for item, br in fp.items:
@@ -240,6 +267,9 @@ def _commit(storage: Storage, attempt: Attempt, reports: list[Report]) -> Manife
     opts = attempt.options
     commit_mod.check_files(storage, m, num_threads=opts.num_threads)
     commit_mod.publish(storage, m, fsync=opts.fsync, update_latest=opts.update_latest)
+    _log.info("%s: step %d committed: %d tensors, %d files, %s from %d writer%s", storage.url, m.step,
+              len(m.tensors), len(m.files), human_size(m.total_bytes), attempt.world_size,
+              "" if attempt.world_size == 1 else "s")  # fmt: skip
     return m
 
 
@@ -251,12 +281,21 @@ def save(
     options: SaveOptions | None = None,
     user_metadata: dict[str, str] | None = None,
     storage_options: dict[str, Any] | None = None,
+    progress: ProgressArg = None,
 ) -> Manifest:
     """Save ``state`` as checkpoint ``step`` from one process. Raises CheckpointExistsError if
-    ``step`` is already committed."""
+    ``step`` is already committed. ``progress``: a callable given a ``ckpt.Progress`` as the bytes
+    are written (phases "write", "commit", "done"), or True for a tqdm bar (``ckpt.progress``)."""
     root = root_url(root)
     a = attempt_mod.new_attempt(root, step, 1, options or SaveOptions(), user_metadata)
     storage = _storage(a, storage_options)  # one storage for the whole save
-    _begin(storage, a)
-    report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive")
-    return _commit(storage, a, [report])
+    meter = Meter("save", progress, step=step)
+    try:
+        _begin(storage, a)
+        report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive", meter=meter)
+        meter.phase("commit")
+        m = _commit(storage, a, [report])
+        meter.phase("done")
+    finally:
+        meter.close()
+    return m

@@ -40,6 +40,7 @@ from ckpt.errors import (
 from ckpt.format import safetensors as safetensors_format
 from ckpt.format.manifest import Manifest, ShardEntry
 from ckpt.lifecycle import steps
+from ckpt.progress import Meter, ProgressArg
 from ckpt.storage import Root, Storage, open_storage, root_url
 
 __all__ = ["Problem", "VerifyReport", "verify", "verify_manifest"]
@@ -111,15 +112,16 @@ def verify(
     storage_options: dict[str, Any] | None = None,
     num_threads: int = 8,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressArg = None,
     io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S,
 ) -> VerifyReport:
     """Re-read and check every byte of checkpoint ``step`` (default: the latest) under ``root``.
 
     Raises CheckpointNotFoundError if there is no such checkpoint and a ManifestError if its
     manifest does not validate; problems in the data files are collected in the report (call
-    ``raise_if_failed()`` on it to turn them into an error). ``progress`` is called with the
-    number of bytes just checked, from worker threads. ``io_timeout_s`` bounds each storage
+    ``raise_if_failed()`` on it to turn them into an error). ``progress``: a callable given a
+    ``ckpt.Progress`` as the bytes are checked (from worker threads), or True for a tqdm bar
+    (``ckpt.progress``). ``io_timeout_s`` bounds each storage
     call (StorageTimeoutError; a file's check reads it in chunks, each one call); None waits as
     long as it takes.
     """
@@ -135,7 +137,7 @@ def verify_manifest(
     *,
     num_threads: int = 8,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressArg = None,
 ) -> VerifyReport:
     """Check every file of an already parsed manifest (see :func:`verify`), each storage call
     under the storage's deadline."""
@@ -146,15 +148,22 @@ def verify_manifest(
         for s in t.shards:
             shards[s.file].append((key, t.dtype, s))
     results: dict[str, _FileResult] = {}
+    meter = Meter("verify", progress, step=m.step)
 
     def check(path: str) -> None:
-        results[path] = _check_file(storage, m, path, shards[path], chunk_bytes, progress)
+        results[path] = _check_file(storage, m, path, shards[path], chunk_bytes, meter)
+        meter.add(files=1)
 
     paths = sorted(m.files)
+    meter.phase("check", bytes_total=sum(f.size for f in m.files.values()), files_total=len(paths))
     # the storage's deadline, on the pool's own threads: every read of a file's check must end
     # in time (each ended call restarts the clock), not the whole file
-    executor.run_all(check, paths, num_threads=num_threads, timeout_s=storage.io_timeout_s,
-                     what=lambda p: f"{storage.where(p)}: verify")  # fmt: skip
+    try:
+        executor.run_all(check, paths, num_threads=num_threads, timeout_s=storage.io_timeout_s,
+                         what=lambda p: f"{storage.where(p)}: verify")  # fmt: skip
+        meter.phase("done")
+    finally:
+        meter.close()
     findings: list[Problem] = []
     for path in paths:
         findings.extend(sorted(results[path].problems, key=lambda p: _SEVERITY.get(p.error, 9)))
@@ -228,7 +237,7 @@ def _check_file(
     path: str,
     shards: list[_Stored],
     chunk_bytes: int,
-    progress: Callable[[int], None] | None,
+    meter: Meter,
 ) -> _FileResult:
     out = _FileResult()
     where = storage.where(path)
@@ -278,8 +287,7 @@ def _check_file(
             blocks.feed(pos, view)
             pos += n
             out.bytes_read += n
-            if progress is not None:
-                progress(n)
+            meter.add(n)
     except (CorruptCheckpointError, UnsafePathError) as err:  # changed under us, or a link / non-file
         problem(type(err), str(err))
         return out

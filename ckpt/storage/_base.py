@@ -32,6 +32,7 @@ deadline (:func:`ckpt._concurrency.bounded`).
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import errno
 import functools
@@ -103,6 +104,9 @@ class Storage(abc.ABC):
     def __init__(self, root: str, url: str) -> None:
         self.root = root  # the backend's path of the root (no trailing slash)
         self.url = url  # the root for messages: no credentials
+        # the retries this Storage made, by "operation: reason" (object stores retry; the
+        # operations that use one Storage report them)
+        self.retries: collections.Counter[str] = collections.Counter()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Put every contract call the subclass defines under the deadline (module docstring)."""

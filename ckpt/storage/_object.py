@@ -85,7 +85,6 @@ class ObjectStorage(FsspecStorage):
         self.atomic_create = True
         self.retry = retry
         self.max_requests = max_requests
-        self.retries: collections.Counter[str] = collections.Counter()  # this Storage's own
         self._slots = asyncio.Semaphore(max_requests)  # requests in flight (bound on first use)
         self._upload_budget = ByteBudget(inflight)
 
