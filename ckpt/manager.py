@@ -127,6 +127,7 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._closed = False
         self.last_save: SaveStats | None = None  # the last save that finished
+        self._save_next = False  # request_save(): the next save() saves whatever its step
         self.skipped = 0  # saves skipped because one was in flight (when_busy="skip")
         self._stop = threading.Event()
         self._previous_handlers: dict[int, Any] = {}
@@ -154,7 +155,7 @@ class CheckpointManager:
         self._check_open()
         if type(step) is not int or step < 0:
             raise PlanError(f"step must be a non-negative int, got {step!r}")
-        wanted = force or self.should_save(step)
+        wanted = force or self._save_next or self.should_save(step)
         inflight = self._inflight
         busy = wanted and inflight is not None and not inflight.done()
         stop = self._stop.is_set()
@@ -177,6 +178,7 @@ class CheckpointManager:
             self.skipped += 1
             return False
         self.wait()  # the previous save is done (its staging buffers are free); raises its error
+        self._save_next = False
         user_metadata = {retention.METRIC_PREFIX + k: repr(float(v)) for k, v in (metrics or {}).items()}
         t0 = time.perf_counter()
         if not self.options.async_save:
@@ -230,6 +232,19 @@ class CheckpointManager:
         return SaveStats(step, elapsed, staged_bytes, elapsed, tuple(retired))
 
     # --- preemption ---------------------------------------------------------------------------
+
+    def request_save(self) -> None:
+        """Make the next ``save()`` call save whatever its step (as ``force=True``): a
+        just-in-time checkpoint, e.g. when the cluster announces a preemption. Every rank of a
+        multi-rank manager must request it at the same step (as it must pass ``force``)."""
+        self._save_next = True
+
+    @property
+    def committed_step(self) -> int | None:
+        """The step of the newest save of this manager known to be committed, without waiting
+        for one in flight (its error, if it failed, is raised here)."""
+        self._raise_finished()
+        return None if self.last_save is None else self.last_save.step
 
     def request_stop(self) -> None:
         """Ask for a final save at the next ``save()`` call (a step boundary), then a clean exit.

@@ -61,6 +61,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     import ckpt
+    from ckpt.integrations.ray_train import Reporter
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -81,8 +82,11 @@ def train_loop(config: dict[str, Any]) -> None:
     # per-rank keys (the RNG state). A restore target holds only this rank's key.
     target: dict[str, Any] = {"model": model.state_dict(), "optimizer": None, "scheduler": None,
                               "rng": {str(rank): None}, "loader": None, "step": None}  # fmt: skip
-    start = 0
-    if mgr.restore(target) is not None:
+    # Ray Train's side: each committed save is reported as a pointer checkpoint (Result.checkpoint,
+    # CheckpointConfig), and a restarted worker group restores the step Ray reported last.
+    reporter = Reporter(mgr)
+    start, last = 0, float("nan")
+    if reporter.restore(target) is not None:
         opt.load_state_dict(target["optimizer"])
         sched.load_state_dict(target["scheduler"])
         torch.set_rng_state(target["rng"][str(rank)])
@@ -110,7 +114,12 @@ def train_loop(config: dict[str, Any]) -> None:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "rng": {str(rank): torch.get_rng_state()}, "loader": loader, "step": step}  # fmt: skip
             mgr.save(step, state, force=step == config["steps"] - 1)  # and the last step
-    mgr.close()  # waits for the save in flight
+            last = loss.item()
+            if mgr.should_save(step):  # every worker alike (a barrier): each report hands Ray the newest commit
+                reporter.report({"loss": last}, step)
+    mgr.wait()  # the last save committed: report it, so that Result.checkpoint names it
+    reporter.report({"loss": last}, config["steps"] - 1)
+    mgr.close()
 
 
 def _log(out: Any, line: str) -> None:
@@ -136,10 +145,16 @@ def run(root: str, *, workers: int = 2, steps: int = 40, save_every: int = 5, ki
             name="ckpt-ray-train",
             storage_path=os.path.join(log_dir or tempfile.mkdtemp(prefix="ckpt-ray-train-"), "ray-results"),  # Ray Train's own bookkeeping only (written by the controller, on the driver's node)
             failure_config=ray.train.FailureConfig(max_failures=2),
+            # Ray keeps its newest pointer only; ckpt's own retention decides which steps stay
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
     )
-    trainer.fit()
-    return summarize(log_dir) if log_dir else {}
+    result = trainer.fit()
+    from ckpt.integrations.ray_train import read_pointer
+
+    pointer = read_pointer(result.checkpoint) if result.checkpoint is not None else None
+    out = summarize(log_dir) if log_dir else {}
+    return {**out, "reported_step": None if pointer is None else pointer.step, "checkpoint": result.checkpoint}
 
 
 def summarize(log_dir: str) -> dict[str, Any]:
@@ -170,6 +185,8 @@ def main() -> int:
     p.add_argument("--save-every", type=int, default=5)
     p.add_argument("--kill-at", type=int, default=17, help="the last worker SIGKILLs itself at this step once (-1: never)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--then-steps", type=int, default=0, help="then a second fit() of the same run (same "
+                   "RunConfig name and storage path) to this many steps: it resumes from the first one's checkpoint")
     p.add_argument("--log-dir", help="where the workers log their losses, shared by every node (default: a "
                    "temporary directory when Ray runs locally; none when joining a cluster)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
@@ -187,13 +204,22 @@ def main() -> int:
     try:
         result = run(root, workers=args.workers, steps=args.steps, save_every=args.save_every, kill_at=args.kill_at,
                      seed=args.seed, log_dir=log_dir, storage_options=opts)  # fmt: skip
+        import ckpt
+
+        result["steps_after_first"] = ckpt.list_steps(root, storage_options=opts or None)
+        if args.then_steps:
+            again = run(root, workers=args.workers, steps=args.then_steps, save_every=args.save_every, seed=args.seed,
+                        log_dir=log_dir, storage_options=opts)  # fmt: skip
+            result["second"] = {"starts": again.get("starts", [])[len(result.get("starts", [])):],
+                                "reported_step": again["reported_step"], "mismatches": again.get("mismatches")}  # fmt: skip
     finally:
         ray.shutdown()
-    import ckpt
-
+    result.pop("checkpoint")
+    final = args.then_steps or args.steps
     result["latest_step"] = ckpt.latest_step(root, storage_options=opts or None)
     print(json.dumps({"root": root, **result}))
-    ok = not result.get("mismatches") and result["latest_step"] == args.steps - 1
+    ok = not result.get("mismatches") and result["latest_step"] == final - 1
+    ok = ok and not (result.get("second") or {}).get("mismatches")
     print("ok: resumed runs recomputed identical losses" if ok else "FAILED", flush=True)
     return 0 if ok else 1
 
