@@ -28,16 +28,14 @@ loaders (``DataLoaderConfiguration(use_stateful_dataloader=True)``), whose state
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
-import numpy as np
-import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from ckpt.errors import PlanError, StateError
 from ckpt.format.manifest import Manifest
+from ckpt.integrations import _rng
 from ckpt.lifecycle import restore as restorer
 from ckpt.lifecycle import save as saver
 from ckpt.lifecycle.steps import latest_step
@@ -63,16 +61,13 @@ def state_of(accelerator: Accelerator) -> dict[str, Any]:
     states under ``rng/<process index>``)."""
     _check(accelerator)
     rank = accelerator.process_index
-    rng: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
     state: dict[str, Any] = {
         "models": {str(i): accelerator.unwrap_model(m).state_dict() for i, m in enumerate(accelerator._models)},
         "optimizers": {str(i): o.state_dict() for i, o in enumerate(accelerator._optimizers)},
         "schedulers": {str(i): s.state_dict() for i, s in enumerate(accelerator._schedulers)},
         "custom": {str(i): o.state_dict() for i, o in enumerate(accelerator._custom_objects)},
         "dataloaders": {str(i): dl.state_dict() for i, dl in enumerate(accelerator._dataloaders) if _stateful(dl)},
-        "rng": {str(rank): rng},
+        "rng": {str(rank): _rng.capture()},
         "accelerator_step": accelerator.step,
     }
     if accelerator.scaler is not None:
@@ -153,9 +148,4 @@ def _apply(accelerator: Accelerator, saved: Any, where: str) -> None:
     rng = saved.get("rng", {}).get(str(accelerator.process_index))
     if rng is None:  # another number of processes: this one's RNG was not saved
         return
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(tuple(rng["numpy"]))
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _rng.apply(rng)
