@@ -116,11 +116,6 @@ class _ShardedCheckpoints:
     """What ``CkptFSDPStrategy`` and ``CkptModelParallelStrategy`` add to Lightning's strategies:
     ``save_checkpoint`` / ``load_checkpoint`` / ``remove_checkpoint`` through ``ckpt.dcp``."""
 
-    # set by the strategies' constructors
-    ckpt_storage_options: dict[str, Any] | None
-    ckpt_save_options: SaveOptions | None
-    ckpt_restore_options: RestoreOptions | None
-
     # provided by Lightning's ParallelStrategy
     broadcast: Any
     barrier: Any
@@ -129,8 +124,15 @@ class _ShardedCheckpoints:
     optimizers: Any
     lightning_module: Any
 
-    def _ckpt_init(self, storage_options: dict[str, Any] | None, save_options: SaveOptions | None,
-                   restore_options: RestoreOptions | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *args: Any,
+        storage_options: dict[str, Any] | None = None,
+        save_options: SaveOptions | None = None,
+        restore_options: RestoreOptions | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)  # the Lightning strategy's own arguments
         self.ckpt_storage_options = storage_options
         self.ckpt_save_options = save_options
         self.ckpt_restore_options = restore_options
@@ -223,47 +225,33 @@ class _ShardedCheckpoints:
 
 
 class CkptFSDPStrategy(_ShardedCheckpoints, FSDPStrategy):
-    """Lightning's ``FSDPStrategy`` saving sharded checkpoints through ckpt.dcp (every other
-    argument is ``FSDPStrategy``'s). ``state_dict_type`` is "sharded": each rank writes its own
-    shards, and a checkpoint resumes on any number of ranks."""
+    """Lightning's ``FSDPStrategy`` saving sharded checkpoints through ckpt.dcp; takes
+    ``storage_options``, ``save_options`` and ``restore_options`` besides ``FSDPStrategy``'s own
+    arguments. ``state_dict_type`` is "sharded": each rank writes its own shards, and a
+    checkpoint resumes on any number of ranks."""
 
-    def __init__(
-        self,
-        *args: Any,
-        storage_options: dict[str, Any] | None = None,
-        save_options: SaveOptions | None = None,
-        restore_options: RestoreOptions | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.setdefault("state_dict_type", "sharded") != "sharded":
             raise PlanError(
                 f"CkptFSDPStrategy saves sharded checkpoints (state_dict_type='sharded'), not "
                 f"{kwargs['state_dict_type']!r}: a sharded ckpt checkpoint restores whole with ckpt.restore"
             )
         super().__init__(*args, **kwargs)
-        self._ckpt_init(storage_options, save_options, restore_options)
 
 
 class CkptModelParallelStrategy(_ShardedCheckpoints, ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel in ``configure_model``)
-    saving its distributed checkpoints through ckpt.dcp (every other argument is
-    ``ModelParallelStrategy``'s; ``save_distributed_checkpoint`` must stay True)."""
+    saving its distributed checkpoints through ckpt.dcp; takes ``storage_options``,
+    ``save_options`` and ``restore_options`` besides ``ModelParallelStrategy``'s own arguments
+    (``save_distributed_checkpoint`` must stay True)."""
 
-    def __init__(
-        self,
-        *args: Any,
-        storage_options: dict[str, Any] | None = None,
-        save_options: SaveOptions | None = None,
-        restore_options: RestoreOptions | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if not kwargs.setdefault("save_distributed_checkpoint", True):
             raise PlanError(
                 "CkptModelParallelStrategy saves distributed checkpoints (save_distributed_checkpoint=True): "
                 "a sharded ckpt checkpoint restores whole with ckpt.restore"
             )
         super().__init__(*args, **kwargs)
-        self._ckpt_init(storage_options, save_options, restore_options)
 
 
 def _model_or_optimizer(top: str) -> bool:

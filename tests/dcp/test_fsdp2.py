@@ -9,7 +9,6 @@ tests/support/fsdp2_ranks.py."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 import ckpt
 from tests.conftest import Store
-from tests.support.forker import Forker, finished, forker, line_count
+from tests.support.forker import Forker, finished, forker, line_count, run_ranks
 
 SAVE_AT, MORE = 4, 3  # the save after 4 steps, 3 more after it
 
@@ -34,21 +33,9 @@ def fk() -> Iterator[Forker]:
 def run(fk: Forker, name: str, args: dict[str, Any], world: int, tmp: Path) -> tuple[list[dict[str, Any]], str]:
     """Run scenario ``name`` of fsdp2_ranks on ``world`` forked ranks; what each rank saw, and
     the path prefix of rank 0's value files."""
-    tag = f"{name}-{uuid.uuid4().hex[:8]}"
-    init, out = str(tmp / f"init-{tag}"), str(tmp / tag)
-    outs = [f"{out}-{r}.json" for r in range(world)]
-    pids = [fk.start("tests.support.fsdp2_ranks:scenario", name, json.dumps(args), r, world, init, outs[r]) for r in range(world)]
-    statuses = [fk.reap(p) for p in pids]
-    seen = []
-    for o in outs:
-        try:
-            with open(o) as f:
-                seen.append(json.load(f))
-        except FileNotFoundError:
-            seen.append({"error": "no output"})
-    errors = [s["error"] for s in seen if "error" in s]
-    assert statuses == [0] * world, "\n".join(errors) or "a rank died (its traceback is on stderr)"
-    return seen, f"{out}-0.json"
+    seen, outs = run_ranks(fk, "tests.support.fsdp2_ranks:scenario",
+                           lambda r, init, out: [name, json.dumps(args), r, world, init, out], world, str(tmp), name)  # fmt: skip
+    return seen, outs[0]
 
 
 def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:

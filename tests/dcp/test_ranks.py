@@ -5,7 +5,6 @@ fork server (tests/support/forker.py) and run tests/support/dcp_ranks.py."""
 from __future__ import annotations
 
 import json
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,22 +16,14 @@ import ckpt
 import ckpt.dcp
 from tests.conftest import Store
 from tests.support.dcp_ranks import full
-from tests.support.forker import forker
+from tests.support.forker import forker, run_ranks
 
 
 def _run(name: str, store: Store, world: int, tmp_path: Path) -> list[dict[str, Any]]:
-    init = str(tmp_path / f"init-{uuid.uuid4().hex}")
-    outs = [str(tmp_path / f"{name}-{uuid.uuid4().hex}-{r}.json") for r in range(world)]
     opts = json.dumps(store.opts)
     with forker() as fk:
-        pids = [fk.start("tests.support.dcp_ranks:scenario", name, store.root, opts, r, world, init, outs[r]) for r in range(world)]
-        statuses = [fk.reap(p) for p in pids]
-    seen = []
-    for o in outs:
-        with open(o) as f:
-            seen.append(json.load(f))
-    errors = [s["error"] for s in seen if "error" in s]
-    assert statuses == [0] * world, "\n".join(errors) or "a rank died (its traceback is on stderr)"
+        seen, _ = run_ranks(fk, "tests.support.dcp_ranks:scenario",
+                            lambda r, init, out: [name, store.root, opts, r, world, init, out], world, str(tmp_path), name)  # fmt: skip
     return seen
 
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file  # noqa: E402
 import ckpt  # noqa: E402
 from ckpt.errors import PlanError  # noqa: E402
 from tests.conftest import Store  # noqa: E402
-from tests.support.forker import Forker, forker  # noqa: E402
+from tests.support.forker import Forker, forker, run_ranks  # noqa: E402
 
 EPOCHS, MORE = 2, 1  # 6 steps an epoch on each rank
 
@@ -45,22 +45,9 @@ def fk() -> Iterator[Forker]:
 def run(fk: Forker, name: str, args: dict[str, Any], tmp: Path, world: int = 2) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Scenario ``name`` of lightning_ranks on ``world`` forked ranks: what each saw, and the
     full values rank 0 ended with."""
-    tag = f"{name}-{uuid.uuid4().hex[:8]}"
-    init, out = str(tmp / f"init-{tag}"), str(tmp / tag)
-    outs = [f"{out}-{r}.json" for r in range(world)]
-    args = dict(args, tmp=str(tmp / f"trainer-{tag}"))
-    pids = [fk.start("tests.support.lightning_ranks:scenario", name, json.dumps(args), r, world, init, outs[r])
-            for r in range(world)]  # fmt: skip
-    statuses = [fk.reap(p) for p in pids]
-    seen = []
-    for o in outs:
-        try:
-            with open(o) as f:
-                seen.append(json.load(f))
-        except FileNotFoundError:
-            seen.append({"error": "no output"})
-    errors = [s["error"] for s in seen if "error" in s]
-    assert statuses == [0] * world, "\n".join(errors) or "a rank died (its traceback is on stderr)"
+    args = dict(args, tmp=str(tmp / f"trainer-{name}-{uuid.uuid4().hex[:8]}"))
+    seen, outs = run_ranks(fk, "tests.support.lightning_ranks:scenario",
+                           lambda r, init, out: [name, json.dumps(args), r, world, init, out], world, str(tmp), name)  # fmt: skip
     return seen, load_file(f"{outs[0]}.safetensors")
 
 

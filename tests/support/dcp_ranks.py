@@ -5,8 +5,9 @@ ckpt.dcp's storage plugins and planners. Each rank writes what it saw to a JSON 
 from __future__ import annotations
 
 import json
-import traceback
 from typing import Any
+
+from tests.support.forker import rank_scenario
 
 ROWS, COLS = 13, 6  # rows divide by neither 2 nor 3
 
@@ -27,17 +28,7 @@ def scenario(name: str, root: str, opts_json: str, rank: int, world: int, init_f
     warnings.simplefilter("ignore")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
-    seen: dict[str, Any] = {"rank": rank}
-    try:
-        globals()[f"_{name}"](root, json.loads(opts_json) or None, rank, world, seen)
-        dist.barrier()
-    except BaseException:
-        seen["error"] = traceback.format_exc()
-        raise
-    finally:
-        with open(out, "w") as f:
-            json.dump(seen, f)
-        dist.destroy_process_group()
+    rank_scenario(rank, out, lambda seen: globals()[f"_{name}"](root, json.loads(opts_json) or None, rank, world, seen))
 
 
 def _save(root: str, opts: dict[str, Any] | None, rank: int, world: int, seen: dict[str, Any]) -> None:

@@ -19,7 +19,8 @@ import signal
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -125,3 +126,46 @@ def finished(pid: int) -> bool:
             return f.read().split()[2] == "Z"
     except FileNotFoundError:
         return True
+
+
+# --- process-group scenarios: one forked child per rank ----------------------------------------
+
+
+def rank_scenario(rank: int, out: str, body: Callable[[dict[str, Any]], None]) -> None:
+    """In a rank's child: ``body(seen)`` then a barrier; ``seen`` (with the traceback of an
+    error) is written to ``out`` as JSON whatever happens, and the process group destroyed."""
+    import torch.distributed as dist
+
+    seen: dict[str, Any] = {"rank": rank}
+    try:
+        body(seen)
+        dist.barrier()
+    except BaseException:
+        seen["error"] = traceback.format_exc()
+        raise
+    finally:
+        with open(out, "w") as f:
+            json.dump(seen, f)
+        dist.destroy_process_group()
+
+
+def run_ranks(fk: Forker, target: str, args: Callable[[int, str, str], list[Any]], world: int, tmp: str,
+              name: str) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
+    """Start ``target`` on ``world`` forked ranks (``args(rank, init_file, out)`` its arguments),
+    reap them, and return what each rank saw and the paths of their outputs; fails naming the
+    ranks' errors unless every rank exited 0."""
+    tag = f"{name}-{uuid.uuid4().hex[:8]}"
+    init, out = os.path.join(tmp, f"init-{tag}"), os.path.join(tmp, tag)
+    outs = [f"{out}-{r}.json" for r in range(world)]
+    pids = [fk.start(target, *args(r, init, outs[r])) for r in range(world)]
+    statuses = [fk.reap(p) for p in pids]
+    seen = []
+    for o in outs:
+        try:
+            with open(o) as f:
+                seen.append(json.load(f))
+        except FileNotFoundError:
+            seen.append({"error": "no output"})
+    errors = [s["error"] for s in seen if "error" in s]
+    assert statuses == [0] * world, "\n".join(errors) or "a rank died (its traceback is on stderr)"
+    return seen, outs

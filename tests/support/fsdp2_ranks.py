@@ -10,8 +10,9 @@ from a checkpoint of step ``s`` (``s`` steps done) continues with step ``s``."""
 from __future__ import annotations
 
 import json
-import traceback
 from typing import Any
+
+from tests.support.forker import rank_scenario
 
 # 13, 7 and 2 rows: uneven shards on 2 and 3 ranks, and an empty shard on the third of 3 ranks
 SIZES = (8, 13, 7, 2)
@@ -100,20 +101,9 @@ def _write(path: str, model: Any, opt: Any, rank: int) -> Any:
 
 
 def scenario(name: str, args_json: str, rank: int, world: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
 
     mesh = _init(rank, world, init_file)
-    seen: dict[str, Any] = {"rank": rank}
-    try:
-        globals()[f"_{name}"](json.loads(args_json), mesh, rank, world, out, seen)
-        dist.barrier()
-    except BaseException:
-        seen["error"] = traceback.format_exc()
-        raise
-    finally:
-        with open(out, "w") as f:
-            json.dump(seen, f)
-        dist.destroy_process_group()
+    rank_scenario(rank, out, lambda seen: globals()[f"_{name}"](json.loads(args_json), mesh, rank, world, out, seen))
 
 
 def _opts(args: dict[str, Any]) -> dict[str, Any] | None:

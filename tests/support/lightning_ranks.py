@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import traceback
 from typing import Any
+
+from tests.support.forker import rank_scenario
 
 SIZES = (6, 13, 7, 2)  # 13 and 7 rows: uneven shards on 2 ranks
 
@@ -116,17 +117,7 @@ def scenario(name: str, args_json: str, rank: int, world: int, init_file: str, o
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
     args = dict(json.loads(args_json), world=world)
-    seen: dict[str, Any] = {"rank": rank}
-    try:
-        globals()[f"_{name}"](args, rank, out, seen)
-        dist.barrier()
-    except BaseException:
-        seen["error"] = traceback.format_exc()
-        raise
-    finally:
-        with open(out, "w") as f:
-            json.dump(seen, f)
-        dist.destroy_process_group()
+    rank_scenario(rank, out, lambda seen: globals()[f"_{name}"](args, rank, out, seen))
 
 
 def _train(args: dict[str, Any], rank: int, out: str, seen: dict[str, Any]) -> None:
