@@ -18,7 +18,7 @@ under one create-only manifest instead of a folder of pickles (``optimizer.bin``
 ``random_states_0.pkl``, ``custom_checkpoint_0.pkl``): no pickle is written or read, a killed
 save leaves no partial step (``get_last_checkpoint``'s failure mode), and the root may be any
 fsspec URL. With several processes (DDP) the replicated weights and optimizer state are written
-once (``ckpt.distributed.save``), each process's RNG states under its own rank.
+once (``ckpt.parallel.torchrun.save``), each process's RNG states under its own rank.
 
 Not covered: FSDP and DeepSpeed plugins (refused, naming the plugin: use ``ckpt.dcp`` with
 FSDP2), and a data loader's sampler object (Accelerate pickles a ``SeedableRandomSampler``): on
