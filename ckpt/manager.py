@@ -50,6 +50,7 @@ from ckpt.lifecycle import save as saver
 from ckpt.lifecycle import steps as steps_mod
 from ckpt.lifecycle.retention import RetentionPolicy
 from ckpt.options import RestoreOptions, SaveOptions
+from ckpt.progress import Progress
 from ckpt.state.staging import Staging
 from ckpt.storage import Root, open_storage, root_url
 from ckpt.units import human_size
@@ -98,13 +99,16 @@ class SaveStats:
     staged_bytes: int
     write_s: float | None = None  # write + commit + retention (known once done)
     retired: tuple[int, ...] = ()
+    # this save's storage retries by "operation: reason" (one-process saves; {} for rank saves)
+    retries: Mapping[str, int] = field(default_factory=dict)
 
 
 def _logged(root: str, stats: SaveStats) -> SaveStats:
     """``stats``, logged at INFO (one line a save: what training waited, what ran beside it)."""
-    _log.info("%s: step %d saved: training stalled %.3f s (%s staged), written and committed in %.2f s%s",
+    _log.info("%s: step %d saved: training stalled %.3f s (%s staged), written and committed in %.2f s%s%s",
               root, stats.step, stats.stall_s, human_size(stats.staged_bytes), stats.write_s or 0.0,
-              f", retired steps {list(stats.retired)}" if stats.retired else "")  # fmt: skip
+              f", retired steps {list(stats.retired)}" if stats.retired else "",
+              "; retries: " + ", ".join(f"{k} x{n}" for k, n in sorted(stats.retries.items())) if stats.retries else "")  # fmt: skip
     return stats
 
 
@@ -216,20 +220,23 @@ class CheckpointManager:
     def _write_async(self, step: int, snapshot: object, meta: dict[str, str], stall: float, staged: int) -> SaveStats:
         t0 = time.perf_counter()
         done = self._write(step, snapshot, meta, t0, staged_bytes=staged, save_options=self._async_save_options(staged))
-        return _logged(self.root, SaveStats(step, stall, staged, done.write_s, done.retired))
+        return _logged(self.root, SaveStats(step, stall, staged, done.write_s, done.retired, done.retries))
 
     def _write(self, step: int, state: object, meta: dict[str, str], t0: float, *, staged_bytes: int,
                save_options: SaveOptions | None = None) -> SaveStats:  # fmt: skip
         opts = save_options or self.options.save_options
+        final: list[Progress] = []
         if self._ranks is None:
             saver.save(
                 self.root, state, step=step, options=opts, user_metadata=meta, storage_options=self._storage_options,
+                progress=lambda p: final.append(p) if p.phase == "done" else None,
             )  # fmt: skip
         else:
             self._ranks.save(self.root, state, step, self.options, opts, meta, self._storage_options)
         retired = self.apply_retention()
         elapsed = time.perf_counter() - t0
-        return SaveStats(step, elapsed, staged_bytes, elapsed, tuple(retired))
+        retries = dict(final[-1].retries) if final else {}
+        return SaveStats(step, elapsed, staged_bytes, elapsed, tuple(retired), retries)
 
     # --- preemption ---------------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ file an object store makes ckpt upload again is not counted twice); so does ``fi
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 from ckpt.units import human_size
@@ -35,6 +36,10 @@ class Progress:
     bytes_total: int
     files_done: int
     files_total: int
+    seconds: float = 0.0  # since the operation began
+    # the operation's storage retries so far, by "operation: reason" (filled at each phase
+    # change, so the final "done" record holds the whole call's)
+    retries: Mapping[str, int] = field(default_factory=dict)
 
 
 ProgressFn: TypeAlias = Callable[[Progress], None]
@@ -45,8 +50,11 @@ class Meter:
     """Counts one operation's bytes and files (thread-safe) and reports them to the caller's
     ``progress`` (a callable, True for a tqdm bar, or None/False for nothing)."""
 
-    def __init__(self, op: Op, progress: ProgressArg, *, step: int | None = None) -> None:
+    def __init__(self, op: Op, progress: ProgressArg, *, step: int | None = None,
+                 retries: Callable[[], Mapping[str, int]] | None = None) -> None:  # fmt: skip
         self.op, self.step = op, step
+        self.retries = retries  # the operation's storage retries so far (its Storage's counter)
+        self._t0 = time.perf_counter()
         self._fn: ProgressFn | None = progress if callable(progress) else None
         self._bar_wanted = progress is True
         self._bar: Any = None
@@ -66,7 +74,7 @@ class Meter:
                 self.bytes_total = bytes_total
             if files_total is not None:
                 self.files_total = files_total
-            snapshot = self._snapshot()
+            snapshot = self._snapshot(with_retries=True)
         if self._bar_wanted and name not in ("done", "commit"):
             self._open_bar()
         self._report(snapshot, 0)
@@ -86,9 +94,11 @@ class Meter:
             self._bar.close()
             self._bar = None
 
-    def _snapshot(self) -> Progress:
+    def _snapshot(self, with_retries: bool = False) -> Progress:
+        counted = self.retries() if with_retries and self.retries is not None else {}
+        retries = {k: n for k, n in counted.items() if n}
         return Progress(self.op, self.phase_name, self.step, self.bytes_done, self.bytes_total,
-                        self.files_done, self.files_total)  # fmt: skip
+                        self.files_done, self.files_total, time.perf_counter() - self._t0, retries)  # fmt: skip
 
     def _open_bar(self) -> None:
         if self._bar is not None:

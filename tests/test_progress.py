@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,37 @@ def test_one_info_line_per_boundary(local_store: Store, caplog: pytest.LogCaptur
     assert "step 2 committed: 6 tensors" in committed
     assert "restored step 2 from" in restored
     assert "/s)" in restored
+
+
+@pytest.mark.s3
+def test_the_final_record_and_the_managers_stats_carry_the_calls_retries(s3_endpoint: str) -> None:
+    """Per call, not a module global: a 503 SlowDown injected on the first data PUT of a save
+    shows in that save's final Progress record and in the manager's SaveStats, and a later save
+    without faults reports none."""
+    import fsspec
+
+    from ckpt.testing.fault_proxy import Fault, FaultProxy
+
+    with FaultProxy(s3_endpoint) as proxy:
+        opts = {"key": "testing-key", "secret": "testing-secret", "endpoint_url": proxy.url, "skip_instance_cache": True}
+        bucket = f"ckpt-progress-{uuid.uuid4().hex[:8]}"
+        fsspec.filesystem("s3", **opts).call_s3("create_bucket", Bucket=bucket)
+        root = f"s3://{bucket}/run"
+        proxy.faults = [Fault("slowdown", method="PUT", path="/data/", nth=1)]
+        seen = Seen()
+        ckpt.save(root, _state(), step=1, storage_options=opts, progress=seen)
+        done = seen.records[-1]
+        assert done.phase == "done"
+        assert done.seconds > 0
+        assert sum(done.retries.values()) == 1, done.retries
+        assert any("SlowDown" in k for k in done.retries), done.retries
+
+        mgr = ckpt.CheckpointManager(root, ckpt.ManagerOptions(async_save=False), storage_options=opts)
+        proxy.faults = [Fault("slowdown", method="PUT", path="/data/", nth=1)]
+        mgr.save(2, _state(), force=True)
+        assert mgr.last_save is not None
+        assert sum(mgr.last_save.retries.values()) == 1, mgr.last_save.retries
+        proxy.faults = []
+        mgr.save(3, _state(), force=True)
+        assert dict(mgr.last_save.retries) == {}  # this call's, not the process's
+        mgr.close()

@@ -214,7 +214,7 @@ def copy(
     by_step = {m.step: m for m in manifests}
     tally = _Tally()
     committed: list[int] = []
-    meter = Meter("copy", progress)
+    meter = Meter("copy", progress, retries=lambda: src.retries + dst.retries)
     todo = [t for t in plan.tasks if t.action != "skip"]
     meter.phase("copy", bytes_total=plan.bytes_to_copy + plan.bytes_to_check, files_total=len(todo))
     runner = _Runner(src, dst, opts, by_step, tally, meter)

@@ -78,7 +78,7 @@ def restore(
     opts = options or RestoreOptions()
     t0 = time.perf_counter()
     storage = open_storage(root, storage_options, io_timeout_s=opts.io_timeout_s)
-    meter = Meter("restore", progress)
+    meter = Meter("restore", progress, retries=lambda: storage.retries)
     try:
         if step is None and fallback:
             found = restore_newest(storage, target, opts, fallback=True, meter=meter)

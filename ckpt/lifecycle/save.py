@@ -109,10 +109,10 @@ def write_shards(
         raise PlanError(f"rank {rank!r} is outside [0, {attempt.world_size})")
     if not isinstance(plain_tensors, Mapping) and plain_tensors not in ("exclusive", "replicated"):
         raise PlanError(f"plain_tensors must be 'exclusive', 'replicated' or a key -> ranks mapping, got {plain_tensors!r}")
-    meter = Meter("save", progress, step=attempt.step)
+    storage = _storage(attempt, storage_options)
+    meter = Meter("save", progress, step=attempt.step, retries=lambda: storage.retries)
     try:
-        report = _write_shards(_storage(attempt, storage_options), attempt, state, rank=rank, plain_tensors=plain_tensors,
-                               meter=meter)  # fmt: skip
+        report = _write_shards(storage, attempt, state, rank=rank, plain_tensors=plain_tensors, meter=meter)
         meter.phase("done")
     finally:
         meter.close()
@@ -289,7 +289,7 @@ def save(
     root = root_url(root)
     a = attempt_mod.new_attempt(root, step, 1, options or SaveOptions(), user_metadata)
     storage = _storage(a, storage_options)  # one storage for the whole save
-    meter = Meter("save", progress, step=step)
+    meter = Meter("save", progress, step=step, retries=lambda: storage.retries)
     try:
         _begin(storage, a)
         report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive", meter=meter)

@@ -148,7 +148,7 @@ def verify_manifest(
         for s in t.shards:
             shards[s.file].append((key, t.dtype, s))
     results: dict[str, _FileResult] = {}
-    meter = Meter("verify", progress, step=m.step)
+    meter = Meter("verify", progress, step=m.step, retries=lambda: storage.retries)
 
     def check(path: str) -> None:
         results[path] = _check_file(storage, m, path, shards[path], chunk_bytes, meter)
