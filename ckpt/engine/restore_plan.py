@@ -85,7 +85,24 @@ def plan_restore(
                 f"{list(req.box.sizes)} exceeds the saved shape {list(entry.shape)}"
             )
         itemsize = dtypes.BY_CODE[entry.dtype].itemsize
-        for i in _overlapping(entry.shards, req.box):
+        table = entry.shards
+        if len(table.file) == 1 and req.box.sizes == entry.shape and table.sizes[0].tolist() == list(entry.shape):
+            # The common case (a whole tensor stored in one shard, asked for whole): one run, no
+            # geometry.
+            nbytes = req.box.numel * itemsize
+            if nbytes == 0:
+                continue
+            path = table.paths[int(table.file[0])]
+            start, end = table.byte_range[0].tolist()
+            pieces.setdefault(path, []).append((start, nbytes, di, 0))
+            ulist = units.setdefault(path, {})
+            if verify:
+                crcs = table.crc32c.tolist()
+                _add_blocks(ulist, [0], nbytes, ByteRange(start, end), crcs, m.block_bytes, req.key)
+            else:
+                ulist.setdefault(start, (ByteRange(start, start + nbytes), 0, req.key))
+            continue
+        for i in _overlapping(table, req.box):
             shard = entry.shards[i]
             part = regions.intersect(shard.box, req.box)
             if part is None or part.numel == 0:
@@ -143,7 +160,7 @@ def _add_blocks(
     src_offsets: list[int],
     length: int,
     shard_range: ByteRange,
-    crcs: tuple[int, ...],
+    crcs: Sequence[int],
     block_bytes: int,
     key: str,
 ) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -69,6 +70,12 @@ def parse(data: bytes, *, where: str, expected_step: int | None, max_bytes: int)
     if len(data) > max_bytes:
         raise ManifestTooLargeError(f"{where}: {len(data)} bytes is over the {max_bytes}-byte cap")
     obj = strictjson.loads(data, what=where, error=ManifestParseError, max_bytes=max_bytes)
+    return validate(obj, data, where=where, expected_step=expected_step)
+
+
+def validate(obj: object, data: bytes, *, where: str, expected_step: int | None) -> Manifest:
+    """Validate ``obj``, the JSON value of the manifest bytes ``data`` (decoded from them, or the
+    very value they were serialized from), into a :class:`Manifest` that keeps ``data``."""
     if not isinstance(obj, dict):
         raise ManifestSchemaError(f"{where}: the manifest must be a JSON object, found {_show(obj)}")
     version = obj.get("format_version")
@@ -188,7 +195,7 @@ _COLUMN_ERROR: dict[str, type[ManifestError]] = {
 }
 
 
-def _column(lists: list[list[Any]], name: str, ats: list[str], *, lo: int = 0, hi: int = _U63,
+def _column(lists: list[list[Any]], name: str, ats: Sequence[str], *, lo: int = 0, hi: int = _U63,
             expected: str = "") -> I64:  # fmt: skip
     """One shard column of every tensor as one int64 array: every element a JSON integer in
     ``[lo, hi)`` (booleans and floats are not integers), else the column's typed error naming
@@ -244,63 +251,125 @@ def _tensors(raw: object, files: dict[str, FileEntry], block_bytes: int, where: 
     return _tables(s, nblk)
 
 
+class _Ats(Sequence[str]):
+    """Each tensor's message prefix (``<where>: tensor '<key>'``), made only when a message
+    needs it."""
+
+    def __init__(self, where: str, keys: list[str]) -> None:
+        self._where, self._keys = where, keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @overload
+    def __getitem__(self, t: int) -> str: ...
+    @overload
+    def __getitem__(self, t: slice) -> list[str]: ...
+    def __getitem__(self, t: int | slice) -> str | list[str]:
+        if isinstance(t, slice):
+            return [self[i] for i in range(*t.indices(len(self)))]
+        return _at(self._where, self._keys[t])
+
+
+def _at(where: str, key: str) -> str:
+    return f"{where}: tensor {key[:200]!r}"
+
+
 @dataclass(frozen=True, slots=True)
 class _Heads:
     """Each tensor's key, message prefix, dtype and shape, and its raw shard columns."""
 
     keys: list[str]
-    ats: list[str]
+    ats: _Ats
     dts: list[dtypes.DType]
     shapes: list[tuple[int, ...]]
     cols: dict[str, list[list[Any]]]
 
 
+_TENSOR_FIELDS = frozenset({"dtype", "shape", "shards"})
+
+
 def _tensor_heads(raw: object, where: str) -> _Heads:
-    """The per-tensor checks (fields, dtype, shape cap, column presence and lengths)."""
+    """The per-tensor checks (fields, dtype, shape cap, column presence and lengths). The common
+    case (every field well formed) costs a few cheap tests per tensor; anything else goes through
+    :func:`_tensor_head`, which names what is wrong."""
     if not isinstance(raw, dict):
         raise ManifestSchemaError(f"{where}: tensors must be a JSON object, found {_show(raw)}")
-    heads = _Heads([], [], [], [], {c: [] for c in SHARD_COLUMNS})
-    cols = heads.cols
+    keys = list(raw)
+    heads = _Heads(keys, _Ats(where, keys), [], [], {c: [] for c in SHARD_COLUMNS})
+    cols, dts, shapes, by_code = heads.cols, heads.dts, heads.shapes, dtypes.BY_CODE
+    c_file, c_offs, c_sizes, c_br, c_crc = (cols[c] for c in SHARD_COLUMNS)
     for key, info in raw.items():
-        at = f"{where}: tensor {key[:200]!r}"
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "shards"}:
-            raise ManifestSchemaError(f"{at}: expected exactly the fields dtype, shape, shards; found {_fields(info)}")
-        code = info["dtype"]
-        if not isinstance(code, str) or code not in dtypes.BY_CODE:
-            raise UnsupportedDtypeError(f"{at}: unknown dtype {_show(code)}; expected one of {sorted(dtypes.BY_CODE)}")
-        dt = dtypes.BY_CODE[code]
-        shape = _int_list(info["shape"], f"{at}: shape")
-        # Zero-size dimensions count as 1: torch cannot even describe [0, 2**62, 2**62].
-        if math.prod(max(d, 1) for d in shape) * dt.itemsize > MAX_TENSOR_BYTES:
-            raise TensorSizeError(
-                f"{at}: shape {list(shape)} of {dt.code} is over the {MAX_TENSOR_BYTES}-byte cap "
-                "(each dimension counted as at least 1)"
-            )
-        sh = info["shards"]
-        if not isinstance(sh, dict) or set(sh) | {"crc32c"} != _COLUMN_SET:
-            raise ManifestSchemaError(
-                f"{at}: shards must be an object of the parallel lists {list(SHARD_COLUMNS)}; found {_fields(sh)}"
-            )
-        if "crc32c" not in sh:
-            raise IntegrityMetadataError(f"{at}: the shards have no crc32c checksums; verification needs them (fail closed)")
-        for c in SHARD_COLUMNS:
-            if not isinstance(sh[c], list):
-                raise _COLUMN_ERROR[c](f"{at}: shards.{c} must be a list of integers, found {_show(sh[c])}")
-        n, nd = len(sh["file"]), len(shape)
-        if n == 0:
-            raise ManifestSchemaError(f"{at}: shards must hold at least one shard, found none")
-        for c, per in (("offsets", nd), ("sizes", nd), ("byte_range", 2)):
-            if len(sh[c]) != n * per:
-                raise _COLUMN_ERROR[c](
-                    f"{at}: shards.{c} must hold {n * per} integers ({per} for each of {n} shards), found {len(sh[c])}"
-                )
-        for c in SHARD_COLUMNS:
-            cols[c].append(sh[c])
-        heads.keys.append(key)
-        heads.ats.append(at)
-        heads.dts.append(dt)
-        heads.shapes.append(shape)
+        try:  # the fast path: exactly the expected shapes and types, else the checks below
+            if type(info) is not dict or info.keys() != _TENSOR_FIELDS:
+                raise _Slow
+            dt, shape, sh = by_code[info["dtype"]], info["shape"], info["shards"]
+            if type(shape) is not list or len(shape) > MAX_NDIM or type(sh) is not dict or sh.keys() != _COLUMN_SET:
+                raise _Slow
+            for d in shape:
+                if type(d) is not int or not 0 <= d < _U63:
+                    raise _Slow
+            f, o, z, b, c = sh["file"], sh["offsets"], sh["sizes"], sh["byte_range"], sh["crc32c"]
+            n, nd = len(f), len(shape)
+            if (
+                type(f) is not list or type(o) is not list or type(z) is not list or type(b) is not list
+                or type(c) is not list or n == 0 or len(o) != n * nd or len(z) != n * nd or len(b) != 2 * n
+            ):  # fmt: skip
+                raise _Slow
+            if math.prod(shape) * dt.itemsize > MAX_TENSOR_BYTES or 0 in shape:
+                raise _Slow  # the cap counts zero-size dimensions as 1
+        except (_Slow, KeyError, TypeError):
+            dt, shape_t, (f, o, z, b, c) = _tensor_head(info, _at(where, key))
+            shape = list(shape_t)
+        c_file.append(f)
+        c_offs.append(o)
+        c_sizes.append(z)
+        c_br.append(b)
+        c_crc.append(c)
+        dts.append(dt)
+        shapes.append(tuple(shape))
     return heads
+
+
+class _Slow(Exception):
+    """A tensor entry the fast path of :func:`_tensor_heads` does not take."""
+
+
+def _tensor_head(info: object, at: str) -> tuple[dtypes.DType, tuple[int, ...], list[Any]]:
+    """One tensor entry checked field by field: its dtype, shape and shard columns, or the typed
+    error that names what is wrong."""
+    if not isinstance(info, dict) or set(info) != _TENSOR_FIELDS:
+        raise ManifestSchemaError(f"{at}: expected exactly the fields dtype, shape, shards; found {_fields(info)}")
+    code = info["dtype"]
+    if not isinstance(code, str) or code not in dtypes.BY_CODE:
+        raise UnsupportedDtypeError(f"{at}: unknown dtype {_show(code)}; expected one of {sorted(dtypes.BY_CODE)}")
+    dt = dtypes.BY_CODE[code]
+    shape = _int_list(info["shape"], f"{at}: shape")
+    # Zero-size dimensions count as 1: torch cannot even describe [0, 2**62, 2**62].
+    if math.prod(max(d, 1) for d in shape) * dt.itemsize > MAX_TENSOR_BYTES:
+        raise TensorSizeError(
+            f"{at}: shape {list(shape)} of {dt.code} is over the {MAX_TENSOR_BYTES}-byte cap "
+            "(each dimension counted as at least 1)"
+        )
+    sh = info["shards"]
+    if not isinstance(sh, dict) or set(sh) | {"crc32c"} != _COLUMN_SET:
+        raise ManifestSchemaError(
+            f"{at}: shards must be an object of the parallel lists {list(SHARD_COLUMNS)}; found {_fields(sh)}"
+        )
+    if "crc32c" not in sh:
+        raise IntegrityMetadataError(f"{at}: the shards have no crc32c checksums; verification needs them (fail closed)")
+    for c in SHARD_COLUMNS:
+        if not isinstance(sh[c], list):
+            raise _COLUMN_ERROR[c](f"{at}: shards.{c} must be a list of integers, found {_show(sh[c])}")
+    n, nd = len(sh["file"]), len(shape)
+    if n == 0:
+        raise ManifestSchemaError(f"{at}: shards must hold at least one shard, found none")
+    for c, per in (("offsets", nd), ("sizes", nd), ("byte_range", 2)):
+        if len(sh[c]) != n * per:
+            raise _COLUMN_ERROR[c](
+                f"{at}: shards.{c} must hold {n * per} integers ({per} for each of {n} shards), found {len(sh[c])}"
+            )
+    return dt, shape, [sh[c] for c in SHARD_COLUMNS]
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,12 @@ import crc32c
 import numpy as np
 from numpy.typing import NDArray
 
-from ckpt.errors import IntegrityMetadataError, ManifestChecksumError, UnsafePathError
+from ckpt.errors import (
+    IntegrityMetadataError,
+    ManifestChecksumError,
+    ManifestTooLargeError,
+    UnsafePathError,
+)
 from ckpt.format import dtypes, strictjson
 from ckpt.geometry import boxes as regions
 from ckpt.geometry.byte_ranges import ByteRange
@@ -206,10 +211,13 @@ class Manifest:
         """The sealed manifest file (for a parsed manifest, the exact bytes it was parsed from)."""
         if self._json is not None:
             return self._json
+        return seal(self.fields())
+
+    def fields(self) -> dict[str, Any]:
+        """The manifest as the JSON value it is written as (unsealed)."""
         paths = tuple(self.files)
         index = {p: i for i, p in enumerate(paths)}
-        return seal(
-            {
+        return {
                 "format_version": self.format_version,
                 "step": self.step,
                 "attempt": self.attempt,
@@ -223,7 +231,6 @@ class Manifest:
                 "objects": self.objects,
                 "tree": self.tree,
             }
-        )
 
 
 def _tensor_json(t: TensorEntry, index: dict[str, int], paths: tuple[str, ...]) -> dict[str, Any]:
@@ -267,11 +274,17 @@ def seal(fields: dict[str, Any]) -> bytes:
     ``manifest_crc32c`` is 8 lowercase hex digits: the crc32c of the file's exact bytes with
     those 8 digits replaced by ``00000000``. Pure (no I/O).
     """
+    return sealed(fields)[0]
+
+
+def sealed(fields: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """:func:`seal`'s bytes, and the JSON value they hold (``fields`` with the seal)."""
     body = {k: v for k, v in fields.items() if k != MANIFEST_CRC_FIELD}
     body[MANIFEST_CRC_FIELD] = "00000000"
     raw = strictjson.dumps(body)
     at = raw.rindex(_CRC_MARK) + len(_CRC_MARK)
-    return raw[:at] + f"{crc32c.crc32c(raw):08x}".encode() + raw[at + 8 :]
+    body[MANIFEST_CRC_FIELD] = f"{crc32c.crc32c(raw):08x}"
+    return raw[:at] + body[MANIFEST_CRC_FIELD].encode() + raw[at + 8 :], body
 
 
 def _check_seal(data: bytes, value: object, where: str) -> None:
@@ -300,6 +313,18 @@ def _check_seal(data: bytes, value: object, where: str) -> None:
 
 
 
+def validated(m: Manifest, *, where: str) -> Manifest:
+    """``m`` sealed and validated exactly as :func:`parse` validates what it reads (every check,
+    on the very value the bytes were serialized from, so no JSON decode): a writer's manifest
+    before it is committed. The result keeps the bytes to write (:meth:`Manifest.to_json`)."""
+    from ckpt.format import _manifest_parse
+
+    data, obj = sealed(m.fields())
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestTooLargeError(f"{where}: {len(data)} bytes is over the {MAX_MANIFEST_BYTES}-byte cap")
+    return _manifest_parse.validate(obj, data, where=where, expected_step=None)
+
+
 def parse(data: bytes, *, where: str, expected_step: int | None = None) -> Manifest:
     """Parse and validate manifest bytes read from ``where`` (see ``ckpt.format._manifest_parse``)."""
     from ckpt.format import _manifest_parse  # the parser builds this module's model
@@ -311,5 +336,5 @@ __all__ = [
     "CHECKSUM_ALGORITHM", "FORMAT_VERSION", "I64", "MANIFEST_CRC_FIELD", "MAX_CORNERS", "MAX_MANIFEST_BYTES",
     "MAX_NDIM", "MAX_NESTING", "MAX_PAIR_CHECKS", "MAX_PATH_BYTES", "MAX_TENSOR_BYTES", "SHARD_COLUMNS",
     "SMALL_TILING", "CoverageProblem", "FileEntry", "Manifest", "ShardEntry", "ShardTable", "TensorEntry",
-    "block_counts", "check_path", "coverage_problem", "parse", "seal",
+    "block_counts", "check_path", "coverage_problem", "parse", "seal", "sealed", "validated",
 ]  # fmt: skip

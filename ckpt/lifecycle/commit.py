@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import operator
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,7 @@ def build_manifest(attempt: Attempt, reports: list[Report], *, created: str) -> 
         tree=skeleton,
         user_metadata=dict(attempt.user_metadata),
     )
-    return manifest_mod.parse(m.to_json(), where=f"{attempt.root}: manifest of step {attempt.step}")
+    return manifest_mod.validated(m, where=f"{attempt.root}: manifest of step {attempt.step}")
 
 
 _FIELDS = operator.itemgetter("key", "dtype", "shape", "file", "offsets", "sizes", "byte_range", "crc32c")
@@ -92,10 +93,13 @@ class _Columns:
     shape: tuple[int, ...]
     ranks: list[int]  # of each shard
     shards: ShardTable
+    whole: bool = False  # one shard, known (by a whole-column check) to be the whole tensor
 
     def entry(self, key: str) -> TensorEntry:
         """The tensor entry, once every region is known to be written exactly once (the
         manifest parser's coverage check, with the writers' ranks in the message)."""
+        if self.whole:
+            return TensorEntry(self.dtype, self.shape, self.shards)
         shape, offsets, sizes = self.shape, self.shards.offsets, self.shards.sizes
         shp = np.array(shape, dtype=np.int64)
         outside = np.flatnonzero(np.any((offsets < 0) | (sizes < 0) | (sizes > shp) | (offsets > shp - sizes), axis=1))
@@ -200,17 +204,30 @@ def _uniform_columns(ranks: list[int], by_rank: dict[int, Report], file_index: d
     lengths = counts.T.ravel()
     tm_at = np.cumsum(lengths) - lengths
     crc = crc[np.repeat(starts - tm_at, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)]
-    per_key = np.concatenate([[0], np.cumsum(counts.sum(axis=0))]).astype(np.int64)
-    dim_at = np.concatenate([[0], np.cumsum(nd)]).astype(np.int64).tolist()
+    per_key = np.concatenate([[0], np.cumsum(counts.sum(axis=0))]).astype(np.int64).tolist()
+    dim_at_a = np.concatenate([[0], np.cumsum(nd)]).astype(np.int64)
+    dim_at = dim_at_a.tolist()
+    crc_starts = np.zeros((n_keys, n_ranks + 1), dtype=np.int64)  # row t: tensor t's crc_start
+    np.cumsum(counts.T, axis=1, out=crc_starts[:, 1:])
+    whole = _whole(offsets, sizes, shapes, dim_at_a) if n_ranks == 1 else [False] * n_keys
     paths = tuple(file_index)  # file_index lists the paths in order
     out: dict[str, _Columns] = {}
     for t, key in enumerate(keys):
         a, b = dim_at[t], dim_at[t + 1]
         table = ShardTable(
             paths, file[:, t], offsets[:, a:b], sizes[:, a:b], byte_range[:, t],
-            crc[per_key[t] : per_key[t + 1]], _crc_start(counts[:, t]),
+            crc[per_key[t] : per_key[t + 1]], crc_starts[t],
         )  # fmt: skip
-        out[key] = _Columns(dts[t], tuple(shapes[t]), ranks, table)
+        out[key] = _Columns(dts[t], tuple(shapes[t]), ranks, table, whole[t])
+    return out
+
+
+def _whole(offsets: I64, sizes: I64, shapes: Sequence[Sequence[int]], dim_at: I64) -> list[bool]:
+    """For one writer's shards (one per tensor; ``offsets``/``sizes`` of shape ``(1, dims)``):
+    whether each is its whole tensor (offsets 0, sizes the shape), in whole-column operations."""
+    shape = np.fromiter(itertools.chain.from_iterable(shapes), dtype=np.int64, count=int(dim_at[-1]))
+    bad = np.concatenate([[0], np.cumsum((offsets[0] != 0) | (sizes[0] != shape))])
+    out: list[bool] = (bad[dim_at[1:]] == bad[dim_at[:-1]]).tolist()
     return out
 
 
