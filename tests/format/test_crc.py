@@ -25,3 +25,12 @@ def test_a_file_crc_from_its_block_crcs() -> None:
         blk = data[off : off + block]
         whole = combine(whole, crc32c.crc32c(blk), len(blk), fast=len(blk) == block)
     assert whole == crc32c.crc32c(data)
+
+
+def test_combine_of_every_length_path() -> None:
+    """Short pieces (zeros hashed), a piece of exactly the zero buffer's length, and one longer
+    than it (operators composed per power of two) all combine exactly."""
+    a = os.urandom(1000)
+    for n in (1, 15321, 1 << 20, (1 << 20) + 5, 3 << 20):
+        b = os.urandom(n)
+        assert combine(crc32c.crc32c(a), crc32c.crc32c(b), n) == crc32c.crc32c(a + b), n
