@@ -79,14 +79,15 @@ def plan_restore(
         entry = m.tensors.get(req.key)
         if entry is None:
             raise PlanError(f"key {req.key!r} is not in the checkpoint of step {m.step}")
-        if not req.box.within(entry.shape):
+        whole = req.box.sizes == entry.shape and not any(req.box.offsets)
+        if not whole and not req.box.within(entry.shape):
             raise PlanError(
                 f"key {req.key!r}: requested region at {list(req.box.offsets)} of size "
                 f"{list(req.box.sizes)} exceeds the saved shape {list(entry.shape)}"
             )
         itemsize = dtypes.BY_CODE[entry.dtype].itemsize
         table = entry.shards
-        if len(table.file) == 1 and req.box.sizes == entry.shape and table.sizes[0].tolist() == list(entry.shape):
+        if whole and len(table.file) == 1 and table.sizes[0].tolist() == list(entry.shape):
             # The common case (a whole tensor stored in one shard, asked for whole): one run, no
             # geometry.
             nbytes = req.box.numel * itemsize

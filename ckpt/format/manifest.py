@@ -158,6 +158,8 @@ class ShardTable(Sequence[ShardEntry]):
 
     def used_paths(self) -> list[str]:
         """The paths of the files these shards are in, each once (no ShardEntry is made)."""
+        if len(self.file) == 1:
+            return [self.paths[int(self.file[0])]]
         return [self.paths[i] for i in np.unique(self.file).tolist()]
 
     def global_file_index(self, index: dict[str, int], paths: tuple[str, ...]) -> I64:
