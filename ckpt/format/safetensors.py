@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ckpt.errors import HeaderError, NotSafetensorsError
 from ckpt.format import dtypes, strictjson
@@ -40,6 +40,7 @@ class Header:
     entries: tuple[Entry, ...]  # in file order
     metadata: dict[str, str] | None  # None: no ``__metadata__`` (or ``null``); ``{}`` is written
     data_start: int  # absolute offset of the data section (8 + N)
+    raw: bytes | None = field(default=None, compare=False, repr=False)  # the JSON, as encode() made it
 
     @property
     def file_size(self) -> int:
@@ -69,11 +70,11 @@ def encode(
         pos += nbytes
     meta = None if metadata is None else dict(sorted(metadata.items()))
     raw = _json_bytes(entries, meta)
-    return Header(tuple(entries), meta, _PREFIX + len(raw))
+    return Header(tuple(entries), meta, _PREFIX + len(raw), raw)
 
 
 def header_bytes(h: Header) -> bytes:
-    raw = _json_bytes(list(h.entries), h.metadata)
+    raw = h.raw if h.raw is not None else _json_bytes(list(h.entries), h.metadata)
     return struct.pack("<Q", len(raw)) + raw
 
 

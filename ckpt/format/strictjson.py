@@ -90,14 +90,15 @@ def _lone_surrogate(value: Any) -> str | None:
 
 def deeper_than(value: Any, limit: int) -> bool:
     """Whether ``value`` nests lists/objects more than ``limit`` levels deep (iterative)."""
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, dict | list):
-            if depth > limit:
-                return True
-            children = v.values() if isinstance(v, dict) else v
-            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 1
+    while level:  # the containers ``depth`` levels down, one level at a time
+        if depth > limit:
+            return True
+        below: list[Any] = []
+        for v in level:
+            below.extend(c for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, dict | list))
+        level, depth = below, depth + 1
     return False
 
 
