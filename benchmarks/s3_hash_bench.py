@@ -1,10 +1,11 @@
 """How many times a save to S3 hashes each byte, and what ``ckpt verify --quick`` asks S3 for.
 
-    python -m benchmarks.s3_hash_bench [--size-mib 250] [--runs 3] [--baseline DIR] [--out DIR]
+    python -m benchmarks.s3_hash_bench [--size-mib 250] [--runs 3] [--baseline DIR] [--one-file] [--out DIR]
 
 One moto endpoint on 127.0.0.1 (a subprocess, as in ``s3_bench``, so its own hashing is not
 counted). Each run saves the ``s3_bench`` state (64 tensors, ``--size-mib`` MiB) with
-``ckpt.save`` in a fresh process, once with this checkout and, with ``--baseline DIR``, once
+``ckpt.save`` in a fresh process (default options: 4 files, each one PutObject at 250 MiB;
+``--one-file``: one file, a multipart upload above 128 MiB), once with this checkout and, with ``--baseline DIR``, once
 with the checkout at ``DIR`` (e.g. a ``git worktree`` of main), interleaved. The process counts
 the bytes given to every hash a save can run, by wrapping the functions in the process (nothing
 in ``ckpt`` is changed): ``crc32c.crc32c`` (ckpt's CRC-32C: the executor's blocks, any body the
@@ -89,7 +90,8 @@ def run_case(spec: dict[str, Any]) -> None:
     opts = {"key": "bench-key", "secret": "bench-secret", "endpoint_url": spec["endpoint"], "skip_instance_cache": True}
     root = f"s3://{spec['bucket']}/{spec['name']}"
     t0 = time.perf_counter()
-    m = ckpt.save(root, state, step=1, storage_options=opts)
+    options = ckpt.SaveOptions(parallel_files=1) if spec.get("one_file") else None
+    m = ckpt.save(root, state, step=1, storage_options=opts, options=options)
     save_s = time.perf_counter() - t0
     out: dict[str, Any] = {
         "tree": spec["tree"], "save_s": save_s, "bytes_saved": sum(f.size for f in m.files.values()),
@@ -141,6 +143,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=250)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--baseline", help="another checkout of ckpt to compare with (e.g. main)")
+    ap.add_argument("--one-file", action="store_true", help="SaveOptions(parallel_files=1): one file, multipart above 128 MiB")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -160,7 +163,7 @@ def main() -> None:
         for run in range(args.runs):
             for label, tree in trees.items():
                 spec = {"tree": label, "path": tree, "endpoint": endpoint, "bucket": BUCKET, "size_mib": args.size_mib,
-                        "name": f"{label}-{run}-{uuid.uuid4().hex[:8]}", "verify": label == "this" and run == 0}  # fmt: skip
+                        "name": f"{label}-{run}-{uuid.uuid4().hex[:8]}", "verify": label == "this" and run == 0, "one_file": args.one_file}  # fmt: skip
                 r = _child(tree, spec)
                 results.append(r)
                 print(f"run {run} {label}: save {r['save_s']:.2f} s, hashed {r['hashed']}", file=sys.stderr, flush=True)
