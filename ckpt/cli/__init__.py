@@ -1,7 +1,7 @@
 """The ``ckpt`` command line: nine commands over any checkpoint root (a path or fsspec URL).
 
 - ``ls``, ``show``, ``verify``: list steps, summarise a manifest, re-read and check every byte
-  (:mod:`ckpt.cli.inspect`);
+  (``--quick``: sizes and the store's checksums only) (:mod:`ckpt.cli.inspect`);
 - ``rm``, ``gc``: retire checkpoints, delete garbage (:mod:`ckpt.cli.maintain`);
 - ``cp``, ``export``, ``import``, ``adopt``: copy to another root, export as Zarr or in the
   Hugging Face layout, import a Zarr export, commit a manifest over existing safetensors files
@@ -13,8 +13,8 @@ in :mod:`ckpt.cli._common`; the work itself is done by the library (``ckpt.lifec
 
     ckpt [--storage-option KEY=VALUE]... ls ROOT [--json]
     ckpt [--storage-option KEY=VALUE]... show ROOT[@STEP] [--step N] [--json]
-    ckpt [--storage-option KEY=VALUE]... verify ROOT[@STEP] [--step N | --all] [--threads N]
-         [--json]
+    ckpt [--storage-option KEY=VALUE]... verify ROOT[@STEP] [--step N | --all] [--quick]
+         [--threads N] [--json]
     ckpt [--storage-option KEY=VALUE]... rm ROOT STEP... [--dry-run] [--json]
     ckpt [--storage-option KEY=VALUE]... gc ROOT [--grace-hours H] [--dry-run] [--json]
     ckpt [--storage-option KEY=VALUE]... cp SRC[@STEP] DST [--step N]... [--src-opt KEY=VALUE]...

@@ -84,6 +84,12 @@ def _add_inspect(sub: _Commands) -> None:
         _step_arg(which, "verify")
         which.add_argument("--all", action="store_true", help="verify every committed step")
         ver.add_argument(
+            "--quick",
+            action="store_true",
+            help="read no data: compare each file's size, and the crc32c the store keeps for it "
+            "(S3, GCS), with the manifest (one metadata request per file)",
+        )
+        ver.add_argument(
             "--threads", type=_positive, default=8, help="files checked concurrently (default 8)"
         )
 

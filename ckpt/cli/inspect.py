@@ -223,6 +223,8 @@ def cmd_verify(args: argparse.Namespace, opts: dict[str, Any]) -> int:
 
 
 def _run_verify(storage: Storage, m: Manifest, args: argparse.Namespace) -> VerifyReport:
+    if args.quick:  # a HEAD per file: nothing to show progress of
+        return verify_manifest(storage, m, num_threads=args.threads, quick=True)
     bar = progress_bar(m.total_bytes, f"step {m.step}", disable=args.json)
     lock = threading.Lock()
 
@@ -240,6 +242,10 @@ def _run_verify(storage: Storage, m: Manifest, args: argparse.Namespace) -> Veri
 def _print_report(r: VerifyReport) -> None:
     files, blocks = count(r.files_checked, "file"), count(r.blocks_checked, "block")
     what = f"{files}, {human_size(r.bytes_read)}, {blocks} checked"
+    if r.quick:
+        what = f"{files}: sizes and the store's crc32c checked, no data read"
+        if r.size_only:
+            what += f"; {len(r.size_only)} by size only (the store keeps no crc32c for them)"
     if r.ok:
         print(f"step {r.step}: OK ({what})")
         return
@@ -255,7 +261,7 @@ def _finding_json(p: Problem) -> dict[str, Any]:
 def _verify_json_step(
     step: int, r: VerifyReport | None, problems: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    return {
+    doc: dict[str, Any] = {
         "step": step,
         "ok": not problems,
         "manifest_valid": r is not None,
@@ -264,3 +270,6 @@ def _verify_json_step(
         "blocks_checked": r.blocks_checked if r else 0,
         "problems": problems,
     }
+    if r is not None and r.quick:
+        doc.update(quick=True, size_only=list(r.size_only))
+    return doc

@@ -34,7 +34,7 @@ from ckpt.errors import (
 from ckpt.format import crc
 from ckpt.geometry import byte_ranges as ranges
 from ckpt.progress import FileCounter, Meter
-from ckpt.storage import Storage
+from ckpt.storage import Checked, Storage
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -79,9 +79,12 @@ def write_files(
         block_crcs: dict[str, tuple[int, ...]] = {}
         counter = FileCounter(meter) if meter is not None and meter.active else None
 
-        def chunks() -> Iterator[memoryview | bytes]:
-            state["crc"] = crc32c.crc32c(fp.header)
-            yield fp.header
+        def chunks() -> Iterator[Checked]:
+            # each chunk goes with its CRC-32C: a store that checks uploads (S3) combines them
+            # rather than hashing the bytes again
+            head_crc = crc32c.crc32c(fp.header)
+            state["crc"] = head_crc
+            yield Checked(fp.header, head_crc)
             pos = len(fp.header)
             for item, _ in fp.items:
                 view = byte_view(tensors[item.key])
@@ -93,7 +96,7 @@ def write_files(
                     c = crc32c.crc32c(blk)  # one pass: the file's CRC is combined from the blocks'
                     crcs.append(c)
                     state["crc"] = crc.combine(state["crc"], c, len(blk), fast=len(blk) == block_bytes)
-                    yield blk
+                    yield Checked(blk, c)
                     pos += len(blk)
                 block_crcs[item.key] = tuple(crcs)
 

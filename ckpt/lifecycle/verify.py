@@ -15,6 +15,13 @@ Files are streamed in bounded chunks through :class:`~ckpt.storage.Storage` (mem
 about ``num_threads * chunk_bytes``) and checked concurrently. Every problem is collected in
 the :class:`VerifyReport` instead of stopping at the first one;
 :meth:`VerifyReport.raise_if_failed` turns a failed report into the typed error.
+
+``quick=True`` reads no data: one metadata request per file (``Storage.stat``: a HeadObject on
+S3) compares its size, and the CRC-32C the store keeps for it where it keeps one (S3 for files
+ckpt wrote since it sends its CRC-32C with every upload; GCS for every object), with the
+manifest. A file the store keeps no CRC-32C for (a local disk, an S3 object written before, or
+replaced by a writer that sent none) is checked by its size only and listed in
+``VerifyReport.size_only``. Headers and block CRCs are not checked: that takes the full verify.
 """
 
 from __future__ import annotations
@@ -80,6 +87,8 @@ class VerifyReport:
     bytes_read: int
     blocks_checked: int
     findings: tuple[Problem, ...] = field(default=())
+    quick: bool = False  # sizes and stored checksums only, no data read
+    size_only: tuple[str, ...] = ()  # quick: files the store keeps no CRC-32C for (size checked)
 
     @property
     def ok(self) -> bool:
@@ -114,8 +123,11 @@ def verify(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: ProgressArg = None,
     io_timeout_s: float | None = DEFAULT_IO_TIMEOUT_S,
+    quick: bool = False,
 ) -> VerifyReport:
-    """Re-read and check every byte of checkpoint ``step`` (default: the latest) under ``root``.
+    """Re-read and check every byte of checkpoint ``step`` (default: the latest) under ``root``;
+    ``quick``: read none, compare each file's size and the CRC-32C the store keeps for it with
+    the manifest (module docstring).
 
     Raises CheckpointNotFoundError if there is no such checkpoint and a ManifestError if its
     manifest does not validate; problems in the data files are collected in the report (call
@@ -128,7 +140,9 @@ def verify(
     root = root_url(root)
     storage = open_storage(root, storage_options, io_timeout_s=io_timeout_s)
     m = steps.resolve_step(storage, step)
-    return verify_manifest(storage, m, num_threads=num_threads, chunk_bytes=chunk_bytes, progress=progress)
+    return verify_manifest(
+        storage, m, num_threads=num_threads, chunk_bytes=chunk_bytes, progress=progress, quick=quick
+    )
 
 
 def verify_manifest(
@@ -138,6 +152,7 @@ def verify_manifest(
     num_threads: int = 8,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: ProgressArg = None,
+    quick: bool = False,
 ) -> VerifyReport:
     """Check every file of an already parsed manifest (see :func:`verify`), each storage call
     under the storage's deadline."""
@@ -151,11 +166,15 @@ def verify_manifest(
     meter = Meter("verify", progress, step=m.step, retries=lambda: storage.retries)
 
     def check(path: str) -> None:
-        results[path] = _check_file(storage, m, path, shards[path], chunk_bytes, meter)
+        if quick:
+            results[path] = _check_stored(storage, m, path)
+        else:
+            results[path] = _check_file(storage, m, path, shards[path], chunk_bytes, meter)
         meter.add(files=1)
 
     paths = sorted(m.files)
-    meter.phase("check", bytes_total=sum(f.size for f in m.files.values()), files_total=len(paths))
+    total = 0 if quick else sum(f.size for f in m.files.values())
+    meter.phase("check", bytes_total=total, files_total=len(paths))
     # the storage's deadline, on the pool's own threads: every read of a file's check must end
     # in time (each ended call restarts the clock), not the whole file
     try:
@@ -173,6 +192,8 @@ def verify_manifest(
         bytes_read=sum(r.bytes_read for r in results.values()),
         blocks_checked=sum(r.blocks_checked for r in results.values()),
         findings=tuple(findings),
+        quick=quick,
+        size_only=tuple(p for p in paths if results[p].size_only),
     )
 
 
@@ -181,6 +202,7 @@ class _FileResult:
     problems: list[Problem] = field(default_factory=list)
     bytes_read: int = 0
     blocks_checked: int = 0
+    size_only: bool = False  # quick: the store kept no CRC-32C to compare
 
 
 @dataclass
@@ -229,6 +251,36 @@ class _BlockChecker:
     def unchecked_keys(self) -> list[str]:
         """Keys with blocks the stream never completed (the file ended early)."""
         return sorted({b.key for b in self.blocks[self.next :]})
+
+
+def _check_stored(storage: Storage, m: Manifest, path: str) -> _FileResult:
+    """``quick``: the file's size and the CRC-32C its store keeps, against the manifest; one
+    metadata request, no data read."""
+    out = _FileResult()
+    where = storage.where(path)
+    want = m.files[path]
+    try:
+        st = storage.stat(path)
+    except MissingShardError:
+        msg = f"{where}: missing; the manifest lists it ({want.size} bytes)"
+        out.problems.append(Problem(MissingShardError, path, None, msg))
+        return out
+    except UnsafePathError as err:
+        out.problems.append(Problem(UnsafePathError, path, None, str(err)))
+        return out
+    if st.size != want.size:
+        kind = "truncated" if st.size < want.size else "extended"
+        msg = f"{where}: {st.size} bytes, the manifest says {want.size}: {kind}"
+        out.problems.append(Problem(ShardSizeMismatchError, path, None, msg))
+    elif st.crc32c is None:
+        out.size_only = True
+    elif st.crc32c != want.crc32c:
+        msg = (
+            f"{where}: the store's crc32c of the file is {st.crc32c:#010x}, the manifest says "
+            f"{want.crc32c:#010x}: its bytes are not the ones saved"
+        )
+        out.problems.append(Problem(ChecksumMismatchError, path, None, msg))
+    return out
 
 
 def _check_file(

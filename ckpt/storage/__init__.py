@@ -20,7 +20,7 @@ from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S
 from ckpt.errors import RootTypeError
 from ckpt.options import RetryPolicy
 from ckpt.storage._azure import AZURE_PROTOCOLS, AzureStorage, open_azure
-from ckpt.storage._base import Listed, Storage, Upload
+from ckpt.storage._base import Checked, Listed, Stat, Storage, Upload
 from ckpt.storage._fsspec import FsspecStorage
 from ckpt.storage._gcs import GCSStorage
 from ckpt.storage._local import LocalStorage
@@ -32,6 +32,7 @@ __all__ = [
     "PROBE_DIR",
     "RETRIES",
     "AzureStorage",
+    "Checked",
     "FsspecStorage",
     "GCSStorage",
     "Listed",
@@ -39,6 +40,7 @@ __all__ = [
     "ObjectStorage",
     "Root",
     "S3Storage",
+    "Stat",
     "Storage",
     "Upload",
     "open_storage",
@@ -78,7 +80,9 @@ def open_storage(
     """The storage of one checkpoint root: a path or fsspec URL, with ``storage_options`` the
     fsspec way. ckpt's own knobs may ride in ``storage_options`` too (so every entry point takes
     them; fsspec never sees them): ``ckpt_retry`` (a RetryPolicy or a dict of its fields),
-    ``ckpt_max_requests`` (requests in flight per Storage of an object store) and
+    ``ckpt_max_requests`` (requests in flight per Storage of an object store),
+    ``ckpt_s3_checksums`` (False: S3 uploads carry no CRC-32C, for an S3-compatible endpoint
+    that refuses them; docs/s3.md) and
     ``ckpt_io_timeout_s`` (the deadline of every storage call, ``Storage.io_timeout_s``: seconds,
     or None for none; when given it wins over ``io_timeout_s``, which entry points set from their
     own options). The write knobs (``part_bytes``, ``single_put_max_bytes``,
@@ -111,6 +115,7 @@ def _backend(
     opts.pop("ckpt_max_requests", None)
     if requests < 1:
         raise ValueError("ckpt_max_requests must be >= 1")
+    checksums = _flag(opts.pop("ckpt_s3_checksums", True), "ckpt_s3_checksums")
     protocol = fsspec.core.split_protocol(root)[0]
     writes = WriteSizes(part_bytes, single_put_max_bytes, max_inflight_bytes)
     if protocol in _GCS_PROTOCOLS:
@@ -128,13 +133,22 @@ def _backend(
     own_retries = "retries" not in config  # the caller did not choose botocore's: ckpt owns them
     if own_retries:
         config["retries"] = {"mode": "standard", "total_max_attempts": 1}
-        opts["config_kwargs"] = config
+    # botocore >= 1.36 would hash every upload body again (CRC32) for its own checksum: ckpt
+    # sends the CRC-32C it already has instead (docs/s3.md, "Checksums"); the caller's choice wins
+    config.setdefault("request_checksum_calculation", "when_required")
+    if checksums:
+        # the body is covered by its CRC-32C, so botocore need not SHA-256 it for the signature
+        # (it would over plain http, and over https for a checksum it did not compute itself)
+        config["s3"] = {"payload_signing_enabled": False, **(config.get("s3") or {})}
+    opts["config_kwargs"] = config
     fs, path = fsspec.core.url_to_fs(root, **opts)
     if own_retries:
         # s3fs's retry loop off too (this instance is ckpt's: its config differs from the
         # caller's own); botocore's off by the config above
         fs.retries = 1
-    return S3Storage(fs, path, retry=policy, max_requests=requests, writes=writes)
+    storage = S3Storage(fs, path, retry=policy, max_requests=requests, writes=writes)
+    storage.checksums = checksums
+    return storage
 
 
 def trusts_create_only(fs: Any) -> bool:
@@ -143,6 +157,12 @@ def trusts_create_only(fs: Any) -> bool:
     ``If-None-Match``, after the probe). For the fault kit, which wraps such file systems."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("memory", *_S3_PROTOCOLS, *_GCS_PROTOCOLS)
+
+
+def _flag(given: object, name: str) -> bool:
+    if not isinstance(given, bool):
+        raise ValueError(f"storage_options[{name!r}] must be True or False, got {given!r}")
+    return given
 
 
 def _io_timeout(given: object) -> float | None:

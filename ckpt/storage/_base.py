@@ -7,8 +7,9 @@ same semantics, checked by the conformance suite in :mod:`ckpt.testing.storage_t
 - ``put_if_absent``: the create-only commit (True if created; False if a file is there, which is
   never changed; see the method for a file holding exactly our bytes);
 - ``put``: replace a small file atomically (the LATEST hint only);
-- ``read`` / ``read_into`` / ``size`` / ``exists``: whole small files, ranged reads into caller
-  memory, sizes, presence; a missing file is ``MissingShardError``;
+- ``read`` / ``read_into`` / ``size`` / ``stat`` / ``exists``: whole small files, ranged reads
+  into caller memory, sizes, a size with the checksum the service stores (``Stat``), presence;
+  a missing file is ``MissingShardError``;
 - ``list_files`` / ``delete`` / ``remove_empty_dir``: listing under a prefix, deleting one file,
   tidying empty directories (local disks);
 - ``multipart_uploads`` / ``abort_upload``: uploads in progress (object stores);
@@ -43,8 +44,26 @@ from typing import Any
 from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S, bounded, progress_of_this_thread
 from ckpt.errors import CkptError, MissingShardError, StorageError, UnsafePathError
 
-Chunks = Iterable[memoryview | bytes]
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A chunk of a file with the CRC-32C of its bytes, which its producer already computed (the
+    executor hashes each block as it goes by). A backend whose service checks what it stores
+    (S3, and GCS could) combines these into the checksum of each request body rather than
+    hashing the bytes again (``ckpt.format.crc.combine``); every other backend takes ``data``."""
+
+    data: memoryview | bytes
+    crc32c: int
+
+
+Chunk = memoryview | bytes | Checked
+Chunks = Iterable[Chunk]
 ChunkSource = Chunks | Callable[[], Chunks]  # a function gives the data afresh on each call
+
+
+def chunk_data(chunk: Chunk) -> memoryview | bytes:
+    """The bytes of a chunk (a :class:`Checked` one's ``data``)."""
+    return chunk.data if isinstance(chunk, Checked) else chunk
 
 #: the contract's calls that do I/O (each runs under ``Storage.io_timeout_s``) and how a
 #: StorageTimeoutError names the operation
@@ -58,6 +77,7 @@ DEADLINED = {
     "read": "read",
     "read_into": "read",
     "size": "stat",
+    "stat": "stat",
     "exists": "exists",
     "list_files": "listing",
     "delete": "delete",
@@ -75,6 +95,16 @@ class Listed:
     path: str
     size: int
     mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """What the store says of a file without reading it: its size, and the CRC-32C of its bytes
+    where the service keeps one (S3 for objects ckpt wrote with its checksums, GCS for every
+    object), else None: then only the size can be compared."""
+
+    size: int
+    crc32c: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +209,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
-        """Create ``rel`` from ``chunks`` (``size`` bytes in all). Never overwrites: an existing
+        """Create ``rel`` from ``chunks`` (``size`` bytes in all; a :class:`Checked` chunk brings
+        its CRC-32C, which a backend may hand to its service to check). Never overwrites: an existing
         file is a StorageError saying so and is left as it is. (A backend that checks for lost
         replies, S3, cannot tell a file already holding exactly these bytes from its own retried
         write, and reports success for it.) Never publishes a partial file on failure; a
@@ -216,6 +247,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def size(self, rel: str) -> int:
         """The size of the regular file ``rel``."""
+
+    def stat(self, rel: str) -> Stat:
+        """The size of ``rel`` and the CRC-32C the service stores for it, if it stores one (one
+        metadata request, no data read); a missing file is MissingShardError."""
+        return Stat(self.size(rel))
 
     @abc.abstractmethod
     def exists(self, rel: str) -> bool:
@@ -283,7 +319,7 @@ def _ticking(source: ChunkSource, tick: Callable[[], None]) -> ChunkSource:
     return _tick(source, tick)
 
 
-def _tick(chunks: Chunks, tick: Callable[[], None]) -> Iterator[memoryview | bytes]:
+def _tick(chunks: Chunks, tick: Callable[[], None]) -> Iterator[Chunk]:
     for chunk in chunks:
         tick()
         yield chunk

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ckpt.errors import ShardSizeMismatchError, StorageError
-from ckpt.storage._base import ChunkSource, Listed, Storage
+from ckpt.storage._base import ChunkSource, Listed, Storage, chunk_data
 
 T = TypeVar("T")
 MEMORY_LOCK = threading.Lock()  # memory:// is one process-wide dict; make create-only atomic
@@ -41,7 +41,7 @@ class FsspecStorage(Storage):
     def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
         with self._creating(rel):
             data = chunks() if callable(chunks) else chunks
-            self.fs.pipe_file(self.path(rel), b"".join(data), mode="create")
+            self.fs.pipe_file(self.path(rel), b"".join(chunk_data(c) for c in data), mode="create")
 
     def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
         try:

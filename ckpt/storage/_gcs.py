@@ -38,10 +38,10 @@ import fsspec
 from ckpt.errors import ShardSizeMismatchError, StorageError
 from ckpt.options import RetryPolicy
 from ckpt.storage._base import Chunks as ChunkIter
-from ckpt.storage._base import ChunkSource, Listed
+from ckpt.storage._base import ChunkSource, Listed, Stat
 from ckpt.storage._bodies import Body, Chunks, stream_into
 from ckpt.storage._gcs_errors import IncompleteChunk, answer_error, transient
-from ckpt.storage._object import MAX_REQUESTS, ObjectStorage, WriteSizes
+from ckpt.storage._object import MAX_REQUESTS, ObjectStorage, WriteSizes, crc32c_from_b64
 
 T = TypeVar("T")
 log = logging.getLogger("ckpt.storage")
@@ -394,6 +394,12 @@ class GCSStorage(ObjectStorage):
         """One metadata GET."""
         with self._errors("stat", rel):
             return int(self._metadata(rel)["size"])
+
+    def stat(self, rel: str) -> Stat:
+        """One metadata GET: the size, and the CRC-32C GCS keeps for every object."""
+        with self._errors("stat", rel):
+            meta = self._metadata(rel)
+        return Stat(int(meta["size"]), crc32c_from_b64(meta.get("crc32c")))
 
     def exists(self, rel: str) -> bool:
         with self._errors("exists", rel):

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 from ckpt.errors import ShardSizeMismatchError, StorageError, UnsafePathError
 from ckpt.format import layout
-from ckpt.storage._base import Chunks, ChunkSource, Listed, Storage
+from ckpt.storage._base import Chunks, ChunkSource, Listed, Storage, chunk_data
 
 
 class LocalStorage(Storage):
@@ -76,7 +76,7 @@ class LocalStorage(Storage):
         fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             for chunk in chunks:
-                view = memoryview(chunk)
+                view = memoryview(chunk_data(chunk))
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]

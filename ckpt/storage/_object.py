@@ -15,6 +15,7 @@ layers never multiply.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -63,6 +64,23 @@ class WriteSizes:
     part_bytes: int | None = None
     single_put_max_bytes: int | None = None
     max_inflight_bytes: int | None = None
+
+
+def crc32c_b64(crc: int) -> str:
+    """A CRC-32C as S3 and GCS write it: base64 of its 4 big-endian bytes."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+
+
+def crc32c_from_b64(value: object) -> int | None:
+    """A CRC-32C a service reported (base64 of 4 bytes), or None for anything else (S3's
+    composite multipart checksum with its ``-N`` suffix, another length, nothing)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return int.from_bytes(raw, "big") if len(raw) == 4 else None
 
 
 class ObjectStorage(FsspecStorage):
@@ -195,12 +213,13 @@ class ObjectStorage(FsspecStorage):
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def _single_body(self, chunks: ChunkIter, size: int) -> Iterator[Body]:
+    def _single_body(self, chunks: ChunkIter, size: int, *, crc: bool = False) -> Iterator[Body]:
         """The whole file as one request body (one copy of its bytes), held under the upload
-        budget while the caller sends it; data that is not exactly ``size`` bytes is a ValueError."""
+        budget while the caller sends it; data that is not exactly ``size`` bytes is a ValueError.
+        ``crc``: the body carries its CRC-32C (``Chunks``: from the chunks' own where they have one)."""
         self._upload_budget.acquire(size)
         try:
-            data = Chunks(chunks)
+            data = Chunks(chunks, crc=crc)
             body, got = data.take(size)
             if got != size or not data.exhausted():
                 raise ValueError(f"the data is not the {size} bytes announced")
@@ -215,24 +234,31 @@ class ObjectStorage(FsspecStorage):
         part: int,
         per_file: int,
         send: Callable[[int, Body], Coroutine[Any, Any, T]],
+        *,
+        at_least: int | None = None,
     ) -> list[T]:
         """Cut ``size`` bytes of ``data`` into parts of ``part`` bytes and send each one
         (``send(i, body)``, a coroutine retried by the backend) on the file system's event loop
         while this thread fills the next: at most ``per_file`` in flight, every body under the
-        upload budget until its request ends. The results in order. On any failure (the data
-        source, a part, an interrupt) the parts in flight are waited for before the error goes
-        up, so none lands after the caller cleans up."""
+        upload budget until its request ends. With ``at_least``, a part may end early on a chunk
+        boundary once it holds that many bytes (``Chunks.take``; a service that takes parts of
+        any size). The results in order. On any failure (the data source, a part, an interrupt)
+        the parts in flight are waited for before the error goes up, so none lands after the
+        caller cleans up."""
         pending: collections.deque[concurrent.futures.Future[T]] = collections.deque()
         out: list[T] = []
         try:
-            for i in range(-(-size // part)):
-                n = min(part, size - i * part)
+            sent = 0
+            for i in itertools.count():
+                if sent >= size:
+                    break
+                n = min(part, size - sent)
                 while len(pending) >= per_file:
                     out.append(pending.popleft().result())
                 self._upload_budget.acquire(n)
                 try:
-                    body, got = data.take(n)
-                    if got != n:
+                    body, got = data.take(n, at_least=at_least)
+                    if got != n and (got == 0 or at_least is None or got < at_least):
                         raise ValueError(f"the data ends before the {size} bytes announced")
                     fut = asyncio.run_coroutine_threadsafe(send(i, body), self.fs.loop)
                 except BaseException:
@@ -241,6 +267,7 @@ class ObjectStorage(FsspecStorage):
                 fut.add_done_callback(self._releaser(n))
                 del body
                 pending.append(fut)
+                sent += got
             if not data.exhausted():
                 raise ValueError(f"the data is longer than the {size} bytes announced")
             while pending:

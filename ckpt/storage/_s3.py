@@ -22,13 +22,21 @@ import itertools
 import logging
 from typing import Any
 
+import crc32c
 import fsspec
 
 from ckpt.errors import ShardSizeMismatchError, StorageError
+from ckpt.format.crc import combine
 from ckpt.storage._base import Chunks as ChunkIter
-from ckpt.storage._base import ChunkSource, Upload
+from ckpt.storage._base import ChunkSource, Stat, Upload
 from ckpt.storage._bodies import Body, Chunks, stream_into
-from ckpt.storage._object import MAX_INFLIGHT_BYTES, MAX_REQUESTS, ObjectStorage
+from ckpt.storage._object import (
+    MAX_INFLIGHT_BYTES,
+    MAX_REQUESTS,
+    ObjectStorage,
+    crc32c_b64,
+    crc32c_from_b64,
+)
 from ckpt.storage._s3_errors import precondition_failed, s3_error, transient
 
 log = logging.getLogger("ckpt.storage")
@@ -53,6 +61,8 @@ class S3Storage(ObjectStorage):
     """A root in an S3 bucket."""
 
     precondition = "If-None-Match on PutObject"
+    #: uploads carry ckpt's CRC-32C for S3 to check and keep (storage option ``ckpt_s3_checksums``)
+    checksums: bool = True
 
     def _sizes(self, part_bytes: int | None) -> tuple[int, int]:
         return max(_S3_MIN_PART, part_bytes or S3_PART_BYTES), S3_SINGLE_PUT_MAX_BYTES
@@ -134,8 +144,9 @@ class S3Storage(ObjectStorage):
         bucket, key, _ = self.fs.split_path(self.path(rel))
         try:
             self.call_s3(
-                "put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data), IfNoneMatch="*"
-            )
+                "put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data), IfNoneMatch="*",
+                **self._crc_of(data),
+            )  # fmt: skip
         except Exception as err:
             if not precondition_failed(err):
                 raise
@@ -151,9 +162,11 @@ class S3Storage(ObjectStorage):
         request on a reused connection) then meets our own write, which is our success."""
         full = self.path(rel)
         bucket, key, _ = self.fs.split_path(full)
-        with self._single_body(chunks, size) as body:
+        with self._single_body(chunks, size, crc=self.checksums) as body:
             try:
-                self.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+                self.call_s3(
+                    "put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*", **self._crc_args(body)
+                )  # fmt: skip
             except Exception as err:
                 if not (precondition_failed(err) and self._s3_holds(bucket, key, body)):
                     raise
@@ -184,21 +197,36 @@ class S3Storage(ObjectStorage):
         left stored. A completion whose reply was lost (its retry meets 412 or NoSuchUpload) is
         ours if the object has our size and the ETag our parts make."""
         bucket, key, _ = self.fs.split_path(full)
-        part = max(self.part_bytes, -(-size // _S3_MAX_PARTS))
-        upload_id: str = self.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+        # parts end on chunk boundaries where one falls in their last quarter (their CRC-32C
+        # is then combined from the chunks' own: no byte hashed twice); every part but the last
+        # holds at least 3/4 of ``part`` bytes, so the count stays within S3's limit
+        part = max(self.part_bytes, -(-size * 4 // (3 * _S3_MAX_PARTS)))
+        at_least = max(_S3_MIN_PART, part - part // 4) if self.checksums else None
+        sums: dict[str, Any] = (
+            {"ChecksumAlgorithm": "CRC32C", "ChecksumType": "FULL_OBJECT"} if self.checksums else {}
+        )
+        upload_id: str = self.call_s3(
+            "create_multipart_upload", Bucket=bucket, Key=key, **sums
+        )["UploadId"]
         try:
             done = self._send_parts(
-                Chunks(chunks), size, part, S3_PARTS_PER_FILE,
-                lambda i, body: self._call_s3(
-                    "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=i + 1, Body=body
-                ),
+                Chunks(chunks, crc=self.checksums), size, part, S3_PARTS_PER_FILE,
+                lambda i, body: self._upload_part(bucket, key, upload_id, i, body), at_least=at_least,
             )  # fmt: skip
-            etags: list[str] = [r["ETag"] for r in done]
+            etags: list[str] = [etag for etag, _, _ in done]
+            parts: list[dict[str, Any]] = [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]
+            whole: dict[str, Any] = {}
+            if self.checksums:
+                crc = 0
+                for p, (_, c, n) in zip(parts, done, strict=True):
+                    p["ChecksumCRC32C"] = crc32c_b64(c)
+                    crc = combine(crc, c, n)
+                whole = {"ChecksumType": "FULL_OBJECT", "ChecksumCRC32C": crc32c_b64(crc)}
             tries: list[str] = []
             try:
                 self.call_s3(
                     "complete_multipart_upload", tries, Bucket=bucket, Key=key, UploadId=upload_id, IfNoneMatch="*",
-                    MultipartUpload={"Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]},
+                    MultipartUpload={"Parts": parts}, **whole,
                 )  # fmt: skip
             except Exception as err:
                 status, code = s3_error(err)
@@ -219,6 +247,30 @@ class S3Storage(ObjectStorage):
                 self.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
             raise
         self.fs.invalidate_cache(full)
+
+    async def _upload_part(
+        self, bucket: str, key: str, upload_id: str, i: int, body: Body
+    ) -> tuple[str, int, int]:
+        """UploadPart ``i`` (from 0) with its CRC-32C (if checksums are on): its ETag, CRC-32C
+        and length."""
+        resp = await self._call_s3(
+            "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=i + 1, Body=body,
+            **self._crc_args(body),
+        )  # fmt: skip
+        return str(resp["ETag"]), body.crc32c or 0, len(body)
+
+    def _crc_of(self, data: bytes) -> dict[str, Any]:
+        """The checksum parameters of a small object's PutObject (a manifest, a hint)."""
+        if not self.checksums:
+            return {}
+        return {"ChecksumAlgorithm": "CRC32C", "ChecksumCRC32C": crc32c_b64(crc32c.crc32c(data))}
+
+    def _crc_args(self, body: Body) -> dict[str, Any]:
+        """The request's checksum parameters: the body's CRC-32C, which S3 checks before it
+        stores the bytes and keeps with the object (none when checksums are off)."""
+        if body.crc32c is None:
+            return {}
+        return {"ChecksumAlgorithm": "CRC32C", "ChecksumCRC32C": crc32c_b64(body.crc32c)}
 
     def _s3_is_upload(self, bucket: str, key: str, size: int, etags: list[str]) -> bool:
         """Whether the object at ``key`` is the completion of our parts: our size and the ETag
@@ -242,7 +294,9 @@ class S3Storage(ObjectStorage):
         full = self.path(rel)
         with self._errors("write", rel):
             bucket, key, _ = self.fs.split_path(full)
-            self.call_s3("put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data))
+            self.call_s3(
+                "put_object", Bucket=bucket, Key=key, Body=io.BytesIO(data), **self._crc_of(data)
+            )
             self.fs.invalidate_cache(full)
 
     # --- reads -----------------------------------------------------------------------------
@@ -297,6 +351,17 @@ class S3Storage(ObjectStorage):
         with self._errors("stat", rel):
             bucket, key, _ = self.fs.split_path(self.path(rel))
             return int(self.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
+
+    def stat(self, rel: str) -> Stat:
+        """One HeadObject asking for the stored checksum (``ChecksumMode=ENABLED``): the size,
+        and the object's CRC-32C when it has a whole-object one (ckpt's uploads since it sends
+        them; an older object, or one with a composite multipart checksum, has none)."""
+        with self._errors("stat", rel):
+            bucket, key, _ = self.fs.split_path(self.path(rel))
+            head = self.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        crc = head.get("ChecksumCRC32C")
+        whole = crc is not None and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+        return Stat(int(head["ContentLength"]), crc32c_from_b64(crc) if whole else None)
 
     def exists(self, rel: str) -> bool:
         """One HeadObject (s3fs's ``exists`` would also list ``rel/`` for a directory on a miss)."""

@@ -5,7 +5,7 @@ applied at one of two layers.
 **The storage contract** (:class:`FaultyStorage`): wraps any :class:`~ckpt.storage.Storage`
 (the real ``LocalStorage``, ``S3Storage``, ``FsspecStorage``) and records each contract call
 (``op`` is the method name: ``write_file``, ``put_if_absent``, ``put``, ``read``, ``read_into``,
-``size``, ``exists``, ``list_files``, ``delete``...; ``path`` the path relative to the root),
+``size``, ``stat``, ``exists``, ``list_files``, ``delete``...; ``path`` the path relative to the root),
 applying the rules before or after delegating. This is the layer to fault the production code of
 a backend. ckpt's entry points build their storage with :func:`ckpt.storage.open_storage`; the
 test seam :func:`wrap_storage` makes them build a ``FaultyStorage`` around it instead::
@@ -61,7 +61,7 @@ rank is ``r``, so one recorder shared by several in-process writers can fault a 
 files, and a per-process recorder (``Recorder(rank=r)``) can fault everything that process does.
 
 FaultyStorage's operations: every method of the contract (``write_file``, ``put_if_absent``,
-``put``, ``sync_dirs``, ``read``, ``read_into``, ``size``, ``exists``, ``list_files``,
+``put``, ``sync_dirs``, ``read``, ``read_into``, ``size``, ``stat``, ``exists``, ``list_files``,
 ``delete``, ``delete_tree``, ``remove_empty_dir``, ``multipart_uploads``, ``abort_upload``,
 ``check_no_links``, ``conditional_writes_work``); an injected error is translated like one the
 backend raised (an ``OSError`` becomes a ``StorageError`` naming the path). Its capabilities

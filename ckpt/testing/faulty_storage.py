@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import ckpt.storage
 from ckpt.errors import ShardSizeMismatchError
-from ckpt.storage import Listed, Storage, Upload
-from ckpt.storage._base import Chunks, ChunkSource
+from ckpt.storage import Listed, Stat, Storage, Upload
+from ckpt.storage._base import Chunks, ChunkSource, chunk_data
 from ckpt.testing.faults import Call, Recorder, Rule, _fire, _hold, rank_of
 
 T = TypeVar("T")
@@ -144,6 +144,9 @@ class FaultyStorage(Storage):
     def size(self, rel: str) -> int:
         return self._run("size", rel, lambda: self.inner.size(rel))
 
+    def stat(self, rel: str) -> Stat:
+        return self._run("stat", rel, lambda: self.inner.stat(rel))
+
     def exists(self, rel: str) -> bool:
         return self._run("exists", rel, lambda: self.inner.exists(rel))
 
@@ -172,7 +175,7 @@ def _truncated(chunks: Chunks, n: int) -> Iterator[bytes]:
     """The first ``n`` bytes of ``chunks``; the rest is read and dropped (a torn write: the
     backend took all the data, stored a prefix and reported success)."""
     for chunk in chunks:
-        piece = bytes(memoryview(chunk)[: max(n, 0)])
+        piece = bytes(memoryview(chunk_data(chunk))[: max(n, 0)])
         n -= len(piece)
         if piece:
             yield piece

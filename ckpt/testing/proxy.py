@@ -11,7 +11,8 @@ valid. ``Expect: 100-continue`` is answered by the proxy itself and not forwarde
 signs it). ``--bandwidth`` caps each connection's transfer rate in bytes/s, each direction
 (requests on one HTTP/1.1 connection are sequential, so the cap is applied per request).
 
-Requests are counted by method: ``LatencyProxy.counts`` in process, ``GET /__proxy_stats``
+Requests are counted by method: ``LatencyProxy.counts`` in process (and each one is remembered,
+``LatencyProxy.seen``: method, path and the checksum headers of the last 100,000), ``GET /__proxy_stats``
 (JSON: ``{"requests": {method: n}, "total": n, "bytes_in": n, "bytes_out": n}``) over HTTP;
 ``POST /__proxy_stats/reset`` zeroes them. Requests to ``/__proxy_stats`` are not counted.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import signal
@@ -34,6 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -67,6 +70,19 @@ class _Pacer:
             await asyncio.sleep(ahead)
 
 
+#: request headers ``LatencyProxy.seen`` keeps: how the client checksummed and signed the body
+SEEN_HEADERS = ("x-amz-checksum-", "x-amz-sdk-checksum-algorithm", "x-amz-content-sha256", "x-amz-trailer")
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One request the proxy forwarded: its method, path (no query) and checksum headers."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
 class LatencyProxy:
     """The proxy, served from its own event loop in a background thread."""
 
@@ -88,6 +104,7 @@ class LatencyProxy:
         self.log = log  # one line per request on stderr: method, path, status, bytes, seconds
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        self._seen: collections.deque[Seen] = collections.deque(maxlen=100_000)
         self._bytes_in = 0
         self._bytes_out = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,6 +120,12 @@ class LatencyProxy:
         """Requests forwarded so far, by HTTP method (a snapshot)."""
         with self._lock:
             return dict(self._counts)
+
+    @property
+    def seen(self) -> list[Seen]:
+        """The requests forwarded since the last reset, oldest first (a snapshot)."""
+        with self._lock:
+            return list(self._seen)
 
     @property
     def total(self) -> int:
@@ -121,6 +144,7 @@ class LatencyProxy:
     def reset(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._seen.clear()
             self._bytes_in = self._bytes_out = 0
 
     def _add_bytes(self, n_in: int = 0, n_out: int = 0) -> None:
@@ -202,8 +226,10 @@ class LatencyProxy:
         async def handle(request: web.Request) -> web.StreamResponse:
             if request.path == STATS_PATH or request.path.startswith(STATS_PATH + "/"):
                 return self._stats_response(request)
+            kept = {k.lower(): v for k, v in request.headers.items() if k.lower().startswith(SEEN_HEADERS)}
             with self._lock:
                 self._counts[request.method] = self._counts.get(request.method, 0) + 1
+                self._seen.append(Seen(request.method, request.path, kept))
             t0 = time.monotonic()
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)

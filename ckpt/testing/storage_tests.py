@@ -23,6 +23,8 @@ Class attributes say where backends may differ within the contract:
   ``multipart_uploads``/``abort_upload`` tests (backends with uploads override it);
   ``lists_uploads = False`` where the service cannot list them (GCS resumable uploads expire on
   their own after a week).
+- ``stores_crc32c``: ``stat`` gives the CRC-32C the service keeps with each file (S3 for the
+  files ckpt writes, GCS for all); elsewhere it gives None.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+import crc32c
 import pytest
 
 from ckpt.errors import (
@@ -68,6 +71,7 @@ class StorageTests:
     identical_create_succeeds: bool = False
     multipart_bytes: int | None = None
     lists_uploads: bool = True  # with multipart_bytes: its uploads in progress can be listed
+    stores_crc32c: bool = False  # ``stat`` gives the CRC-32C the service keeps for a file
 
     @pytest.fixture
     def storage(self) -> Storage:
@@ -84,6 +88,16 @@ class StorageTests:
         assert storage.read("d/x.bin") == DATA
         assert storage.size("d/x.bin") == len(DATA)
         assert storage.exists("d/x.bin")
+
+    def test_stat(self, storage: Storage) -> None:
+        """The size, and the CRC-32C where the service keeps one (``stores_crc32c``: then it
+        must be the file's; elsewhere None); a missing file is MissingShardError."""
+        storage.write_file("d/x.bin", _chunks(DATA), size=len(DATA), fsync=False)
+        got = storage.stat("d/x.bin")
+        assert got.size == len(DATA)
+        assert got.crc32c == (crc32c.crc32c(DATA) if self.stores_crc32c else None)
+        with pytest.raises(MissingShardError):
+            storage.stat("d/none.bin")
 
     def test_write_file_empty(self, storage: Storage) -> None:
         storage.write_file("d/empty", iter([]), size=0, fsync=False)

@@ -282,6 +282,22 @@ def test_verify_ok(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     }
 
 
+def test_verify_quick(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--quick``: no data read; on S3 the store's crc32c of the file is checked, elsewhere
+    its size only (and the line says so)."""
+    m = _save(store, 1)
+    rc, out, err = _run(capsys, "verify", store.root, "--quick", *_opts(store))
+    assert (rc, err) == (0, "")
+    checked = "step 1: OK (1 file: sizes and the store's crc32c checked, no data read"
+    by_size = "" if store.kind == "s3" else "; 1 by size only (the store keeps no crc32c for them)"
+    assert out == f"{checked}{by_size})\n"
+    rc, out, err = _run(capsys, "verify", store.root, "--quick", "--json", *_opts(store))
+    assert (rc, err) == (0, "")
+    (doc,) = json.loads(out)["steps"]
+    assert (doc["ok"], doc["quick"], doc["bytes_read"]) == (True, True, 0)
+    assert doc["size_only"] == ([] if store.kind == "s3" else sorted(m.files))
+
+
 def test_verify_corrupt_exits_1_naming_file_and_key(
     local_store: Store, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -46,6 +46,7 @@ class TestMemory(StorageTests):
 class TestS3(StorageTests):
     identical_create_succeeds = True
     multipart_bytes = 6 * _MiB
+    stores_crc32c = True
 
     @pytest.fixture
     def storage(self, s3_store: Any) -> Storage:
@@ -65,6 +66,7 @@ class TestFaultyLocal(StorageTests):
 class TestFaultyS3(StorageTests):
     identical_create_succeeds = True
     multipart_bytes = 6 * _MiB
+    stores_crc32c = True
 
     @pytest.fixture
     def storage(self, s3_store: Any) -> Storage:
@@ -83,6 +85,7 @@ def gcs_storage(root: str, opts: dict[str, Any]) -> Storage:
 class TestGCS(StorageTests):
     identical_create_succeeds = True
     multipart_bytes = 6 * _MiB
+    stores_crc32c = True
     lists_uploads = False
 
     @pytest.fixture
@@ -94,6 +97,7 @@ class TestGCS(StorageTests):
 class TestFaultyGCS(StorageTests):
     identical_create_succeeds = True
     multipart_bytes = 6 * _MiB
+    stores_crc32c = True
     lists_uploads = False
 
     @pytest.fixture

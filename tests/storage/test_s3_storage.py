@@ -5,6 +5,7 @@ destination buffers, and the few requests the metadata operations cost."""
 
 from __future__ import annotations
 
+import base64
 import threading
 import uuid
 from collections.abc import Iterator
@@ -17,8 +18,8 @@ import torch
 import ckpt
 from ckpt._concurrency import ByteBudget
 from ckpt.errors import MissingShardError, ShardSizeMismatchError, StorageError
-from ckpt.lifecycle.steps import committed_steps
-from ckpt.storage import Storage, open_storage
+from ckpt.lifecycle.steps import committed_steps, resolve_step
+from ckpt.storage import Stat, Storage, open_storage
 from ckpt.storage import _s3 as storage_mod
 from ckpt.testing.proxy import LatencyProxy
 
@@ -298,3 +299,57 @@ def test_concurrent_writes_stay_within_the_upload_budget(proxy: LatencyProxy, bu
     assert 0 < peak <= PART + 64  # one body at a time: each is about the whole budget
     for i, d in enumerate(data):
         assert st.fs.cat_file(st.path(f"data/{i}.safetensors")) == d
+
+
+def _b64(crc: int) -> str:
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
+def test_uploads_carry_ckpt_crc32c_and_s3_keeps_it(
+    proxy: LatencyProxy, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save hands S3 the CRC-32C ckpt computed as the bytes went by, on every PutObject and
+    UploadPart (and the whole file's on the completion), and nothing botocore computed: no
+    CRC32 of its own (botocore >= 1.36 adds one by default), no SHA-256 of the body for the
+    signature. S3 keeps it: a HeadObject gives each file's manifest CRC, which ``stat`` reads."""
+    monkeypatch.setattr(storage_mod, "S3_SINGLE_PUT_MAX_BYTES", 2 * PART)
+    g = torch.Generator().manual_seed(7)
+    root, opts = f"s3://{bucket}/ckpt", _opts(proxy.url)
+    # parts of 8 MiB, which may end early on a block boundary: no byte hashed twice
+    options = ckpt.SaveOptions(block_bytes=1 * MiB, write_chunk_bytes=8 * MiB)
+    proxy.reset()
+    ckpt.save(root, {"w": torch.randn(3 * PART // 4 + 5, generator=g)}, step=1, storage_options=opts, options=options)
+    ckpt.save(root, {"w": torch.randn(1000, generator=g)}, step=2, storage_options=opts, options=options)
+    bodies = [s for s in proxy.seen if s.method == "PUT" and "/data/" in s.path]
+    # step 1's file (header, 15 MiB + 20 bytes): parts of the header and 7 blocks, 8 blocks, the
+    # last 20 bytes; step 2's single PUT
+    assert len(bodies) == 4
+    for s in bodies:
+        assert "x-amz-checksum-crc32c" in s.headers, s
+        assert "x-amz-checksum-crc32" not in s.headers, s
+        assert s.headers.get("x-amz-content-sha256") == "UNSIGNED-PAYLOAD", s
+    st = open_storage(root, opts)
+    fs = st.fs
+    for step in (1, 2):
+        m = resolve_step(st, step)
+        for path, f in m.files.items():
+            bkt, key, _ = fs.split_path(st.path(path))
+            head = fs.call_s3("head_object", Bucket=bkt, Key=key, ChecksumMode="ENABLED")
+            assert head.get("ChecksumCRC32C") == _b64(f.crc32c), (step, path, head)
+            assert st.stat(path) == Stat(f.size, f.crc32c)
+
+
+def test_uploads_without_checksums_when_turned_off(proxy: LatencyProxy, bucket: str) -> None:
+    """``ckpt_s3_checksums=False`` (an S3-compatible endpoint that refuses them): no checksum
+    header at all, and ``stat`` has only the size to give."""
+    st = open_storage(f"s3://{bucket}/run", {**_opts(proxy.url), "ckpt_s3_checksums": False}, part_bytes=PART, single_put_max_bytes=PART)
+    small, big = _data(1000), _data(PART + 10, seed=3)
+    proxy.reset()
+    st.write_file("data/small", _chunks(small), size=len(small), fsync=False)
+    st.write_file("data/big", _chunks(big), size=len(big), fsync=False)
+    puts = [s for s in proxy.seen if s.method == "PUT"]
+    assert len(puts) == 3
+    assert all(not any(h.startswith("x-amz-checksum-") for h in s.headers) for s in puts), puts
+    assert st.stat("data/small") == Stat(len(small), None)
+    assert st.stat("data/big") == Stat(len(big), None)
+    assert st.fs.cat_file(st.path("data/big")) == big
