@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt.engine.executor import run_all
+from ckpt._concurrency import run_all
 from ckpt.errors import (
     CheckpointExistsError,
     CkptWarning,
