@@ -368,6 +368,19 @@ def plot_dcp(result: dict[str, Any], out: str) -> list[str]:
     return []  # the tables carry it
 
 
+# --- cli (schema and table owned by benchmarks/cli_bench.py) -------------------------------------------
+
+
+def cli_markdown(result: dict[str, Any]) -> str:
+    from benchmarks.cli_bench import build_report
+
+    return build_report(result["cases"], result["args"])
+
+
+def plot_cli(result: dict[str, Any], out: str) -> list[str]:
+    return []  # the table carries it
+
+
 # --- stall (benchmarks/stall_bench.py) ---------------------------------------------------------------
 
 
@@ -709,6 +722,7 @@ def generate(out: str, md_path: str | None = "BENCHMARKS.md") -> str:
         ("stall", "Async save: training stall", stall_markdown, plot_stall),
         ("cloud", "GCS and Azure emulators: ckpt vs the raw clients", cloud_markdown, plot_cloud),
         ("dcp", "DCP storages: ckpt.dcp vs FileSystemWriter and FsspecWriter", dcp_markdown, plot_dcp),
+        ("cli", "Command line start-up", cli_markdown, plot_cli),
     ):
         data = _load(out, f"{part}_bench.json")
         if data is not None:

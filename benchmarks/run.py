@@ -1,6 +1,6 @@
 """Run the whole benchmark suite, then write the tables, plots and BENCHMARKS.md's generated part.
 
-    python -m benchmarks.run [--quick] [--big] [--only local,scale,dist,s3,stall,cloud,dcp] [--runs N]
+    python -m benchmarks.run [--quick] [--big] [--only local,scale,dist,s3,stall,cloud,dcp,cli] [--runs N]
                              [--out bench-out] [--no-md]
 
 Parts, each in its own process (see benchmarks/README.md):
@@ -16,7 +16,9 @@ Parts, each in its own process (see benchmarks/README.md):
   Azurite, 256 MiB (the ckpt rows of a backend ckpt lacks are skipped);
 - dcp: ``benchmarks.dcp_bench``: ``dcp.save``/``dcp.load`` through ``ckpt.dcp`` vs DCP's
   FileSystemWriter/Reader (1 GiB, local disk) and FsspecWriter/Reader (250 MiB, moto S3), 1, 2
-  and 4 gloo ranks.
+  and 4 gloo ranks;
+- cli: ``benchmarks.cli_bench``: the start-up time of the ``ckpt`` command line (``--help``,
+  ``ls`` of an empty root and of a small one, ``show``, ``verify``) against ``python -c pass``.
 
 ``--quick`` (about 5 minutes): 32 MiB, 2 runs, the scale part extrapolated from 100 ranks, a
 64 MiB distributed run with 2 writers, small S3 and stall cases. The default run takes about
@@ -37,7 +39,7 @@ import sys
 import time
 from typing import Any
 
-PARTS = ("local", "scale", "dist", "s3", "stall", "cloud", "dcp")
+PARTS = ("local", "scale", "dist", "s3", "stall", "cloud", "dcp", "cli")
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 
 
@@ -64,6 +66,8 @@ def part_command(part: str, args: argparse.Namespace) -> list[str] | None:
         return [*py, "benchmarks.cloud_bench", "--out", args.out, *quick, *runs]
     if part == "dcp":
         return [*py, "benchmarks.dcp_bench", "--out", args.out, *quick, *runs]
+    if part == "cli":
+        return [*py, "benchmarks.cli_bench", "--out", args.out, *quick, *runs]
     raise ValueError(part)
 
 

@@ -1,14 +1,19 @@
-"""The ``ckpt`` argument parser: every command, its options and their types."""
+"""The ``ckpt`` argument parser: every command, its options and their types.
+
+Each command names its function as ``"module.cmd_x"`` under :mod:`ckpt.cli`; the module is
+imported only when that command runs (:class:`Command`), so ``ckpt --help`` imports no command
+module and a command imports only what it needs."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from ckpt.cli import inspect, maintain, transfer
 from ckpt.cli._common import split_root_at_step
 from ckpt.units import parse_size
 
@@ -57,13 +62,13 @@ def apply_root_at_step(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def _add_inspect(sub: _Commands) -> None:
-    with _command(sub, "ls", inspect.cmd_ls, "list committed steps", "List committed steps.") as ls:
+    with _command(sub, "ls", "inspect.cmd_ls", "list committed steps", "List committed steps.") as ls:
         _root(ls)
 
     with _command(
         sub,
         "show",
-        inspect.cmd_show,
+        "inspect.cmd_show",
         "summarise one checkpoint's manifest",
         "Summarise a manifest.",
         all=False,
@@ -74,7 +79,7 @@ def _add_inspect(sub: _Commands) -> None:
     with _command(
         sub,
         "verify",
-        inspect.cmd_verify,
+        "inspect.cmd_verify",
         "re-read and check every byte of a checkpoint",
         "Check sizes, whole-file and per-block crc32c and safetensors headers against the "
         "manifest.",
@@ -98,7 +103,7 @@ def _add_maintain(sub: _Commands) -> None:
     with _command(
         sub,
         "rm",
-        maintain.cmd_rm,
+        "maintain.cmd_rm",
         "retire committed checkpoints",
         "Retire checkpoints: delete each manifest first (the step ceases to exist), then the data "
         "files no remaining checkpoint references.",
@@ -110,7 +115,7 @@ def _add_maintain(sub: _Commands) -> None:
     with _command(
         sub,
         "gc",
-        maintain.cmd_gc,
+        "maintain.cmd_gc",
         "delete garbage: failed attempts, temporary files, stale uploads",
         "Delete what no committed checkpoint references and nothing has touched for the grace "
         "period: data of failed or abandoned saves, temporary files, stale multipart uploads.",
@@ -129,7 +134,7 @@ def _add_cp(sub: _Commands) -> None:
     with _command(
         sub,
         "cp",
-        transfer.cmd_cp,
+        "transfer.cmd_cp",
         "copy committed checkpoints to another root, verified and resumable",
         "Copy one, several or all committed checkpoints from SRC to DST (any two fsspec roots): "
         "every crc32c is checked on the way, the manifest is committed last (create-only), and a "
@@ -169,7 +174,7 @@ def _add_interop(sub: _Commands) -> None:
     with _command(
         sub,
         "export",
-        transfer.cmd_export,
+        "transfer.cmd_export",
         "export a checkpoint as a Zarr v3 group or in the Hugging Face safetensors layout",
         "Export one checkpoint. --format zarr: one Zarr v3 group at DST (a compressed, chunked "
         "array per tensor, plain data and metadata as attributes), readable by plain zarr. "
@@ -212,7 +217,7 @@ def _add_interop(sub: _Commands) -> None:
     with _command(
         sub,
         "import",
-        transfer.cmd_import,
+        "transfer.cmd_import",
         "commit a Zarr archive made by `ckpt export --format zarr` as a checkpoint",
         "Import a Zarr v3 group written by `ckpt export --format zarr` into ROOT as a committed "
         "checkpoint (normal save path, create-only commit), bitwise identical.",
@@ -226,7 +231,7 @@ def _add_interop(sub: _Commands) -> None:
     with _command(
         sub,
         "adopt",
-        transfer.cmd_adopt,
+        "transfer.cmd_adopt",
         "commit a manifest over existing safetensors files, without copying them",
         "Write a checkpoint manifest over a directory of safetensors files (a Hugging Face "
         "export, a model.safetensors): headers are validated, every file is read once for its "
@@ -239,18 +244,31 @@ def _add_interop(sub: _Commands) -> None:
 # --- shared options and argument types ---------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command's function, ``"module.cmd_x"`` under :mod:`ckpt.cli`, imported when it runs."""
+
+    target: str
+
+    def __call__(self, args: argparse.Namespace, opts: dict[str, Any]) -> int:
+        module, name = self.target.rsplit(".", 1)
+        func = getattr(importlib.import_module(f"ckpt.cli.{module}"), name)
+        result: int = func(args, opts)
+        return result
+
+
 @contextlib.contextmanager
 def _command(
     sub: _Commands,
     name: str,
-    func: Callable[[argparse.Namespace, dict[str, Any]], int],
+    func: str,
     help: str,
     description: str,
     *,
     sides: tuple[str, ...] = (),
     **defaults: Any,
 ) -> Iterator[argparse.ArgumentParser]:
-    """The subcommand ``name`` run by ``func``: the ``with`` block adds its own arguments, then
+    """The subcommand ``name`` run by ``func`` (``"module.cmd_x"``, see :class:`Command`): the ``with`` block adds its own arguments, then
     come the options every command shares (``--json``, ``--storage-option``, and for a command
     with two roots, the storage options of each of its ``sides``)."""
     p = sub.add_parser(name, help=help, description=description)
@@ -269,7 +287,7 @@ def _command(
             metavar="KEY=VALUE",
             help=_ONE_SIDE.format(side.upper()),
         )
-    p.set_defaults(func=func, **defaults)
+    p.set_defaults(func=Command(func), **defaults)
 
 
 def _root(p: argparse.ArgumentParser, *, at_step: bool = False) -> None:

@@ -1,11 +1,16 @@
-"""``ckpt ls``, ``ckpt show`` and ``ckpt verify``: the commands that only read."""
+"""``ckpt ls``, ``ckpt show`` and ``ckpt verify``: the commands that only read.
+
+None of them imports torch; the manifest model (numpy) comes with the first manifest read and
+the verifier (crc32c, safetensors headers) with ``verify``, so ``ckpt ls`` of an empty root
+imports neither."""
 
 from __future__ import annotations
 
 import argparse
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ckpt._concurrency import run_all
 from ckpt.cli._common import (
     EXIT_OK,
     EXIT_PROBLEMS,
@@ -17,15 +22,16 @@ from ckpt.cli._common import (
     progress_bar,
     table,
 )
-from ckpt.engine import executor
 from ckpt.errors import CheckpointNotFoundError, ManifestError
 from ckpt.format.layout import manifest_path
-from ckpt.format.manifest import Manifest
 from ckpt.lifecycle.steps import committed_steps, read_step, resolve_step
-from ckpt.lifecycle.verify import Problem, VerifyReport, verify_manifest
-from ckpt.progress import Progress
-from ckpt.storage import Storage
 from ckpt.units import human_size
+
+if TYPE_CHECKING:
+    from ckpt.format.manifest import Manifest
+    from ckpt.lifecycle.verify import Problem, VerifyReport
+    from ckpt.progress import Progress
+    from ckpt.storage import Storage
 
 _LIST_THREADS = 8  # manifests read concurrently by `ls`
 
@@ -48,7 +54,7 @@ def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
         except CheckpointNotFoundError:
             pass  # retired between the listing and the read
 
-    executor.run_all(load, steps, num_threads=_LIST_THREADS)
+    run_all(load, steps, num_threads=_LIST_THREADS)
     listed = [s for s in steps if s in found]
     if args.json:
         print_json({"root": storage.url, "steps": [_ls_json(s, found[s]) for s in listed]})
@@ -57,7 +63,10 @@ def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     invalid: dict[int, str] = {}
     for s in listed:
         m = found[s]
-        if isinstance(m, Manifest):
+        if isinstance(m, ManifestError):
+            rows.append([str(s), "INVALID", "", "", "", ""])
+            invalid[s] = clean(str(m))
+        else:
             rows.append(
                 [
                     str(s),
@@ -68,9 +77,6 @@ def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
                     str(m.world_size),
                 ]
             )
-        else:
-            rows.append([str(s), "INVALID", "", "", "", ""])
-            invalid[s] = clean(str(m))
     lines = table(rows, right={0, 2, 3, 4, 5})
     print(lines[0])
     for line, s in zip(lines[1:], listed, strict=True):
@@ -79,30 +85,30 @@ def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
 
 
 def _ls_json(step: int, m: Manifest | ManifestError) -> dict[str, Any]:
-    if isinstance(m, Manifest):
+    if isinstance(m, ManifestError):
         return {
             "step": step,
-            "valid": True,
-            "created": m.created,
-            "attempt": m.attempt,
-            "total_bytes": m.total_bytes,
-            "num_tensors": len(m.tensors),
-            "num_files": len(m.files),
-            "num_objects": len(m.objects),
-            "world_size": m.world_size,
-            "problem": None,
+            "valid": False,
+            "created": None,
+            "attempt": None,
+            "total_bytes": None,
+            "num_tensors": None,
+            "num_files": None,
+            "num_objects": None,
+            "world_size": None,
+            "problem": {"error": type(m).__name__, "message": str(m)},
         }
     return {
         "step": step,
-        "valid": False,
-        "created": None,
-        "attempt": None,
-        "total_bytes": None,
-        "num_tensors": None,
-        "num_files": None,
-        "num_objects": None,
-        "world_size": None,
-        "problem": {"error": type(m).__name__, "message": str(m)},
+        "valid": True,
+        "created": m.created,
+        "attempt": m.attempt,
+        "total_bytes": m.total_bytes,
+        "num_tensors": len(m.tensors),
+        "num_files": len(m.files),
+        "num_objects": len(m.objects),
+        "world_size": m.world_size,
+        "problem": None,
     }
 
 
@@ -223,6 +229,8 @@ def cmd_verify(args: argparse.Namespace, opts: dict[str, Any]) -> int:
 
 
 def _run_verify(storage: Storage, m: Manifest, args: argparse.Namespace) -> VerifyReport:
+    from ckpt.lifecycle.verify import verify_manifest
+
     if args.quick:  # a HEAD per file: nothing to show progress of
         return verify_manifest(storage, m, num_threads=args.threads, quick=True)
     bar = progress_bar(m.total_bytes, f"step {m.step}", disable=args.json)

@@ -34,7 +34,7 @@ from typing import Any
 
 import crc32c
 
-from ckpt.engine import executor
+from ckpt import _concurrency
 from ckpt.errors import CheckpointExistsError, HeaderError, PlanError, StorageError
 from ckpt.format import layout, strictjson
 from ckpt.format import manifest as manifest_mod
@@ -100,7 +100,7 @@ def adopt(
         with lock:
             scanned[p] = s
 
-    executor.run_all(scan, paths, num_threads=num_threads)
+    _concurrency.run_all(scan, paths, num_threads=num_threads)
     tensors: dict[str, TensorEntry] = {}
     where_is: dict[str, str] = {}
     for p in paths:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt.engine.executor import run_all
+from ckpt._concurrency import run_all
 from ckpt.errors import (
     CheckpointExistsError,
     CkptWarning,

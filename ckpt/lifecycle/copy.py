@@ -43,7 +43,7 @@ from typing import Any
 
 import crc32c
 
-from ckpt.engine import executor
+from ckpt import _concurrency
 from ckpt.errors import (
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -206,7 +206,7 @@ def copy(
         with contextlib.suppress(FileNotFoundError):  # retired between the listing and the read
             there[step] = dst.read(layout.manifest_path(step))
 
-    executor.run_all(read_dst, [m.step for m in manifests if m.step in dst_steps], num_threads=opts.num_threads)
+    _concurrency.run_all(read_dst, [m.step for m in manifests if m.step in dst_steps], num_threads=opts.num_threads)
     listing = {f.path: f.size for f in dst.list_files()} if any(m.step not in there for m in manifests) else {}
     plan = plan_copy(manifests, listing, there, dst_url=dst.url, check_existing=opts.check_existing)
     if on_plan is not None:
@@ -253,7 +253,7 @@ def copy(
         commit_ready(task.path)
 
     try:
-        executor.run_all(run, todo, num_threads=opts.num_threads)
+        _concurrency.run_all(run, todo, num_threads=opts.num_threads)
         meter.phase("done")
     finally:
         meter.close()
@@ -286,7 +286,7 @@ def _source_manifests(src: Storage, steps: Sequence[int] | None, num_threads: in
                 raise
             # steps=None: an invalid manifest is not a checkpoint; a vanished one is retired
 
-    executor.run_all(load, wanted, num_threads=num_threads)
+    _concurrency.run_all(load, wanted, num_threads=num_threads)
     if not found:
         raise CheckpointNotFoundError(f"{src.url}: no committed checkpoint to copy")
     return [found[s] for s in sorted(found)]
@@ -306,7 +306,7 @@ class _Runner:
     ) -> None:
         self.src, self.dst, self.opts, self.manifests = src, dst, opts, manifests
         self.tally, self.meter = tally, meter
-        self.budget = executor.ByteBudget(opts.max_inflight_bytes)
+        self.budget = _concurrency.ByteBudget(opts.max_inflight_bytes)
         self.throttle = _Throttle(opts.max_bytes_per_s)
         self._shards: dict[int, dict[str, list[_Stored]]] = {}
         self._referenced: set[str] | None = None

@@ -2,13 +2,14 @@
 the newest valid one, and the one check of whether a root may be committed to (with the S3
 conditional-write probe), used by save, copy and adopt alike. Paths come from
 :mod:`ckpt.format.layout`; every storage call runs under the storage's deadline
-(``Storage.io_timeout_s``).
+(``Storage.io_timeout_s``). The manifest model (numpy, crc32c) is imported by the first read:
+listing the steps of a root (``ckpt ls`` of an empty one) does without it.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S
 from ckpt.errors import (
@@ -22,9 +23,10 @@ from ckpt.errors import (
     StorageError,
 )
 from ckpt.format import layout
-from ckpt.format import manifest as manifest_mod
-from ckpt.format.manifest import Manifest
 from ckpt.storage import Root, Storage, open_storage, root_url
+
+if TYPE_CHECKING:
+    from ckpt.format.manifest import Manifest
 
 
 def committed_steps(storage: Storage) -> list[int]:
@@ -98,6 +100,8 @@ def resolve_step(storage: Storage, step: int | None) -> Manifest:
 def read_step(storage: Storage, step: int) -> Manifest:
     """The validated manifest of ``step``: CheckpointNotFoundError if absent, a ManifestError if
     it does not validate. The size is checked before anything is read."""
+    from ckpt.format import manifest as manifest_mod
+
     rel = layout.manifest_path(step)
     where = storage.where(rel)
     try:

@@ -33,8 +33,7 @@ from typing import Any
 
 import crc32c
 
-from ckpt.engine import executor
-from ckpt.engine.executor import DEFAULT_IO_TIMEOUT_S
+from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S, run_all
 from ckpt.errors import (
     ChecksumMismatchError,
     CkptError,
@@ -178,7 +177,7 @@ def verify_manifest(
     # the storage's deadline, on the pool's own threads: every read of a file's check must end
     # in time (each ended call restarts the clock), not the whole file
     try:
-        executor.run_all(check, paths, num_threads=num_threads, timeout_s=storage.io_timeout_s,
+        run_all(check, paths, num_threads=num_threads, timeout_s=storage.io_timeout_s,
                          what=lambda p: f"{storage.where(p)}: verify")  # fmt: skip
         meter.phase("done")
     finally:

@@ -5,18 +5,21 @@ Both describe a region ``(offsets, sizes)`` of a tensor of ``global_shape``. In 
 ``write_shards`` they say what this writer holds; in a restore ``target`` they say which region
 to read into their tensor.
 
-Pure (no I/O).
+Pure (no I/O). Importing it does not import torch (the manifest parser reaches this module
+through :mod:`ckpt.state.tree`): a Shard holds a tensor, so whoever makes one has torch already.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ckpt.engine import owners
 from ckpt.errors import StateError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +62,8 @@ class Shard:
         cls, global_shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype
     ) -> Shard:
         """A restore target: read region ``offsets``/``sizes`` into a new tensor."""
+        import torch
+
         return cls(torch.empty(sizes, dtype=dtype), global_shape, offsets)
 
 
@@ -79,6 +84,7 @@ class DTensorLayout:
 
 def dtensor_layout(dt: torch.Tensor, key: str) -> DTensorLayout:
     """Where a DTensor's local tensor sits, and every rank's region, from its placements."""
+    import torch.distributed
     from torch.distributed.tensor import DTensor, Replicate
     from torch.distributed.tensor import Shard as DShard
 

@@ -20,17 +20,20 @@ import base64
 import math
 import re
 import struct
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
 
 from ckpt.errors import ManifestSchemaError, MissingKeyError, StateError, TargetMismatchError
 from ckpt.format import strictjson
 from ckpt.state.shard import Shard, is_dtensor
+
+if TYPE_CHECKING:
+    import torch
 
 Json = Any  # a JSON-able value (dict/list/str/int/float/bool/None)
 MAX_NESTING = 128  # JSON levels in the tree and in each object; the manifest parser enforces it too
@@ -173,8 +176,15 @@ def decode_value(j: Json, where: str) -> object:
 # --- flatten -----------------------------------------------------------------------------------
 
 
+def _is_torch_tensor(x: object) -> bool:
+    # A torch.Tensor exists only once torch is imported: reading manifests (the ``ckpt`` command
+    # line) imports this module and must not pay for torch.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def _is_tensor_leaf(x: object) -> bool:
-    return isinstance(x, torch.Tensor | np.ndarray | Shard)
+    return isinstance(x, np.ndarray | Shard) or _is_torch_tensor(x)
 
 
 def _holds_tensor(x: object) -> bool:
@@ -211,8 +221,8 @@ def flatten(state: object) -> Flat:
         if is_dtensor(x):
             tensors[path] = x  # type: ignore[assignment]
             return {"tensor": path}
-        if isinstance(x, torch.Tensor):
-            tensors[path] = _check_tensor(x, path)
+        if _is_torch_tensor(x):
+            tensors[path] = _check_tensor(cast("torch.Tensor", x), path)
             return {"tensor": path}
         if not _holds_tensor(x):
             objects[path] = encode_value(x, path)
@@ -243,6 +253,8 @@ def flatten(state: object) -> Flat:
 
 
 def _check_tensor(t: torch.Tensor, path: str) -> torch.Tensor:
+    import torch
+
     if t.layout != torch.strided:
         raise StateError(f"key {path!r}: {t.layout} tensors cannot be saved; call .to_dense() first")
     if t.is_quantized or t.device.type == "meta":
@@ -253,6 +265,8 @@ def _check_tensor(t: torch.Tensor, path: str) -> torch.Tensor:
 def _ndarray_to_tensor(a: np.ndarray, path: str) -> torch.Tensor:
     if a.dtype.kind not in "biufc" or a.dtype.byteorder == ">":
         raise StateError(f"key {path!r}: numpy arrays of dtype {a.dtype} cannot be saved")
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(a))
 
 

@@ -6,26 +6,54 @@ one contract of :class:`Storage` (``_base``): ``_local`` (O_EXCL writes, link co
 gcs, azure...), ``_s3`` (multipart, the conditional-write probe, lost-reply checks, ckpt's own
 retries; its error vocabulary is ``_s3_errors``). Credentials stay inside the fsspec instance;
 messages show the URL only.
+
+Importing this package imports neither fsspec nor the object-store backends (asyncio, s3fs,
+gcsfs, adlfs): :func:`open_storage` imports them for a root that needs them, and a plain local
+path (the ``ckpt`` command line's usual root) opens :class:`LocalStorage` without them. The
+object-store names (``S3Storage``, ``RETRIES``...) are imported on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any, TypeAlias
-
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S
 from ckpt.errors import RootTypeError
 from ckpt.options import RetryPolicy
-from ckpt.storage._azure import AZURE_PROTOCOLS, AzureStorage, open_azure
 from ckpt.storage._base import Checked, Listed, Stat, Storage, Upload
 from ckpt.storage._fsspec import FsspecStorage
-from ckpt.storage._gcs import GCSStorage
 from ckpt.storage._local import LocalStorage
-from ckpt.storage._object import BACKOFFS, PROBE_DIR, RETRIES, ObjectStorage, WriteSizes
-from ckpt.storage._s3 import S3_MAX_REQUESTS, S3Storage
+
+if TYPE_CHECKING:  # at run time from __getattr__: the object-store backends import fsspec, asyncio
+    from ckpt.storage._azure import AzureStorage
+    from ckpt.storage._gcs import GCSStorage
+    from ckpt.storage._object import BACKOFFS, PROBE_DIR, RETRIES, ObjectStorage
+    from ckpt.storage._s3 import S3Storage
+
+# Imported on first use, so that opening a local root imports neither fsspec nor a cloud backend.
+_LAZY: dict[str, str] = {
+    "AzureStorage": "ckpt.storage._azure",
+    "GCSStorage": "ckpt.storage._gcs",
+    "BACKOFFS": "ckpt.storage._object",
+    "PROBE_DIR": "ckpt.storage._object",
+    "RETRIES": "ckpt.storage._object",
+    "ObjectStorage": "ckpt.storage._object",
+    "S3Storage": "ckpt.storage._s3",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "BACKOFFS",
@@ -64,6 +92,7 @@ def root_url(root: Root, what: str = "root") -> str:
 
 _S3_PROTOCOLS = ("s3", "s3a")
 _GCS_PROTOCOLS = ("gs", "gcs")
+_AZURE_PROTOCOLS = ("az", "abfs", "abfss")  # adlfs's
 
 
 def open_storage(
@@ -111,24 +140,40 @@ def _backend(
     """The backend of ``root`` (:func:`open_storage`, whose deadline it does not set)."""
     opts = dict(storage_options or {})
     policy = _retry_policy(opts.pop("ckpt_retry", None), retry)
-    requests = int(max_requests or opts.pop("ckpt_max_requests", None) or S3_MAX_REQUESTS)
+    given = max_requests or opts.pop("ckpt_max_requests", None)
     opts.pop("ckpt_max_requests", None)
-    if requests < 1:
+    requests = int(given) if given else None  # None: the backend's default
+    if requests is not None and requests < 1:
         raise ValueError("ckpt_max_requests must be >= 1")
     checksums = _flag(opts.pop("ckpt_s3_checksums", True), "ckpt_s3_checksums")
+    if _plain_local_path(root) and not opts:
+        return LocalStorage(os.path.expanduser(root))  # what fsspec would open, without importing it
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
     protocol = fsspec.core.split_protocol(root)[0]
-    writes = WriteSizes(part_bytes, single_put_max_bytes, max_inflight_bytes)
-    if protocol in _GCS_PROTOCOLS:
-        # ckpt makes its own requests on gcsfs's session: gcsfs's retry loop is never entered
-        fs, path = fsspec.core.url_to_fs(root, **opts)
-        return GCSStorage(fs, path, retry=policy, max_requests=requests, writes=writes)
-    if protocol in AZURE_PROTOCOLS:
-        return open_azure(root, opts, retry=policy, max_requests=requests, writes=writes)
-    if protocol not in _S3_PROTOCOLS:
+    if protocol not in (*_S3_PROTOCOLS, *_GCS_PROTOCOLS, *_AZURE_PROTOCOLS):
         fs, path = fsspec.core.url_to_fs(root, **opts)
         if isinstance(fs, LocalFileSystem):
             return LocalStorage(path)
         return FsspecStorage(fs, path)
+    # an object store: ckpt's own backend for it (each imports its client library's world)
+    from ckpt.storage._object import MAX_REQUESTS, WriteSizes
+
+    requests = requests or MAX_REQUESTS
+    writes = WriteSizes(part_bytes, single_put_max_bytes, max_inflight_bytes)
+    if protocol in _GCS_PROTOCOLS:
+        from ckpt.storage._gcs import GCSStorage
+
+        # ckpt makes its own requests on gcsfs's session: gcsfs's retry loop is never entered
+        fs, path = fsspec.core.url_to_fs(root, **opts)
+        return GCSStorage(fs, path, retry=policy, max_requests=requests, writes=writes)
+    if protocol in _AZURE_PROTOCOLS:
+        from ckpt.storage._azure import open_azure
+
+        return open_azure(root, opts, retry=policy, max_requests=requests, writes=writes)
+    from ckpt.storage._s3 import S3Storage
+
     config = dict(opts.get("config_kwargs") or {})
     own_retries = "retries" not in config  # the caller did not choose botocore's: ckpt owns them
     if own_retries:
@@ -149,6 +194,18 @@ def _backend(
     storage = S3Storage(fs, path, retry=policy, max_requests=requests, writes=writes)
     storage.checksums = checksums
     return storage
+
+
+def _plain_local_path(root: str) -> bool:
+    """Whether fsspec would open ``root`` as a local path given as is (no protocol, no chain, no
+    ``file:`` prefix; POSIX only): its LocalFileSystem path then is ``root`` with ``~`` expanded,
+    made absolute, as :class:`LocalStorage` makes it."""
+    return (
+        os.sep == "/"
+        and "://" not in root
+        and "::" not in root
+        and not root.startswith(("file:", "local:", "data:"))
+    )
 
 
 def trusts_create_only(fs: Any) -> bool:

@@ -60,7 +60,6 @@ from ckpt.storage._object import ObjectStorage, WriteSizes
 T = TypeVar("T")
 log = logging.getLogger("ckpt.storage")
 
-AZURE_PROTOCOLS = ("az", "abfs", "abfss")  # adlfs's
 _MiB = 1 << 20
 # Writes: a file of at most AZ_SINGLE_PUT_MAX_BYTES goes up as one Put Blob; a bigger one as
 # blocks of AZ_BLOCK_BYTES, at most AZ_BLOCKS_PER_FILE in flight per file.
