@@ -381,6 +381,19 @@ def plot_cli(result: dict[str, Any], out: str) -> list[str]:
     return []  # the table carries it
 
 
+# --- keys (schema and table owned by benchmarks/keys_bench.py) ----------------------------------------
+
+
+def keys_markdown(result: dict[str, Any]) -> str:
+    from benchmarks.keys_bench import report
+
+    return report(result)
+
+
+def plot_keys(result: dict[str, Any], out: str) -> list[str]:
+    return []  # the table carries it
+
+
 # --- stall (benchmarks/stall_bench.py) ---------------------------------------------------------------
 
 
@@ -723,6 +736,7 @@ def generate(out: str, md_path: str | None = "BENCHMARKS.md") -> str:
         ("cloud", "GCS and Azure emulators: ckpt vs the raw clients", cloud_markdown, plot_cloud),
         ("dcp", "DCP storages: ckpt.dcp vs FileSystemWriter and FsspecWriter", dcp_markdown, plot_dcp),
         ("cli", "Command line start-up", cli_markdown, plot_cli),
+        ("keys", "Many small tensors: ckpt vs torch.save, safetensors and DCP", keys_markdown, plot_keys),
     ):
         data = _load(out, f"{part}_bench.json")
         if data is not None:

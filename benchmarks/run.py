@@ -14,6 +14,8 @@ Parts, each in its own process (see benchmarks/README.md):
   (CheckpointManager), 1 GiB on local disk and 256 MiB on moto;
 - cloud: ``benchmarks.cloud_bench``: ckpt vs gcsfs/adlfs and obstore on fake-gcs-server and
   Azurite, 256 MiB (the ckpt rows of a backend ckpt lacks are skipped);
+- keys: ``benchmarks.keys_bench``: states of 20k and 100k small tensors vs torch.save/load,
+  safetensors and DCP; restoring 10 keys; ``ckpt ls`` of 100 such steps;
 - dcp: ``benchmarks.dcp_bench``: ``dcp.save``/``dcp.load`` through ``ckpt.dcp`` vs DCP's
   FileSystemWriter/Reader (1 GiB, local disk) and FsspecWriter/Reader (250 MiB, moto S3), 1, 2
   and 4 gloo ranks;
@@ -39,7 +41,7 @@ import sys
 import time
 from typing import Any
 
-PARTS = ("local", "scale", "dist", "s3", "stall", "cloud", "dcp", "cli")
+PARTS = ("local", "scale", "dist", "s3", "stall", "cloud", "dcp", "cli", "keys")
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 
 
@@ -68,6 +70,8 @@ def part_command(part: str, args: argparse.Namespace) -> list[str] | None:
         return [*py, "benchmarks.dcp_bench", "--out", args.out, *quick, *runs]
     if part == "cli":
         return [*py, "benchmarks.cli_bench", "--out", args.out, *quick, *runs]
+    if part == "keys":
+        return [*py, "benchmarks.keys_bench", "--out", args.out, *quick, *runs]
     raise ValueError(part)
 
 
