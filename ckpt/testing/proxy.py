@@ -11,7 +11,8 @@ valid. ``Expect: 100-continue`` is answered by the proxy itself and not forwarde
 signs it). ``--bandwidth`` caps each connection's transfer rate in bytes/s, each direction
 (requests on one HTTP/1.1 connection are sequential, so the cap is applied per request).
 
-Requests are counted by method: ``LatencyProxy.counts`` in process, ``GET /__proxy_stats``
+Requests are counted by method: ``LatencyProxy.counts`` in process (and listed in arrival
+order, ``LatencyProxy.requests``: ``"GET /bucket/key?query"``, the last 10,000), ``GET /__proxy_stats``
 (JSON: ``{"requests": {method: n}, "total": n, "bytes_in": n, "bytes_out": n}``) over HTTP;
 ``POST /__proxy_stats/reset`` zeroes them. Requests to ``/__proxy_stats`` are not counted.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import signal
@@ -88,6 +90,7 @@ class LatencyProxy:
         self.log = log  # one line per request on stderr: method, path, status, bytes, seconds
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        self._seen: collections.deque[str] = collections.deque(maxlen=10_000)
         self._bytes_in = 0
         self._bytes_out = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,6 +106,13 @@ class LatencyProxy:
         """Requests forwarded so far, by HTTP method (a snapshot)."""
         with self._lock:
             return dict(self._counts)
+
+    @property
+    def requests(self) -> list[str]:
+        """The requests forwarded since the last reset, in arrival order: method, raw path and
+        query (``"HEAD /bucket/run/steps/000000000001/manifest.json"``)."""
+        with self._lock:
+            return list(self._seen)
 
     @property
     def total(self) -> int:
@@ -121,6 +131,7 @@ class LatencyProxy:
     def reset(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._seen.clear()
             self._bytes_in = self._bytes_out = 0
 
     def _add_bytes(self, n_in: int = 0, n_out: int = 0) -> None:
@@ -204,6 +215,7 @@ class LatencyProxy:
                 return self._stats_response(request)
             with self._lock:
                 self._counts[request.method] = self._counts.get(request.method, 0) + 1
+                self._seen.append(f"{request.method} {request.raw_path}")
             t0 = time.monotonic()
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
