@@ -17,7 +17,12 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.errors import CheckpointExistsError, ManifestTooLargeError, MissingShardError, ShardSizeMismatchError
+from ckpt.errors import (
+    CheckpointExistsError,
+    ManifestTooLargeError,
+    MissingShardError,
+    ShardSizeMismatchError,
+)
 from ckpt.format import manifest as manifest_mod
 from ckpt.storage import open_storage
 from ckpt.testing.proxy import LatencyProxy
