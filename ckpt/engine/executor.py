@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -124,9 +124,12 @@ def read_plan(
     num_threads: int,
     max_inflight_bytes: int,
     meter: Meter | None = None,
+    file_sizes: Mapping[str, int] | None = None,
 ) -> None:
     """Run every read of ``plan`` into ``dests`` (flat byte views, one per request). ``meter``
-    counts each read's bytes once checked, and each file once all its reads are."""
+    counts each read's bytes once checked, and each file once all its reads are.
+    ``file_sizes``: each file's expected size, checked by every read of it
+    (``Storage.read_into_sized``) where the caller did not stat the files first."""
     budget = ByteBudget(max_inflight_bytes)
     counting = meter is not None and meter.active
     left = collections.Counter(op.path for op in plan.reads) if counting else collections.Counter[str]()
@@ -161,7 +164,10 @@ def read_plan(
                     else:
                         c = next(copies)
                         segments.append(dests[dest][c.dest_offset : c.dest_offset + length])
-            storage.read_into(op.path, op.range.start, segments)
+            if file_sizes is None:
+                storage.read_into(op.path, op.range.start, segments)
+            else:
+                storage.read_into_sized(op.path, op.range.start, segments, file_size=file_sizes[op.path])
             _verify(storage, op, segments)
             if scratch is not None:
                 for c in op.copies:

@@ -9,6 +9,7 @@ the result, so a committed manifest always passes the same validation a reader a
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import operator
 import warnings
@@ -279,30 +280,44 @@ def publish(storage: Storage, m: Manifest, *, fsync: bool, update_latest: bool) 
     rel = manifest_path(m.step)
     data = m.to_json()
     where = storage.where(rel)
-    if not storage.put_if_absent(rel, data, fsync=fsync):
-        blob = storage.read(rel)
-        existing = manifest_mod.parse(blob, where=where, expected_step=m.step)
-        if existing.attempt != m.attempt:
-            raise CheckpointExistsError(
-                f"{storage.url}: step {m.step} was committed by attempt {existing.attempt} "
-                f"(ours: {m.attempt}); our data is garbage for gc"
-            )
-    if update_latest:
-        try:
-            _update_latest(storage, m.step, fsync=fsync)
-        except StorageError as err:  # the step is committed; LATEST is only a hint (FORMAT 9.4)
-            warnings.warn(f"step {m.step} is committed, but the LATEST hint was not updated: {err}", CkptWarning, stacklevel=3)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-latest") as pool:
+        # the hint is read while the manifest is written (one round trip, not two); it is
+        # only acted on once the commit has succeeded
+        hint = pool.submit(_read_hint, storage) if update_latest else None
+        if not storage.put_if_absent(rel, data, fsync=fsync):
+            blob = storage.read(rel)
+            existing = manifest_mod.parse(blob, where=where, expected_step=m.step)
+            if existing.attempt != m.attempt:
+                raise CheckpointExistsError(
+                    f"{storage.url}: step {m.step} was committed by attempt {existing.attempt} "
+                    f"(ours: {m.attempt}); our data is garbage for gc"
+                )
+        if hint is not None:
+            try:
+                _update_latest(storage, m.step, hint.result(), fsync=fsync)
+            except StorageError as err:  # the step is committed; LATEST is only a hint (FORMAT 9.4)
+                warnings.warn(f"step {m.step} is committed, but the LATEST hint was not updated: {err}", CkptWarning, stacklevel=3)
 
 
-def _update_latest(storage: Storage, step: int, *, fsync: bool) -> None:
-    """LATEST is a hint for humans and other tools; ckpt itself always lists ``steps/``."""
+def _read_hint(storage: Storage) -> int | None:
+    """The step LATEST names, or None (missing, damaged, unreadable)."""
     try:
         blob = storage.read(LATEST)
         current = strictjson.loads(blob, what=LATEST, error=ValueError, max_bytes=4096)
-        hinted = current.get("step") if isinstance(current, dict) else None
-        if type(hinted) is int and (hinted == step or (hinted > step and storage.exists(manifest_path(hinted)))):
-            return  # a newer committed step is named already
     except (ValueError, OSError):
-        pass  # missing or damaged hint, or one naming a step that is not there: rewrite it
+        return None
+    hinted = current.get("step") if isinstance(current, dict) else None
+    return hinted if type(hinted) is int else None
+
+
+def _update_latest(storage: Storage, step: int, hinted: int | None, *, fsync: bool) -> None:
+    """LATEST is a hint for humans and other tools; ckpt itself always lists ``steps/``. It is
+    rewritten unless it names ``step`` or a newer committed step already (``hinted``: what it
+    named when read)."""
+    try:
+        if hinted is not None and (hinted == step or (hinted > step and storage.exists(manifest_path(hinted)))):
+            return  # a newer committed step is named already
+    except OSError:
+        pass  # the named step cannot be checked: rewrite it
     hint = strictjson.dumps({"step": step})
     storage.put(LATEST, hint, fsync=fsync)

@@ -232,11 +232,19 @@ def read_regions(
     plan of verified ranged reads into ``dests[i]`` (a contiguous CPU tensor of the saved dtype,
     shaped like the box), or into a tensor allocated for a None; the files' sizes are checked
     before anything is allocated or read (``sizes_checked``: the caller did, for every key it
-    will ask for, once). Returns the filled tensors."""
+    will ask for, once). Returns the filled tensors.
+
+    Where every destination is given (nothing is allocated, so a manifest claiming more bytes
+    than its files hold cannot make this allocate them) and the backend learns a file's size
+    from each read's reply (``Storage.sizes_on_reads``: S3), the reads check the sizes instead
+    of a stat per file first: one round trip less before the data moves. A mismatch or missing
+    file found there is then reported as the stats would have (naming the keys)."""
+    keys = list(dict.fromkeys(r.key for r in requests))
+    in_reads = not sizes_checked and storage.sizes_on_reads and all(d is not None for d in dests)
     # Stat the files of the requested tensors before planning: a plan is as big as the bytes
     # the manifest claims, so a lying manifest (a 4 TiB tensor over a small file) stops here.
-    if not sizes_checked:
-        _check_sizes(storage, m, list(dict.fromkeys(r.key for r in requests)), options.num_threads)
+    if not sizes_checked and not in_reads:
+        _check_sizes(storage, m, keys, options.num_threads)
     out = [
         d if d is not None else torch.empty(r.box.sizes, dtype=dtypes.BY_CODE[m.tensors[r.key].dtype].torch_dtype)
         for r, d in zip(requests, dests, strict=True)
@@ -252,14 +260,20 @@ def read_regions(
         paths = {op.path for op in plan.reads}
         meter.phase("read", bytes_total=meter.bytes_done + sum(op.range.length for op in plan.reads),
                     files_total=meter.files_done + len(paths))  # fmt: skip
-    executor.read_plan(
-        storage,
-        plan,
-        [executor.byte_view(d) for d in out],
-        num_threads=options.num_threads,
-        max_inflight_bytes=options.max_inflight_bytes,
-        meter=meter,
-    )
+    try:
+        executor.read_plan(
+            storage,
+            plan,
+            [executor.byte_view(d) for d in out],
+            num_threads=options.num_threads,
+            max_inflight_bytes=options.max_inflight_bytes,
+            meter=meter,
+            file_sizes={p: m.files[p].size for p in plan.files} if in_reads else None,
+        )
+    except (MissingShardError, ShardSizeMismatchError):
+        if in_reads:  # the stats name the keys a missing or resized file holds
+            _check_sizes(storage, m, keys, options.num_threads)
+        raise
     return out
 
 

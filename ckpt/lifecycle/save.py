@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import datetime
 import logging
 import math
@@ -68,17 +70,22 @@ def _storage(a: Attempt, storage_options: dict[str, Any] | None) -> Storage:
     )  # fmt: skip
 
 
-def _begin(storage: Storage, a: Attempt) -> None:
+def _begin(storage: Storage, a: Attempt, *, check_step: bool = True) -> None:
+    """May we commit here (the probe), no links, and (``check_step``) the step is free."""
     step = a.step
     steps.ensure_committable(storage, allow_non_atomic=a.options.allow_non_atomic_commit, switch="SaveOptions")
     rel = layout.manifest_path(step)
     # a linked steps/ or data/ is refused here, before any writer writes (Storage.check_no_links)
     storage.check_no_links(rel)
     storage.check_no_links(layout.shard_path(step, a.attempt, 0, 0))
-    if storage.exists(rel):
-        raise CheckpointExistsError(f"{storage.url}: step {step} is already committed")
+    if check_step and storage.exists(rel):
+        raise _taken(storage, step)
     _log.info("%s: step %d: attempt %s begins (%d writer%s)", storage.url, step, a.attempt, a.world_size,
               "" if a.world_size == 1 else "s")  # fmt: skip
+
+
+def _taken(storage: Storage, step: int) -> CheckpointExistsError:
+    return CheckpointExistsError(f"{storage.url}: step {step} is already committed")
 
 
 def write_shards(
@@ -261,11 +268,15 @@ def commit(
     return _commit(_storage(attempt, storage_options), attempt, reports)
 
 
-def _commit(storage: Storage, attempt: Attempt, reports: list[Report]) -> Manifest:
+def _commit(storage: Storage, attempt: Attempt, reports: list[Report], *, stat_files: bool = True) -> Manifest:
+    """Build, check and publish the manifest. ``stat_files=False``: the caller wrote every file
+    through ``storage`` itself and the backend confirmed each write's size
+    (``Storage.write_confirms_size``), so the stats would only repeat what it knows."""
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     m = commit_mod.build_manifest(attempt, reports, created=created)
     opts = attempt.options
-    commit_mod.check_files(storage, m, num_threads=opts.num_threads)
+    if stat_files:
+        commit_mod.check_files(storage, m, num_threads=opts.num_threads)
     commit_mod.publish(storage, m, fsync=opts.fsync, update_latest=opts.update_latest)
     _log.info("%s: step %d committed: %d tensors, %d files, %s from %d writer%s", storage.url, m.step,
               len(m.tensors), len(m.files), human_size(m.total_bytes), attempt.world_size,
@@ -285,17 +296,34 @@ def save(
 ) -> Manifest:
     """Save ``state`` as checkpoint ``step`` from one process. Raises CheckpointExistsError if
     ``step`` is already committed. ``progress``: a callable given a ``ckpt.Progress`` as the bytes
-    are written (phases "write", "commit", "done"), or True for a tqdm bar (``ckpt.progress``)."""
+    are written (phases "write", "commit", "done"), or True for a tqdm bar (``ckpt.progress``).
+
+    Round trips (docs/s3.md, "Requests of a save and a restore"): the early "is the step
+    free?" check runs while the data is written (a refused save deletes what it wrote), and
+    files whose writes the backend confirmed are not stat-checked again before the commit."""
     root = root_url(root)
     a = attempt_mod.new_attempt(root, step, 1, options or SaveOptions(), user_metadata)
     storage = _storage(a, storage_options)  # one storage for the whole save
     meter = Meter("save", progress, step=step, retries=lambda: storage.retries)
     try:
-        _begin(storage, a)
-        report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive", meter=meter)
+        _begin(storage, a, check_step=False)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-step-check") as pool:
+            taken = pool.submit(storage.exists, layout.manifest_path(step))
+            report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive", meter=meter)
+            if taken.result():
+                _discard(storage, a, report)
+                raise _taken(storage, step)
         meter.phase("commit")
-        m = _commit(storage, a, [report])
+        m = _commit(storage, a, [report], stat_files=not storage.write_confirms_size)
         meter.phase("done")
     finally:
         meter.close()
     return m
+
+
+def _discard(storage: Storage, a: Attempt, report: Report) -> None:
+    """Delete the files of a refused save (best effort: what stays is garbage for gc)."""
+    with contextlib.suppress(Exception):
+        for path in report["files"]:
+            storage.delete(path)
+        storage.remove_empty_dir(layout.data_dir(a.step, a.attempt))

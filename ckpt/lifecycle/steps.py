@@ -99,20 +99,20 @@ def resolve_step(storage: Storage, step: int | None) -> Manifest:
 
 def read_step(storage: Storage, step: int) -> Manifest:
     """The validated manifest of ``step``: CheckpointNotFoundError if absent, a ManifestError if
-    it does not validate. The size is checked before anything is read."""
+    it does not validate. The size is checked before anything is read (``Storage.read_small``:
+    one GetObject on S3, whose reply states the size before the body)."""
     from ckpt.format import manifest as manifest_mod
 
     rel = layout.manifest_path(step)
     where = storage.where(rel)
     try:
-        size = storage.size(rel)
-        if size > manifest_mod.MAX_MANIFEST_BYTES:
-            raise ManifestTooLargeError(
-                f"{where}: {size} bytes is over the {manifest_mod.MAX_MANIFEST_BYTES}-byte manifest cap"
-            )
-        data = storage.read(rel)
+        size, data = storage.read_small(rel, manifest_mod.MAX_MANIFEST_BYTES)
     except MissingShardError:  # absent, or retired between the stat and the read
         raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint for step {step}") from None
+    if data is None:
+        raise ManifestTooLargeError(
+            f"{where}: {size} bytes is over the {manifest_mod.MAX_MANIFEST_BYTES}-byte manifest cap"
+        )
     if len(data) < size:  # manifests are never rewritten: fewer bytes than stat said is a failed read
         raise StorageError(f"{where}: short read: got {len(data)} of its {size} bytes")
     return manifest_mod.parse(data, where=storage.where(rel), expected_step=step)

@@ -76,6 +76,8 @@ DEADLINED = {
     "sync_dirs": "fsync",
     "read": "read",
     "read_into": "read",
+    "read_small": "read",
+    "read_into_sized": "read",
     "size": "stat",
     "stat": "stat",
     "exists": "exists",
@@ -125,6 +127,11 @@ class Storage(abc.ABC):
     local_disk: bool = False
     #: ``write_file`` consumes each chunk before asking for the next (a caller may reuse one buffer)
     streams_chunks: bool = False
+    #: a ``write_file`` that returned stored exactly ``size`` bytes: the service acknowledged
+    #: the whole body (object stores); a caller that wrote a file need not stat it again
+    write_confirms_size: bool = False
+    #: ``read_into_sized`` checks the file's size from the read's own reply (no stat request)
+    sizes_on_reads: bool = False
     #: the service's create-only precondition, for messages ("If-None-Match on PutObject")
     precondition: str = "the create-only precondition"
     #: seconds each call of the contract may take (a streamed write: between two chunks); None:
@@ -243,6 +250,21 @@ class Storage(abc.ABC):
     def read_into(self, rel: str, start: int, buffers: list[memoryview]) -> None:
         """Fill ``buffers`` with the bytes of ``rel`` from ``start`` on, in order (zero-length
         buffers allowed); a file that ends early, or before ``start``, is ShardSizeMismatchError."""
+
+    def read_small(self, rel: str, max_bytes: int) -> tuple[int, bytes | None]:
+        """The size of the small file ``rel`` and its bytes; None for the bytes (never read)
+        when the size is over ``max_bytes``. Here a stat, then a read; a backend whose read
+        reply states the size before its body (S3) makes it one request."""
+        size = self.size(rel)
+        if size > max_bytes:
+            return size, None
+        return size, self.read(rel)
+
+    def read_into_sized(self, rel: str, start: int, buffers: list[memoryview], *, file_size: int) -> None:
+        """:meth:`read_into`, where the file is expected to be ``file_size`` bytes: a backend
+        with ``sizes_on_reads`` checks that from the read's reply (ShardSizeMismatchError);
+        here it is a plain ``read_into`` (the caller stats the file first)."""
+        self.read_into(rel, start, buffers)
 
     @abc.abstractmethod
     def size(self, rel: str) -> int:

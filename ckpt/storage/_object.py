@@ -88,6 +88,7 @@ class ObjectStorage(FsspecStorage):
 
     atomic_create = True
     streams_chunks = True
+    write_confirms_size = True  # one body of exactly ``size`` bytes, or parts that add up to it
 
     def __init__(
         self, fs: Any, path: str, *, retry: RetryPolicy, max_requests: int, writes: WriteSizes

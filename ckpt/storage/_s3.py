@@ -63,6 +63,7 @@ class S3Storage(ObjectStorage):
     precondition = "If-None-Match on PutObject"
     #: uploads carry ckpt's CRC-32C for S3 to check and keep (storage option ``ckpt_s3_checksums``)
     checksums: bool = True
+    sizes_on_reads = True  # a ranged GetObject's reply names the object's size (Content-Range)
 
     def _sizes(self, part_bytes: int | None) -> tuple[int, int]:
         return max(_S3_MIN_PART, part_bytes or S3_PART_BYTES), S3_SINGLE_PUT_MAX_BYTES
@@ -308,10 +309,49 @@ class S3Storage(ObjectStorage):
             blob: bytes = fsspec.asyn.sync(self.fs.loop, self._s3_get, bucket, key)
             return blob
 
+    def read_small(self, rel: str, max_bytes: int) -> tuple[int, bytes | None]:
+        """One GetObject: its reply's Content-Length is checked before the body is read (a file
+        over ``max_bytes`` is never read: the connection is dropped)."""
+        with self._errors("read", rel):
+            bucket, key, _ = self.fs.split_path(self.path(rel))
+            got: tuple[int, bytes | None] = fsspec.asyn.sync(
+                self.fs.loop, self._s3_get_small, bucket, key, max_bytes
+            )
+            return got
+
+    async def _s3_get_small(self, bucket: str, key: str, max_bytes: int) -> tuple[int, bytes | None]:
+        async def once() -> tuple[int, bytes | None]:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            body = resp["Body"]
+            try:
+                size = int(resp["ContentLength"])
+                if size > max_bytes:
+                    return size, None
+                data: bytes = await body.read()
+            finally:
+                body.close()
+            return size, data
+
+        return await self._retrying("get_object", once)
+
     def read_into(self, rel: str, start: int, buffers: list[memoryview]) -> None:
+        self._read_into(rel, start, buffers, None)
+
+    def read_into_sized(self, rel: str, start: int, buffers: list[memoryview], *, file_size: int) -> None:
+        """A ranged GetObject whose reply's Content-Range names the object's size: one that is
+        not ``file_size`` is ShardSizeMismatchError (no HeadObject needed before the reads)."""
+        self._read_into(rel, start, buffers, file_size)
+
+    def _read_into(self, rel: str, start: int, buffers: list[memoryview], file_size: int | None) -> None:
         total = sum(len(b) for b in buffers)
         with self._errors(f"read of [{start}, {start + total})", rel):
-            got = fsspec.asyn.sync(self.fs.loop, self._s3_read_into, rel, start, buffers, total)
+            got, seen = fsspec.asyn.sync(self.fs.loop, self._s3_read_into, rel, start, buffers, total)
+            if file_size is not None and seen is None:  # no Content-Range in the reply: ask
+                seen = self.size(rel)
+        if file_size is not None and seen != file_size:
+            raise ShardSizeMismatchError(
+                f"{self.where(rel)}: {seen} bytes, the manifest says {file_size}; truncated or extended"
+            )
         if got != total:
             raise ShardSizeMismatchError(
                 f"{self.where(rel)}: short read at [{start}, {start + total}): got {got} bytes"
@@ -319,16 +359,17 @@ class S3Storage(ObjectStorage):
 
     async def _s3_read_into(
         self, rel: str, start: int, buffers: list[memoryview], total: int
-    ) -> int:
+    ) -> tuple[int, int | None]:
         """One ranged GetObject streamed straight into ``buffers`` (one copy: from the HTTP
-        client's receive chunks into place); the bytes read. A request that fails, or a body
+        client's receive chunks into place); the bytes read, and the object's size as the
+        reply's Content-Range states it (None if it does not). A request that fails, or a body
         that breaks off or is cut short, is tried again from the start of the range (retry
         policy); the restorer checks the CRC of what lands."""
         if total == 0:
-            return 0
+            return 0, None
         bucket, key, _ = self.fs.split_path(self.path(rel))
 
-        async def once() -> int:
+        async def once() -> tuple[int, int | None]:
             try:
                 resp = await self.fs._call_s3(
                     "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{start + total - 1}"
@@ -336,13 +377,14 @@ class S3Storage(ObjectStorage):
             except Exception as err:
                 status, code = s3_error(err)
                 if status == 416 or code == "InvalidRange":  # the range starts past the end
-                    return 0  # a short read (ShardSizeMismatchError), as on every backend
+                    return 0, None  # a short read (ShardSizeMismatchError), as on every backend
                 raise
             body = resp["Body"]
             try:
-                return await stream_into(body, buffers)
+                got = await stream_into(body, buffers)
             finally:
                 body.close()
+            return got, _object_size(resp.get("ContentRange"))
 
         return await self._retrying("get_object", once)
 
@@ -399,6 +441,14 @@ class S3Storage(ObjectStorage):
             self.call_s3(
                 "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id
             )
+
+
+def _object_size(content_range: object) -> int | None:
+    """The object's size from a Content-Range reply header (``bytes 0-99/1234``), or None."""
+    if not isinstance(content_range, str) or "/" not in content_range:
+        return None
+    total = content_range.rsplit("/", 1)[1].strip()
+    return int(total) if total.isdigit() else None
 
 
 class _UploadGone(Exception):

@@ -12,7 +12,8 @@ signs it). ``--bandwidth`` caps each connection's transfer rate in bytes/s, each
 (requests on one HTTP/1.1 connection are sequential, so the cap is applied per request).
 
 Requests are counted by method: ``LatencyProxy.counts`` in process (and each one is remembered,
-``LatencyProxy.seen``: method, path and the checksum headers of the last 100,000), ``GET /__proxy_stats``
+``LatencyProxy.seen``: method, path and the checksum headers of the last 100,000; the same in
+arrival order as text, ``LatencyProxy.requests``: ``"GET /bucket/key?query"``), ``GET /__proxy_stats``
 (JSON: ``{"requests": {method: n}, "total": n, "bytes_in": n, "bytes_out": n}``) over HTTP;
 ``POST /__proxy_stats/reset`` zeroes them. Requests to ``/__proxy_stats`` are not counted.
 
@@ -81,6 +82,7 @@ class Seen:
     method: str
     path: str
     headers: dict[str, str]
+    raw_path: str = ""  # path and query, as sent
 
 
 class LatencyProxy:
@@ -126,6 +128,12 @@ class LatencyProxy:
         """The requests forwarded since the last reset, oldest first (a snapshot)."""
         with self._lock:
             return list(self._seen)
+
+    @property
+    def requests(self) -> list[str]:
+        """The requests forwarded since the last reset, in arrival order: method, raw path and
+        query (``"HEAD /bucket/run/steps/000000000001/manifest.json"``)."""
+        return [f"{s.method} {s.raw_path}" for s in self.seen]
 
     @property
     def total(self) -> int:
@@ -229,7 +237,7 @@ class LatencyProxy:
             kept = {k.lower(): v for k, v in request.headers.items() if k.lower().startswith(SEEN_HEADERS)}
             with self._lock:
                 self._counts[request.method] = self._counts.get(request.method, 0) + 1
-                self._seen.append(Seen(request.method, request.path, kept))
+                self._seen.append(Seen(request.method, request.path, kept, request.raw_path))
             t0 = time.monotonic()
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
