@@ -8,7 +8,7 @@ same semantics, checked by the conformance suite in :mod:`ckpt.testing.storage_t
   never changed; see the method for a file holding exactly our bytes);
 - ``put``: replace a small file atomically (the LATEST hint only);
 - ``read`` / ``read_into`` / ``size`` / ``exists``: whole small files, ranged reads into caller
-  memory, sizes, presence; a missing file is ``MissingShardError``;
+  memory (``read_pieces``: one ranged read in pieces, each handed back as it lands), sizes, presence; a missing file is ``MissingShardError``;
 - ``list_files`` / ``delete`` / ``remove_empty_dir``: listing under a prefix, deleting one file,
   tidying empty directories (local disks);
 - ``multipart_uploads`` / ``abort_upload``: uploads in progress (object stores);
@@ -36,7 +36,7 @@ import collections
 import contextlib
 import errno
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,7 @@ DEADLINED = {
     "sync_dirs": "fsync",
     "read": "read",
     "read_into": "read",
+    "read_pieces": "read",
     "size": "stat",
     "exists": "exists",
     "list_files": "listing",
@@ -212,6 +213,21 @@ class Storage(abc.ABC):
     def read_into(self, rel: str, start: int, buffers: list[memoryview]) -> None:
         """Fill ``buffers`` with the bytes of ``rel`` from ``start`` on, in order (zero-length
         buffers allowed); a file that ends early, or before ``start``, is ShardSizeMismatchError."""
+
+    def read_pieces(
+        self, rel: str, start: int, pieces: Sequence[list[memoryview]], landed: Callable[[int], None]
+    ) -> None:
+        """``read_into`` of the buffers of ``pieces`` laid end to end, one piece after the other:
+        ``landed(i)`` is called on this thread once piece ``i`` holds its bytes, before piece
+        ``i + 1`` is read (the restorer checks each piece's checksums there, while the bytes are
+        still in the CPU's cache and its other reads are in flight); an error it raises ends the
+        read. This default makes one ``read_into`` per piece; a backend that can fill several
+        pieces from one open file or one request overrides it."""
+        pos = start
+        for i, piece in enumerate(pieces):
+            self.read_into(rel, pos, piece)
+            pos += sum(len(b) for b in piece)
+            landed(i)
 
     @abc.abstractmethod
     def size(self, rel: str) -> int:
