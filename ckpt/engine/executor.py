@@ -4,8 +4,12 @@ Save streams tensor memory straight into shard files (no serialization copy on l
 computing the per-block crc32c as the bytes go by (one pass; the per-file CRC is combined from
 the blocks' CRCs). Restore issues the planned
 ranged reads in parallel, reading straight into destination memory where the copies of a read
-tile it (``preadv`` on local disks), verifies every block checksum, then scatters the rest.
-The first failure cancels the reads not yet started. Each file write and each read is one
+tile it (``preadv`` on local disks), verifies every block checksum, then scatters the rest. On a
+local disk a read is made in pieces of whole blocks (:data:`PIECE_BYTES`), and each piece's
+blocks are checked as soon as it lands, before the worker reads the next: the checksums run on
+bytes still in the CPU's cache, while the other workers' reads are in flight, rather than all
+after their read (the last read's checksums alone on the critical path), and a mismatch stops
+its read there. The first failure cancels the reads not yet started. Each file write and each read is one
 storage call, run by the pool's workers under the storage's deadline (``Storage.io_timeout_s``;
 a write's clock restarts at each chunk it takes), with no thread of its own.
 """
@@ -40,9 +44,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 _MAX_IOVECS = 512  # beyond this many segments, read into scratch and copy instead
 # Local disks: a verified read is made in pieces of this many bytes (whole checksum blocks), each
-# checked as it lands, so the checksums overlap the other workers' reads (read_plan). Small
-# enough that the last checksums after the last read are short, large enough that the extra
-# calls (one open and preadv each) cost nothing next to the bytes.
+# checked as it lands (read_plan). Small enough that a piece is still in the CPU's cache when its
+# checksums run and that the checksums after the last read are short; large enough that the
+# extra preadv per piece costs nothing next to the bytes.
 PIECE_BYTES = 4 << 20
 
 
