@@ -8,8 +8,9 @@ same semantics, checked by the conformance suite in :mod:`ckpt.testing.storage_t
   never changed; see the method for a file holding exactly our bytes);
 - ``put``: replace a small file atomically (the LATEST hint only);
 - ``read`` / ``read_into`` / ``size`` / ``stat`` / ``exists``: whole small files, ranged reads
-  into caller memory, sizes, a size with the checksum the service stores (``Stat``), presence;
-  a missing file is ``MissingShardError``;
+  into caller memory (``read_pieces``: one ranged read in pieces, each handed back as it lands),
+  sizes, a size with the checksum the service stores (``Stat``), presence; a missing file is
+  ``MissingShardError``;
 - ``list_files`` / ``delete`` / ``remove_empty_dir``: listing under a prefix, deleting one file,
   tidying empty directories (local disks);
 - ``multipart_uploads`` / ``abort_upload``: uploads in progress (object stores);
@@ -37,7 +38,7 @@ import collections
 import contextlib
 import errno
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,7 @@ DEADLINED = {
     "read_into": "read",
     "read_small": "read",
     "read_into_sized": "read",
+    "read_pieces": "read",
     "size": "stat",
     "stat": "stat",
     "exists": "exists",
@@ -265,6 +267,21 @@ class Storage(abc.ABC):
         with ``sizes_on_reads`` checks that from the read's reply (ShardSizeMismatchError);
         here it is a plain ``read_into`` (the caller stats the file first)."""
         self.read_into(rel, start, buffers)
+
+    def read_pieces(
+        self, rel: str, start: int, pieces: Sequence[list[memoryview]], landed: Callable[[int], None]
+    ) -> None:
+        """``read_into`` of the buffers of ``pieces`` laid end to end, one piece after the other:
+        ``landed(i)`` is called on this thread once piece ``i`` holds its bytes, before piece
+        ``i + 1`` is read (the restorer checks each piece's checksums there, while the bytes are
+        still in the CPU's cache and its other reads are in flight); an error it raises ends the
+        read. This default makes one ``read_into`` per piece; a backend that can fill several
+        pieces from one open file or one request overrides it."""
+        pos = start
+        for i, piece in enumerate(pieces):
+            self.read_into(rel, pos, piece)
+            pos += sum(len(b) for b in piece)
+            landed(i)
 
     @abc.abstractmethod
     def size(self, rel: str) -> int:

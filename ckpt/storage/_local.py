@@ -14,7 +14,7 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from ckpt.errors import ShardSizeMismatchError, StorageError, UnsafePathError
 from ckpt.format import layout
@@ -160,26 +160,40 @@ class LocalStorage(Storage):
                 os.close(fd)
 
     def read_into(self, rel: str, start: int, buffers: list[memoryview]) -> None:
-        total = sum(len(b) for b in buffers)
+        self.read_pieces(rel, start, [buffers], _nothing)
+
+    def read_pieces(
+        self, rel: str, start: int, pieces: Sequence[list[memoryview]], landed: Callable[[int], None]
+    ) -> None:
+        """One open, then ``preadv`` straight into each piece's buffers in turn."""
+        total = sum(len(b) for piece in pieces for b in piece)
+        pos = start
         with self._errors(f"read of [{start}, {start + total})", rel):
             fd = self._open(rel)
-            try:
-                done = 0
-                views = [b for b in buffers if len(b)]
-                while views:
-                    n = os.preadv(fd, views[:1024], start + done)  # IOV_MAX
-                    if n == 0:
-                        raise ShardSizeMismatchError(
-                            f"{self.where(rel)}: file ends at {start + done}, expected at least {start + total} bytes"
-                        )
-                    done += n
-                    while views and n >= len(views[0]):
-                        n -= len(views[0])
-                        views.pop(0)
-                    if n:
-                        views[0] = views[0][n:]
-            finally:
-                os.close(fd)
+        try:
+            for i, piece in enumerate(pieces):
+                with self._errors(f"read of [{start}, {start + total})", rel):
+                    pos = self._preadv(rel, fd, pos, piece, start + total)
+                landed(i)
+        finally:
+            os.close(fd)
+
+    def _preadv(self, rel: str, fd: int, pos: int, buffers: list[memoryview], end: int) -> int:
+        """Fill ``buffers`` from ``pos`` on; the position after them."""
+        views = [b for b in buffers if len(b)]
+        while views:
+            n = os.preadv(fd, views[:1024], pos)  # IOV_MAX
+            if n == 0:
+                raise ShardSizeMismatchError(
+                    f"{self.where(rel)}: file ends at {pos}, expected at least {end} bytes"
+                )
+            pos += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+        return pos
 
     def size(self, rel: str) -> int:
         with self._errors("stat", rel):
@@ -281,3 +295,7 @@ def _fsync_dir(path: str) -> None:
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _nothing(_: int) -> None:
+    return

@@ -36,6 +36,7 @@ import crc32c
 import pytest
 
 from ckpt.errors import (
+    ChecksumMismatchError,
     MissingShardError,
     ShardSizeMismatchError,
     StorageError,
@@ -271,6 +272,48 @@ class StorageTests:
         storage.write_file("x.bin", [DATA], size=len(DATA), fsync=False)
         with pytest.raises(ShardSizeMismatchError, match=r"x\.bin"):
             storage.read_into("x.bin", len(DATA) + 10, [memoryview(bytearray(4))])
+
+    def test_read_pieces(self, storage: Storage) -> None:
+        """Each piece holds its bytes when ``landed`` is called for it, the next one not yet."""
+        storage.write_file("x.bin", [DATA], size=len(DATA), fsync=False)
+        sizes = [[3, 0, 4], [], [9], [1] * 5, [30]]
+        pieces = [[memoryview(bytearray(s)) for s in piece] for piece in sizes]
+        seen: list[tuple[int, list[bytes], list[bytes]]] = []
+
+        def landed(i: int) -> None:
+            nxt = pieces[i + 1] if i + 1 < len(pieces) else []
+            seen.append((i, [bytes(b) for b in pieces[i]], [bytes(b) for b in nxt]))
+
+        storage.read_pieces("x.bin", 5, pieces, landed)
+        pos, want = 5, []
+        for i, piece in enumerate(sizes):
+            got = []
+            for s in piece:
+                got.append(DATA[pos : pos + s])
+                pos += s
+            nxt = [bytes(s) for s in sizes[i + 1]] if i + 1 < len(sizes) else []
+            want.append((i, got, nxt))  # the next piece's buffers still all zeros
+        assert seen == want
+
+    def test_read_pieces_stops_at_an_error_of_landed(self, storage: Storage) -> None:
+        storage.write_file("x.bin", [DATA], size=len(DATA), fsync=False)
+        pieces = [[memoryview(bytearray(8))] for _ in range(3)]
+
+        def landed(i: int) -> None:
+            if i == 1:
+                raise ChecksumMismatchError("piece 1 is bad")
+
+        with pytest.raises(ChecksumMismatchError, match="piece 1 is bad"):
+            storage.read_pieces("x.bin", 0, pieces, landed)
+        assert bytes(pieces[2][0]) == bytes(8)  # never read
+
+    def test_read_pieces_past_the_end(self, storage: Storage) -> None:
+        storage.write_file("x.bin", [DATA], size=len(DATA), fsync=False)
+        done: list[int] = []
+        pieces = [[memoryview(bytearray(len(DATA) - 4))], [memoryview(bytearray(8))]]
+        with pytest.raises(ShardSizeMismatchError, match=r"x\.bin"):
+            storage.read_pieces("x.bin", 0, pieces, done.append)
+        assert done == [0]
 
     def test_missing(self, storage: Storage) -> None:
         assert storage.exists("nope/x.bin") is False
