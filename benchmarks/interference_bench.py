@@ -2,7 +2,7 @@
 
     python -m benchmarks.interference_bench [--out bench-out] [--runs 5] [--size-mib 1024]
                                             [--methods ckpt dcp-thread dcp-process torch-thread]
-                                            [--threads 1] [--quick]
+                                            [--threads 1] [--load 0] [--quick]
 
 The stall benchmark measures how long ``save()`` blocks; this one measures what happens after it
 returns. A background save shares the CPU (2 cores here) and the GIL with the training thread:
@@ -49,7 +49,10 @@ pays); *ratio (median)* = median step during / alone; absolute slowdown = mean d
 (ms per step); *lost* = the sum over the steps run during the save of (step - alone): the
 training time the save cost in all; the save's wall time (call to
 complete), the stall, steps run during the save, and for ckpt the sync save time. Runs rotate the
-methods' order. Raw JSON: ``<out>/interference_bench.json``; tables: ``interference_bench.md``.
+methods' order. ``--load N`` starts N busy processes (a Python spin loop each, at the default
+priority) for the whole run: training and the save then compete with other work for the cores,
+as on a machine running data loaders or other jobs. Raw JSON: ``<out>/interference_bench.json``;
+tables: ``interference_bench.md``.
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ class _Ckpt(_Save):
         import ckpt
 
         self.ckpt, self.root, self.state = ckpt, root, state
-        self.mgr = ckpt.CheckpointManager(root, ckpt.ManagerOptions(retention=ckpt.RetentionPolicy(keep_last=1)))
+        opts = ckpt.ManagerOptions(retention=ckpt.RetentionPolicy(keep_last=1))
+        self.mgr = ckpt.CheckpointManager(root, opts)
         self.step = -1
 
     def start(self, step: int) -> None:
@@ -354,7 +358,7 @@ def build_report(result: dict[str, Any]) -> str:
         )
     a = result["args"]
     lines.append(f"{a['size_bytes'] / MiB:.0f} MiB state ({N_TENSORS} fp32 tensors), {a['runs']} runs, "
-                 f"{a['threads']} torch thread(s); MLP {LAYERS} x Linear({WIDTH}, {WIDTH}), batch {BATCH}, SGD; "
+                 f"{a['threads']} torch thread(s), {a.get('load', 0)} busy processes beside; MLP {LAYERS} x Linear({WIDTH}, {WIDTH}), batch {BATCH}, SGD; "
                  f"medians over runs, [min-max] of the per-run values.")  # fmt: skip
     return "\n\n".join(lines)
 
@@ -366,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size-mib", "--size", type=int, help="saved state in MiB (default 1024; --quick: 128)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads of the training step")
+    ap.add_argument("--load", type=int, default=0,
+                    help="busy processes (a Python spin loop each, nice 0) competing for the cores during the runs")  # fmt: skip
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -378,6 +384,27 @@ def main(argv: list[str] | None = None) -> None:
     tmp_parent = "/work/tmp" if os.path.isdir("/work/tmp") else None
     t_start = time.time()
     records: dict[str, dict[str, Any]] = {m: {"method": m, "runs": []} for m in args.methods}
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+    try:
+        _run_all(args, runs, size, tmp_parent, records)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    result = {"cases": list(records.values()),
+              "args": {"runs": runs, "size_bytes": size, "threads": args.threads, "methods": args.methods,
+                       "load": args.load, "quick": args.quick},
+              "wall_s": time.time() - t_start}  # fmt: skip
+    with open(os.path.join(args.out, "interference_bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    text = build_report(result)
+    with open(os.path.join(args.out, "interference_bench.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+def _run_all(args: argparse.Namespace, runs: int, size: int, tmp_parent: str | None,
+             records: dict[str, dict[str, Any]]) -> None:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ckpt-interf-", dir=tmp_parent) as tmp:
         for run in range(runs):
             k = run % len(args.methods)
@@ -395,16 +422,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  alone {s['alone_s'] * 1e3:.1f} ms, during {s['during_median_s'] * 1e3:.1f} ms "
                       f"({s['ratio']:.2f}x, {s['steps']:.0f} steps), save {s['save_wall_s']:.2f} s, "
                       f"stall {s['stall_s'] * 1e3:.0f} ms", file=sys.stderr, flush=True)  # fmt: skip
-    result = {"cases": list(records.values()),
-              "args": {"runs": runs, "size_bytes": size, "threads": args.threads, "methods": args.methods,
-                       "quick": args.quick},
-              "wall_s": time.time() - t_start}  # fmt: skip
-    with open(os.path.join(args.out, "interference_bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = build_report(result)
-    with open(os.path.join(args.out, "interference_bench.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -79,11 +77,6 @@ class ManagerOptions:
     timeout_s: float = 1800.0  # bound on every wait for a peer rank (several ranks only)
     # restore() without a step: skip damaged newest steps (with a warning) instead of raising
     restore_fallback: bool = True
-    # Linux: the background save's thread, and the I/O threads it starts, run this much nicer than
-    # the training thread (added to its nice value, capped at 19), so that on busy cores the save
-    # takes what training leaves instead of sharing equally (BENCHMARKS.md, interference). 0:
-    # the same priority. A preemption's final save and a sync save run at the caller's priority.
-    background_nice: int = 10
 
     def __post_init__(self) -> None:
         if self.save_every < 1:
@@ -94,8 +87,6 @@ class ManagerOptions:
             raise ValueError("ManagerOptions.when_busy must be 'wait' or 'skip'")
         if self.timeout_s <= 0:
             raise ValueError("ManagerOptions.timeout_s must be positive")
-        if not 0 <= self.background_nice <= 39:
-            raise ValueError("ManagerOptions.background_nice must be between 0 and 39")
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a committed save; run again to resume
@@ -135,8 +126,7 @@ class CheckpointManager:
         self.options = options or ManagerOptions()
         self._storage_options = storage_options
         self._staging = Staging()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save", initializer=_lower_priority,
-                                        initargs=(self.options.background_nice,))  # fmt: skip
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
         self._inflight: Future[SaveStats] | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -292,10 +282,8 @@ class CheckpointManager:
                 warnings.warn(f"{self.root}: the background save failed: {type(err).__name__}: {err}", CkptWarning, stacklevel=3)
         meta = {retention.METRIC_PREFIX + k: repr(float(v)) for k, v in (metrics or {}).items()}
         saved = (self.last_save is not None and self.last_save.step == step) or step in self._damaged
-        if not saved:  # on a thread of the caller's priority (the save thread's is lowered)
-            final = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-final-save")
-            job = final.submit(self._write, step, state, meta, time.perf_counter(), staged_bytes=0)
-            final.shutdown(wait=False)
+        if not saved:
+            job = self._pool.submit(self._write, step, state, meta, time.perf_counter(), staged_bytes=0)
             self._finish_by(job, deadline, f"the save of step {step} did not commit within {{}} s (the newest committed checkpoint stands)")
         if self.options.exit_on_stop:
             self.close()
@@ -414,18 +402,6 @@ class CheckpointManager:
     @property
     def staging_bytes(self) -> int:
         return self._staging.nbytes
-
-
-def _lower_priority(nice: int) -> None:
-    """Make the calling thread ``nice`` nicer (Linux, where the nice value is a thread's own and
-    the threads it starts inherit it); nothing elsewhere, or where the OS refuses."""
-    if nice <= 0 or not sys.platform.startswith("linux"):
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError as err:  # a sandbox may refuse; the save still runs, at the same priority
-        _log.debug("could not lower the save thread's priority: %s", err)
 
 
 class _Ranks:

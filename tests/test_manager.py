@@ -4,7 +4,6 @@ retention with real deletion, resume. Real backends (local disk, memory, moto S3
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import uuid
 from typing import Any
@@ -239,32 +238,3 @@ def test_async_saves_bound_upload_buffers_to_an_eighth_of_the_state(tmp_path: An
     assert mgr._async_save_options(1 * MiB).max_inflight_bytes == 32 * MiB  # two 16 MiB parts at least
     assert mgr._async_save_options(1 << 40).max_inflight_bytes == 256 * MiB  # the SaveOptions cap
     mgr.close()
-
-
-class _NiceRecorder(Recorder):
-    """Records, with each storage call, the nice value of the thread that made it."""
-
-    def record(self, call: Any) -> Any:
-        self.nices.append((call.op, call.path, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
-        return super().record(call)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
-@pytest.mark.skipif(os.getpriority(os.PRIO_PROCESS, 0) > 9, reason="already at nice 10 or more")
-def test_background_saves_run_nicer_than_the_caller_and_sync_saves_do_not() -> None:
-    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    state = {"a": torch.ones(1000), "b": torch.zeros(1000), "n": 3}
-    for async_save, nice in ((True, 10), (False, 0)):
-        rec = _NiceRecorder()
-        rec.nices = []  # type: ignore[attr-defined]
-        root = f"faulty://mgr-{uuid.uuid4().hex[:8]}/run"
-        opts = ckpt.ManagerOptions(async_save=async_save, background_nice=nice if async_save else 10)
-        storage_options = {"target_protocol": "memory", "recorder": rec}
-        with ckpt.CheckpointManager(root, opts, storage_options=storage_options) as mgr:
-            mgr.save(0, state)
-        seen = rec.nices  # type: ignore[attr-defined]
-        data = [n for op, path, n in seen if "/data/" in path and op == "pipe_file"]
-        assert data, seen  # the shard files were written on the executor's I/O threads
-        assert {n for _op, _path, n in seen} == {base + nice}, seen  # every call, the commit included
-        assert ckpt.list_steps(root, storage_options=storage_options) == [0]
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller is untouched
