@@ -70,11 +70,12 @@ import threading
 import time
 from typing import Any
 
+from benchmarks._child import RESULT_TAG, run_in_child
+
 MiB = 1 << 20
 N_TENSORS = 16
 WIDTH, LAYERS, BATCH = 512, 8, 64
 WARMUP, ALONE = 10, 40
-RESULT_TAG = "RESULT "
 CASE_TIMEOUT_S = 900
 METHODS = ("ckpt", "dcp-thread", "dcp-process", "torch-thread")
 LABELS = {
@@ -289,13 +290,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.interference_bench", "--child", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CASE_TIMEOUT_S, check=False, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return dict(json.loads(line[len(RESULT_TAG) :]))
-    raise RuntimeError(f"case {spec['method']} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return run_in_child("benchmarks.interference_bench", spec, timeout_s=CASE_TIMEOUT_S, what=str(spec["method"]))
 
 
 def summarize(run: dict[str, Any]) -> dict[str, float]:

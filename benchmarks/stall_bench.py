@@ -33,16 +33,16 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from typing import Any
 
+from benchmarks._child import RESULT_TAG, run_in_child
+
 MiB = 1 << 20
 SAVES = 4
-RESULT_TAG = "RESULT "
 CASE_TIMEOUT_S = 1200
 
 
@@ -84,13 +84,7 @@ def _s3_options(url: str) -> dict[str, Any]:
 
 
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.stall_bench", "--child", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CASE_TIMEOUT_S, check=False, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return dict(json.loads(line[len(RESULT_TAG) :]))
-    raise RuntimeError(f"case {spec['backend']}/{spec['mode']} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return run_in_child("benchmarks.stall_bench", spec, timeout_s=CASE_TIMEOUT_S, what=f"{spec['backend']}/{spec['mode']}")
 
 
 def _summary(rec: dict[str, Any]) -> dict[str, Any]:

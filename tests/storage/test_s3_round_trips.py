@@ -8,7 +8,6 @@ the data GETs' replies instead.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +25,7 @@ from ckpt.errors import (
 from ckpt.format import manifest as manifest_mod
 from ckpt.storage import open_storage
 from ckpt.testing.proxy import LatencyProxy
+from tests.conftest import Store, s3_options
 
 pytestmark = pytest.mark.s3
 
@@ -37,16 +37,13 @@ def proxy(s3_endpoint: str) -> Iterator[LatencyProxy]:
 
 
 @pytest.fixture
-def bucket(s3_endpoint: str) -> Iterator[str]:
-    fs = fsspec.filesystem("s3", key="k", secret="s", endpoint_url=s3_endpoint, skip_instance_cache=True)
-    name = f"ckpt-rtt-{uuid.uuid4().hex[:12]}"
-    fs.call_s3("create_bucket", Bucket=name)
-    yield name
-    fs.rm(name, recursive=True)
+def bucket(s3_store: Store) -> str:
+    """A fresh bucket (conftest's ``s3_store``), by name."""
+    return s3_store.root.removeprefix("s3://").split("/")[0]
 
 
 def _opts(url: str) -> dict[str, Any]:
-    return {"key": "testing-key", "secret": "testing-secret", "endpoint_url": url, "skip_instance_cache": True}
+    return s3_options(url)
 
 
 def _state() -> dict[str, torch.Tensor]:
