@@ -51,7 +51,7 @@ from ckpt.lifecycle import cleanup
 from ckpt.testing import Call, Recorder, Rule, wrap_storage
 
 TIMEOUT_S = 0.4  # io_timeout_s of the faulted operations in hang cases (local)
-OBJ_TIMEOUT_S = 3.0  # the same over moto: a loaded machine's plain request may take longer than 0.4 s
+OBJ_TIMEOUT_S = 6.0  # the same over moto: a loaded machine's plain request (a listing) has taken over 3 s
 SAVE_OPTS = ckpt.SaveOptions(parallel_files=2, min_file_bytes=1, num_threads=2, fsync=False, io_timeout_s=TIMEOUT_S)
 RESTORE_OPTS = ckpt.RestoreOptions(num_threads=2, io_timeout_s=TIMEOUT_S, read_chunk_bytes=256)
 SETUP_OPTS = dataclasses.replace(SAVE_OPTS, io_timeout_s=60.0)  # unfaulted saves (template, retries)
