@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckpt._concurrency import run_all
@@ -44,11 +45,11 @@ def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     steps = committed_steps(storage)
     if not steps:
         raise CheckpointNotFoundError(f"{storage.url}: no checkpoints")
-    found: dict[int, Manifest | ManifestError] = {}
+    found: dict[int, _Summary | ManifestError] = {}
 
-    def load(step: int) -> None:
+    def load(step: int) -> None:  # keeps a summary, not the manifest (memory: one at a time per thread)
         try:
-            found[step] = read_step(storage, step)
+            found[step] = _Summary.of(read_step(storage, step))
         except ManifestError as err:
             found[step] = err
         except CheckpointNotFoundError:
@@ -72,8 +73,8 @@ def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
                     str(s),
                     clean(m.created),
                     human_size(m.total_bytes),
-                    str(len(m.tensors)),
-                    str(len(m.files)),
+                    str(m.tensors),
+                    str(m.files),
                     str(m.world_size),
                 ]
             )
@@ -84,7 +85,24 @@ def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-def _ls_json(step: int, m: Manifest | ManifestError) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class _Summary:
+    """What ``ckpt ls`` shows of a step's manifest."""
+
+    created: str
+    attempt: str
+    total_bytes: int
+    tensors: int
+    files: int
+    objects: int
+    world_size: int
+
+    @classmethod
+    def of(cls, m: Manifest) -> _Summary:
+        return cls(m.created, m.attempt, m.total_bytes, len(m.tensors), len(m.files), len(m.objects), m.world_size)
+
+
+def _ls_json(step: int, m: _Summary | ManifestError) -> dict[str, Any]:
     if isinstance(m, ManifestError):
         return {
             "step": step,
@@ -104,9 +122,9 @@ def _ls_json(step: int, m: Manifest | ManifestError) -> dict[str, Any]:
         "created": m.created,
         "attempt": m.attempt,
         "total_bytes": m.total_bytes,
-        "num_tensors": len(m.tensors),
-        "num_files": len(m.files),
-        "num_objects": len(m.objects),
+        "num_tensors": m.tensors,
+        "num_files": m.files,
+        "num_objects": m.objects,
         "world_size": m.world_size,
         "problem": None,
     }
