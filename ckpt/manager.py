@@ -314,7 +314,7 @@ class CheckpointManager:
         if policy.keep_best and policy.metric:
             for s in steps:
                 try:
-                    m = steps_mod.read_step(storage, s)
+                    m = steps_mod.read_head(storage, s)
                 except CheckpointNotFoundError:
                     continue
                 metrics[s] = retention.metric_value(dict(m.user_metadata), policy.metric)

@@ -37,6 +37,11 @@ class SaveOptions:
     # the manifest commit, LATEST; a file write between two chunks) must end within this many
     # seconds, else StorageTimeoutError; the hung call's thread is abandoned.
     io_timeout_s: float = 600.0
+    # The manifest's layout (docs/FORMAT.md 4.8): None writes a paged (format v2) manifest from
+    # 1,024 tensors on, so that a listing, a restore of a few keys and the newest-step lookup
+    # read it in part, and a smaller one as one JSON document (v1, which any v1 reader reads);
+    # True or False forces one or the other.
+    paged_manifest: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_bytes", "max_file_bytes", "parallel_files", "min_file_bytes", "write_chunk_bytes",

@@ -25,11 +25,11 @@ from ckpt.cli._common import (
 )
 from ckpt.errors import CheckpointNotFoundError, ManifestError
 from ckpt.format.layout import manifest_path
-from ckpt.lifecycle.steps import committed_steps, read_step, resolve_step
+from ckpt.lifecycle.steps import committed_steps, read_head, read_step, resolve_step
 from ckpt.units import human_size
 
 if TYPE_CHECKING:
-    from ckpt.format.manifest import Manifest
+    from ckpt.format.manifest import Head, Manifest
     from ckpt.lifecycle.verify import Problem, VerifyReport
     from ckpt.progress import Progress
     from ckpt.storage import Storage
@@ -49,7 +49,7 @@ def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
 
     def load(step: int) -> None:  # keeps a summary, not the manifest (memory: one at a time per thread)
         try:
-            found[step] = _Summary.of(read_step(storage, step))
+            found[step] = _Summary.of(read_head(storage, step))
         except ManifestError as err:
             found[step] = err
         except CheckpointNotFoundError:
@@ -98,8 +98,8 @@ class _Summary:
     world_size: int
 
     @classmethod
-    def of(cls, m: Manifest) -> _Summary:
-        return cls(m.created, m.attempt, m.total_bytes, len(m.tensors), len(m.files), len(m.objects), m.world_size)
+    def of(cls, m: Head) -> _Summary:
+        return cls(m.created, m.attempt, m.total_bytes, m.num_tensors, len(m.files), m.num_objects, m.world_size)
 
 
 def _ls_json(step: int, m: _Summary | ManifestError) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def plan_save(
 
 
 def _layout(path: str, group: list[WriteItem]) -> FilePlan:
-    meta = {"format": "pt", "ckpt.format_version": str(manifest.FORMAT_VERSION)}
+    meta = {"format": "pt", "ckpt.format_version": str(manifest.SHARD_FORMAT_VERSION)}
     partial = {i.key: {"shape": list(i.global_shape), "offsets": list(i.offsets)} for i in group if not i.whole}
     if partial:
         meta["ckpt.shards"] = json.dumps(partial, separators=(",", ":"), sort_keys=True)

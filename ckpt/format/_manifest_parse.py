@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -33,6 +33,7 @@ from ckpt.errors import (
     UnsupportedDtypeError,
     UnsupportedFormatError,
 )
+from ckpt.format import _manifest_pages as _pages
 from ckpt.format import dtypes, strictjson
 from ckpt.format.manifest import (
     _U63,
@@ -45,6 +46,7 @@ from ckpt.format.manifest import (
     MAX_TENSOR_BYTES,
     SHARD_COLUMNS,
     FileEntry,
+    Head,
     Manifest,
     ShardTable,
     TensorEntry,
@@ -63,19 +65,158 @@ _TOP_FIELDS = {
     "format_version", "step", "attempt", "created", "world_size", "user_metadata",
     "checksum_algorithm", "block_bytes", "files", "tensors", "objects", "tree", "manifest_crc32c",
 }  # fmt: skip
+_TOP_FIELDS_V2 = (_TOP_FIELDS - {"tensors", "objects", "tree"}) | {"summary", "sections"}
 _ATTEMPT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
-def parse(data: bytes, *, where: str, expected_step: int | None, max_bytes: int) -> Manifest:
-    """Parse and validate manifest bytes read from ``where`` (at most ``max_bytes`` of them)."""
+def parse(data: bytes, *, where: str, expected_step: int | None, max_bytes: int, lazy: bool = False) -> Manifest:
+    """Parse and validate manifest bytes read from ``where`` (at most ``max_bytes`` of them).
+
+    A v2 manifest (lines, FORMAT.md 4.8) read ``lazy`` has its head, tree, objects and every
+    section's CRC32C checked, and its tensor entries validated when they are asked for
+    (``_manifest_pages.LazyTensors``); otherwise everything is validated here."""
     if len(data) > max_bytes:
         raise ManifestTooLargeError(f"{where}: {len(data)} bytes is over the {max_bytes}-byte cap")
+    if _lines(data):
+        return _parse_v2(data, where=where, expected_step=expected_step, lazy=lazy)
     obj = strictjson.loads(data, what=where, error=ManifestParseError, max_bytes=max_bytes)
     return validate(obj, data, where=where, expected_step=expected_step)
 
 
+def parse_head(data: bytes, *, where: str, expected_step: int | None, max_bytes: int) -> Head:
+    """What ``ckpt ls`` shows of a manifest: a v2 head alone (sealed and checked; the body is not
+    read), or a whole v1 manifest validated."""
+    if len(data) > max_bytes:
+        raise ManifestTooLargeError(f"{where}: {len(data)} bytes is over the {max_bytes}-byte cap")
+    if _lines(data):
+        head_bytes, _ = _pages.split(data)
+        obj = strictjson.loads(head_bytes, what=where, error=ManifestParseError, max_bytes=max_bytes)
+        h = _head(obj, head_bytes, where, expected_step, _TOP_FIELDS_V2)
+        sections = _pages.Sections(obj["sections"], obj["summary"], None, where)
+        return Head(h.step, h.attempt, h.created, h.world_size, h.files, sections.num_tensors,
+                    sections.num_objects, obj["user_metadata"], 2)  # fmt: skip
+    return Head.of(parse(data, where=where, expected_step=expected_step, max_bytes=max_bytes))
+
+
+_VERSION_FIRST = re.compile(rb'\{"format_version":([0-9]{1,9}),')
+
+
+def _lines(data: bytes) -> bool:
+    """Whether ``data`` is written as lines (format v2 on: the head first), judged by the version
+    a writer puts first; anything else is parsed as one JSON document (v1) and its checks name
+    what is wrong."""
+    found = _VERSION_FIRST.match(data)
+    return found is not None and int(found[1]) >= 2
+
+
 def validate(obj: object, data: bytes, *, where: str, expected_step: int | None) -> Manifest:
-    """Validate ``obj``, the JSON value of the manifest bytes ``data`` (decoded from them, or the
-    very value they were serialized from), into a :class:`Manifest` that keeps ``data``."""
+    """Validate ``obj``, the JSON value of the v1 manifest bytes ``data`` (decoded from them, or
+    the very value they were serialized from), into a :class:`Manifest` that keeps ``data``."""
+    h = _head(obj, data, where, expected_step, _TOP_FIELDS)
+    assert isinstance(obj, dict)
+    if h.version != 1:
+        raise ManifestSchemaError(
+            f"{where}: format_version {h.version} manifests are written as lines, the head first (FORMAT.md 4.8)"
+        )
+    objects, tree_ = _objects_and_tree(obj["objects"], obj["tree"], where)
+    tensors = _tensors(obj["tensors"], h.files, h.block_bytes, where)
+    _decode_objects(objects, where)
+    check_tree(tree_, tensors, objects, where)
+    return h.manifest(tensors, objects, tree_, data)
+
+
+def validate_v2(head: dict[str, Any], tensors: dict[str, Any], objects: object, tree_: object, data: bytes, *,
+                where: str) -> Manifest:  # fmt: skip
+    """A writer's v2 manifest checked on the values its bytes ``data`` were made from: the head
+    (sealed value), the tensors map, the objects and the (v1-form) tree."""
+    head_bytes, body = _pages.split(data)
+    h = _head(head, head_bytes, where, None, _TOP_FIELDS_V2)
+    sections = _pages.Sections(head["sections"], head["summary"], len(body), where)
+    objs, tree_ = _objects_and_tree(objects, tree_, where)
+    entries = _tensors(tensors, h.files, h.block_bytes, where)
+    _decode_objects(objs, where)
+    _check_counts(sections, entries, objs, where)
+    check_tree(tree_, entries, objs, where)
+    return h.manifest(entries, objs, tree_, data)
+
+
+def _parse_v2(data: bytes, *, where: str, expected_step: int | None, lazy: bool) -> Manifest:
+    head_bytes, body = _pages.split(data)
+    obj = strictjson.loads(head_bytes, what=where, error=ManifestParseError, max_bytes=len(head_bytes))
+    h = _head(obj, head_bytes, where, expected_step, _TOP_FIELDS_V2)
+    sections = _pages.Sections(obj["sections"], obj["summary"], len(body), where)
+    tree_raw = sections.decode(body, 0, "tree")
+    objects = sections.decode(body, 1, "objects")
+    if lazy:  # the walk checks the nodes it visits (skeleton.check_node); restore decodes the objects it uses
+        if not isinstance(objects, dict):
+            raise ManifestSchemaError(f"{where}: objects must be a JSON object, found {_show(objects)}")
+        for k, v in objects.items():
+            if strictjson.deeper_than(v, MAX_NESTING):
+                raise ManifestParseError(f"{where}: object {k[:200]!r} is nested more than {MAX_NESTING} levels deep")
+        sections.check_pages(body)
+        _check_objects_count(sections, objects, where)
+
+        def check(raw: dict[str, Any], full: bool) -> dict[str, TensorEntry]:
+            entries = _tensors(raw, h.files, h.block_bytes, where)
+            if full:  # every key used: every check of a whole manifest
+                objs, whole = _objects_and_tree(objects, _pages.expand_tree(tree_raw, "", where), where)
+                _decode_objects(objs, where)
+                _check_counts(sections, entries, objs, where)
+                check_tree(whole, entries, objs, where)
+            return entries
+
+        return h.manifest(_pages.LazyTensors(sections, body, check), objects, tree_raw, data)
+    objects, tree_ = _objects_and_tree(objects, _pages.expand_tree(tree_raw, "", where), where)
+    _check_objects_count(sections, objects, where)
+    merged: dict[str, Any] = {}
+    for i in range(len(sections.first)):
+        merged.update(sections.page(body, i))
+    tensors = _tensors(merged, h.files, h.block_bytes, where)
+    _decode_objects(objects, where)
+    _check_counts(sections, tensors, objects, where)
+    check_tree(tree_, tensors, objects, where)
+    return h.manifest(tensors, objects, tree_, data)
+
+
+def _check_objects_count(sections: _pages.Sections, objects: Mapping[str, object], where: str) -> None:
+    if len(objects) != sections.num_objects:
+        raise ManifestSchemaError(f"{where}: the head counts {sections.num_objects} objects, the body holds {len(objects)}")
+
+
+def _check_counts(sections: _pages.Sections, tensors: Mapping[str, object], objects: Mapping[str, object],
+                  where: str) -> None:  # fmt: skip
+    if len(tensors) != sections.num_tensors or len(objects) != sections.num_objects:
+        raise ManifestSchemaError(
+            f"{where}: the head counts {sections.num_tensors} tensors and {sections.num_objects} objects, "
+            f"the body holds {len(tensors)} and {len(objects)}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """The checked top-level scalars and files of a manifest."""
+
+    version: int
+    step: int
+    attempt: str
+    created: str
+    world_size: int
+    block_bytes: int
+    files: dict[str, FileEntry]
+    meta: dict[str, str]
+
+    def manifest(self, tensors: Mapping[str, TensorEntry], objects: dict[str, Any], tree_: Any, data: bytes) -> Manifest:
+        m = Manifest(
+            step=self.step, attempt=self.attempt, created=self.created, world_size=self.world_size,
+            block_bytes=self.block_bytes, files=self.files, tensors=tensors, objects=objects,
+            tree=tree_, user_metadata=self.meta, format_version=self.version,
+        )  # fmt: skip
+        object.__setattr__(m, "_json", data)
+        return m
+
+
+def _head(obj: object, sealed_bytes: bytes, where: str, expected_step: int | None, top: set[str]) -> _Checked:
+    """The version, the seal (over ``sealed_bytes``), the set of top-level fields (``top``), the
+    scalars and the files."""
     if not isinstance(obj, dict):
         raise ManifestSchemaError(f"{where}: the manifest must be a JSON object, found {_show(obj)}")
     version = obj.get("format_version")
@@ -89,9 +230,9 @@ def validate(obj: object, data: bytes, *, where: str, expected_step: int | None)
             f"{where}: format_version {_show(version, 40)} is not supported by this ckpt, which reads "
             f"versions 1..{FORMAT_VERSION}" + ("; upgrade ckpt to read it" if version > FORMAT_VERSION else "")
         )
-    _check_seal(data, obj.get(MANIFEST_CRC_FIELD), where)
-    missing = sorted(_TOP_FIELDS - obj.keys())
-    unknown = sorted(obj.keys() - _TOP_FIELDS)
+    _check_seal(sealed_bytes, obj.get(MANIFEST_CRC_FIELD), where)
+    missing = sorted(top - obj.keys())
+    unknown = sorted(obj.keys() - top)
     if missing or unknown:
         unknown_shown = [_show(k, 40) for k in unknown[:8]]
         raise ManifestSchemaError(f"{where}: missing fields {missing}, unknown fields {unknown_shown}")
@@ -116,27 +257,26 @@ def validate(obj: object, data: bytes, *, where: str, expected_step: int | None)
             f"{where}: checksum_algorithm {_show(algorithm)} is unknown; expected {CHECKSUM_ALGORITHM!r}"
         )
     block_bytes = _int(obj["block_bytes"], f"{where}: block_bytes", lo=1)
-    # tree and objects are the only free-form parts; the code that walks them recurses
-    objects = obj["objects"]
+    files = _files(obj["files"], where)
+    return _Checked(version, step, attempt, obj["created"], world_size, block_bytes, files, meta)
+
+
+def _objects_and_tree(objects: object, tree_: object, where: str) -> tuple[dict[str, Any], Any]:
+    """The objects and the tree, checked for nesting (the code that walks them recurses)."""
     if not isinstance(objects, dict):
         raise ManifestSchemaError(f"{where}: objects must be a JSON object, found {_show(objects)}")
     for k, v in objects.items():
         if strictjson.deeper_than(v, MAX_NESTING):
             raise ManifestParseError(f"{where}: object {k[:200]!r} is nested more than {MAX_NESTING} levels deep")
-    if strictjson.deeper_than(obj["tree"], MAX_NESTING):
+    if strictjson.deeper_than(tree_, MAX_NESTING):
         raise ManifestParseError(f"{where}: tree is nested more than {MAX_NESTING} levels deep")
-    files = _files(obj["files"], where)
-    tensors = _tensors(obj["tensors"], files, block_bytes, where)
+    return objects, tree_
+
+
+def _decode_objects(objects: dict[str, Any], where: str) -> None:
+    """Every object decodes as a tagged value (FORMAT.md 8.2)."""
     for k, v in objects.items():
         tree.decode_value(v, f"{where}: object {k[:200]!r}")
-    check_tree(obj["tree"], tensors, objects, where)
-    m = Manifest(
-        step=step, attempt=attempt, created=obj["created"], world_size=world_size,
-        block_bytes=block_bytes, files=files, tensors=tensors, objects=objects,
-        tree=obj["tree"], user_metadata=meta, format_version=version,
-    )  # fmt: skip
-    object.__setattr__(m, "_json", data)
-    return m
 
 
 def _int(x: object, where: str, *, lo: int = 0, hi: int = _U63) -> int:

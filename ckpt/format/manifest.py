@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -46,7 +46,8 @@ from ckpt.geometry.coverage import (  # re-exported: the coverage check was defi
 )
 from ckpt.state import tree
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this ckpt reads and writes (a small manifest is written as v1)
+SHARD_FORMAT_VERSION = 1  # shard files' ``ckpt.format_version``: their conventions (FORMAT.md 7) are v1's
 MAX_MANIFEST_BYTES = 1 << 30  # 1 GiB: a million shard entries fit; a hostile file does not
 MAX_NDIM = 64
 MAX_TENSOR_BYTES = 1 << 50  # 1 PiB: no real tensor, no wrapped arithmetic
@@ -191,6 +192,30 @@ class TensorEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Head:
+    """What a listing shows of a step: a v2 manifest's head alone, or a summary of a v1 one."""
+
+    step: int
+    attempt: str
+    created: str
+    world_size: int
+    files: dict[str, FileEntry]
+    num_tensors: int
+    num_objects: int
+    user_metadata: dict[str, str]
+    format_version: int
+
+    @classmethod
+    def of(cls, m: Manifest) -> Head:
+        return cls(m.step, m.attempt, m.created, m.world_size, m.files, len(m.tensors), len(m.objects),
+                   m.user_metadata, m.format_version)  # fmt: skip
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     step: int
     attempt: str
@@ -198,21 +223,41 @@ class Manifest:
     world_size: int
     block_bytes: int
     files: dict[str, FileEntry]
-    tensors: dict[str, TensorEntry]
+    tensors: Mapping[str, TensorEntry]  # a v2 manifest read in part: validated when asked for
     objects: dict[str, Any]
     tree: Any
     user_metadata: dict[str, str] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1  # 2: written as lines, read in part (FORMAT.md 4.8)
     _json: bytes | None = field(default=None, init=False, repr=False, compare=False)  # as parsed
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
 
+    @property
+    def partial(self) -> bool:
+        """A v2 manifest read in part: its tree and tensor entries are checked as they are used."""
+        from ckpt.format._manifest_pages import LazyTensors
+
+        return isinstance(self.tensors, LazyTensors) and not self.tensors.loaded
+
+    def entries(self, keys: Iterable[str]) -> dict[str, TensorEntry]:
+        """The entries of ``keys``, validated (a v2 manifest read in part reads just their pages;
+        all its keys: every check of a whole manifest)."""
+        from ckpt.format._manifest_pages import LazyTensors
+
+        if isinstance(self.tensors, LazyTensors):
+            return self.tensors.load(keys)
+        return {k: self.tensors[k] for k in keys}
+
     def to_json(self) -> bytes:
         """The sealed manifest file (for a parsed manifest, the exact bytes it was parsed from)."""
         if self._json is not None:
             return self._json
+        if self.format_version == 2:
+            from ckpt.format._manifest_pages import encode
+
+            return encode(self.fields())[0]
         return seal(self.fields())
 
     def fields(self) -> dict[str, Any]:
@@ -321,22 +366,65 @@ def validated(m: Manifest, *, where: str) -> Manifest:
     before it is committed. The result keeps the bytes to write (:meth:`Manifest.to_json`)."""
     from ckpt.format import _manifest_parse
 
-    data, obj = sealed(m.fields())
+    fields = m.fields()
+    if m.format_version == 2:
+        from ckpt.format._manifest_pages import encode
+
+        data, head, tensors = encode(fields)
+    else:
+        data, obj = sealed(fields)
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestTooLargeError(f"{where}: {len(data)} bytes is over the {MAX_MANIFEST_BYTES}-byte cap")
+    if m.format_version == 2:
+        return _manifest_parse.validate_v2(head, tensors, fields["objects"], fields["tree"], data, where=where)
     return _manifest_parse.validate(obj, data, where=where, expected_step=None)
 
 
-def parse(data: bytes, *, where: str, expected_step: int | None = None) -> Manifest:
-    """Parse and validate manifest bytes read from ``where`` (see ``ckpt.format._manifest_parse``)."""
+def parse(data: bytes, *, where: str, expected_step: int | None = None, lazy: bool = False) -> Manifest:
+    """Parse and validate manifest bytes read from ``where`` (see ``ckpt.format._manifest_parse``);
+    ``lazy``: a v2 manifest's tensor entries are validated when asked for (:meth:`Manifest.entries`)."""
     from ckpt.format import _manifest_parse  # the parser builds this module's model
 
-    return _manifest_parse.parse(data, where=where, expected_step=expected_step, max_bytes=MAX_MANIFEST_BYTES)
+    return _manifest_parse.parse(
+        data, where=where, expected_step=expected_step, max_bytes=MAX_MANIFEST_BYTES, lazy=lazy
+    )
+
+
+def parse_head(data: bytes, *, where: str, expected_step: int | None = None) -> Head:
+    """The head of manifest bytes: a v2 manifest's head alone (its body is not decoded)."""
+    from ckpt.format import _manifest_parse
+
+    return _manifest_parse.parse_head(data, where=where, expected_step=expected_step, max_bytes=MAX_MANIFEST_BYTES)
 
 
 __all__ = [
-    "CHECKSUM_ALGORITHM", "FORMAT_VERSION", "I64", "MANIFEST_CRC_FIELD", "MAX_CORNERS", "MAX_MANIFEST_BYTES",
-    "MAX_NDIM", "MAX_NESTING", "MAX_PAIR_CHECKS", "MAX_PATH_BYTES", "MAX_TENSOR_BYTES", "SHARD_COLUMNS",
-    "SMALL_TILING", "CoverageProblem", "FileEntry", "Manifest", "ShardEntry", "ShardTable", "TensorEntry",
-    "block_counts", "check_path", "coverage_problem", "parse", "seal", "sealed", "validated",
+    "CHECKSUM_ALGORITHM",
+    "FORMAT_VERSION",
+    "I64",
+    "MANIFEST_CRC_FIELD",
+    "MAX_CORNERS",
+    "MAX_MANIFEST_BYTES",
+    "MAX_NDIM",
+    "MAX_NESTING",
+    "MAX_PAIR_CHECKS",
+    "MAX_PATH_BYTES",
+    "MAX_TENSOR_BYTES",
+    "SHARD_COLUMNS",
+    "SHARD_FORMAT_VERSION",
+    "SMALL_TILING",
+    "CoverageProblem",
+    "FileEntry",
+    "Head",
+    "Manifest",
+    "ShardEntry",
+    "ShardTable",
+    "TensorEntry",
+    "block_counts",
+    "check_path",
+    "coverage_problem",
+    "parse",
+    "parse_head",
+    "seal",
+    "sealed",
+    "validated",
 ]  # fmt: skip

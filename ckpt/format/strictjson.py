@@ -15,6 +15,8 @@ import json
 import math
 from typing import Any, NoReturn
 
+from ckpt import _collector as collector
+
 _SHOW_ITEMS = 6  # items of a list/object shown in a message
 _SHOW_DEPTH = 3  # levels of nesting shown in a message
 
@@ -41,6 +43,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_GC_PAUSE_FROM = 64 << 10  # bytes of JSON
+
+
 def loads(data: bytes, *, what: str, error: type[Exception], max_bytes: int) -> Any:
     """Decode ``data`` as one strict JSON value, or raise ``error`` naming ``what``."""
     if len(data) > max_bytes:
@@ -50,9 +55,10 @@ def loads(data: bytes, *, what: str, error: type[Exception], max_bytes: int) -> 
     except UnicodeDecodeError as err:
         raise error(f"{what}: not UTF-8 ({err.reason} at byte {err.start})") from None
     try:
-        value = json.loads(
-            text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_no_duplicates
-        )
+        with collector.paused(len(data) > _GC_PAUSE_FROM):
+            value = json.loads(
+                text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_no_duplicates
+            )
     except RecursionError:
         raise error(f"{what}: JSON nested too deeply") from None
     except ValueError as err:  # JSONDecodeError, our hooks, the int digit limit

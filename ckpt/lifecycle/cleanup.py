@@ -81,7 +81,7 @@ def referenced_files(storage: Storage, *, skip: Iterable[int] = ()) -> tuple[set
         if step in skipped:
             continue
         try:
-            m = read_step(storage, step)
+            m = read_step(storage, step, lazy=True)  # its files and checksums; no tensor entry is used
         except CheckpointNotFoundError:
             continue  # retired between the listing and the read
         except ManifestError:

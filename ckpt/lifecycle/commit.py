@@ -30,6 +30,7 @@ from ckpt.errors import (
 )
 from ckpt.format import manifest as manifest_mod
 from ckpt.format import strictjson
+from ckpt.format._manifest_pages import PAGED_FROM
 from ckpt.format.layout import LATEST, manifest_path
 from ckpt.format.manifest import I64, FileEntry, Manifest, ShardTable, TensorEntry
 from ckpt.geometry.coverage import coverage_problem
@@ -78,8 +79,13 @@ def build_manifest(attempt: Attempt, reports: list[Report], *, created: str) -> 
         objects=objects,
         tree=skeleton,
         user_metadata=dict(attempt.user_metadata),
+        format_version=2 if _paged(attempt.options.paged_manifest, len(tensors)) else 1,
     )
     return manifest_mod.validated(m, where=f"{attempt.root}: manifest of step {attempt.step}")
+
+
+def _paged(choice: bool | None, num_tensors: int) -> bool:
+    return choice if choice is not None else num_tensors >= PAGED_FROM
 
 
 _FIELDS = operator.itemgetter("key", "dtype", "shape", "file", "offsets", "sizes", "byte_range", "crc32c")

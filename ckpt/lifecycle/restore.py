@@ -14,11 +14,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
+from ckpt import _collector as collector
 from ckpt.engine import executor
 from ckpt.engine.restore_plan import Request, plan_restore
 from ckpt.errors import (
@@ -26,13 +28,15 @@ from ckpt.errors import (
     CkptWarning,
     CorruptCheckpointError,
     ManifestError,
+    ManifestSchemaError,
     MissingShardError,
     NoIntactCheckpointError,
     ShardSizeMismatchError,
     TargetMismatchError,
     WorkerFailedError,
 )
-from ckpt.format import dtypes
+from ckpt.format import dtypes, skeleton
+from ckpt.format.layout import manifest_path
 from ckpt.format.manifest import Manifest
 from ckpt.geometry import boxes as regions
 from ckpt.lifecycle.steps import newest_step, read_step, resolve_step
@@ -86,7 +90,8 @@ def restore(
                 raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
             out = found.state
         else:
-            m = resolve_step(storage, step)
+            with collector.paused():
+                m = resolve_step(storage, step, lazy=True)
             out = restore_manifest(storage, m, target=target, options=opts, meter=meter)
         meter.phase("done")
     finally:
@@ -142,7 +147,8 @@ def restore_newest(
         restored: Any = None
         err: Exception | None = None
         try:
-            m = read_step(storage, step)
+            with collector.paused():
+                m = read_step(storage, step, lazy=True)
             restored = restore_manifest(storage, m, target=target, options=options, meter=meter)
         except Exception as e:
             err = e
@@ -196,9 +202,13 @@ def restore_manifest(
     if meter is not None:
         meter.step = m.step
     sel = tree.Selection()
-    tree.walk(m.tree, target, "", sel)
-    # Check every target region, shape and dtype before allocating anything.
-    wanted = {key: _destination(key, m, sel.destinations.get(key)) for key in sel.tensor_keys}
+    where = storage.where(manifest_path(m.step))
+    check = partial(skeleton.check_node, where=where) if m.partial else None  # a v2 tree read in part
+    with collector.paused():
+        tree.walk(m.tree, target, "", sel, check=check)
+        m.entries(sel.tensor_keys)  # validated together (a v2 manifest: only the pages that hold them)
+        # Check every target region, shape and dtype before allocating anything.
+        wanted = {key: _destination(key, m, sel.destinations.get(key)) for key in sel.tensor_keys}
     # in place where the target's tensor can take the bytes; else allocated after the size check
     finals = {key: t for key, (_, t) in wanted.items() if t is not None}
     direct = [t if t is not None and t.device.type == "cpu" and t.is_contiguous() else None for _, t in wanted.values()]
@@ -210,12 +220,15 @@ def restore_manifest(
 
     def build(kind: str, key: str, leaf: object) -> object:
         if kind == "object":
-            return tree.decode_value(m.objects[key], f"object {key!r}")
+            if key not in m.objects:  # only a tree read in part was not checked against the objects
+                raise ManifestSchemaError(f"{where}: the tree references object {key[:200]!r}, which is missing")
+            return tree.decode_value(m.objects[key], f"{where}: object {key[:200]!r}")
         if leaf is not None:
             return leaf
         return bufs[key].numpy() if kind == "ndarray" else bufs[key]
 
-    return tree.walk(m.tree, target, "", sel, build)
+    with collector.paused():  # the same nodes as the first walk, which checked them
+        return tree.walk(m.tree, target, "", sel, build)
 
 
 def read_regions(

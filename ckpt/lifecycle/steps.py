@@ -26,7 +26,7 @@ from ckpt.format import layout
 from ckpt.storage import Root, Storage, open_storage, root_url
 
 if TYPE_CHECKING:
-    from ckpt.format.manifest import Manifest
+    from ckpt.format.manifest import Head, Manifest
 
 
 def committed_steps(storage: Storage) -> list[int]:
@@ -54,18 +54,19 @@ def latest_step(
     ``io_timeout_s`` bounds each storage call.
     """
     root = root_url(root)
-    m = _latest(open_storage(root, storage_options, io_timeout_s=io_timeout_s))
+    m = _latest(open_storage(root, storage_options, io_timeout_s=io_timeout_s), lazy=True)
     return None if m is None else m.step
 
 
-def _latest(storage: Storage, *, below: int | None = None) -> Manifest | None:
-    """The newest manifest that validates (of the steps before ``below``, if given)."""
+def _latest(storage: Storage, *, below: int | None = None, lazy: bool = False) -> Manifest | None:
+    """The newest manifest that validates (of the steps before ``below``, if given; ``lazy``:
+    see :func:`read_step`)."""
     steps = committed_steps(storage)
     for step in reversed(steps):
         if below is not None and step >= below:
             continue
         try:
-            return read_step(storage, step)
+            return read_step(storage, step, lazy=lazy)
         except ManifestError as err:
             warnings.warn(f"skipping step {step}: {err}", CkptWarning, stacklevel=3)
         except CheckpointNotFoundError:
@@ -86,21 +87,40 @@ def read_manifest(
     return resolve_step(open_storage(root, storage_options, io_timeout_s=io_timeout_s), step)
 
 
-def resolve_step(storage: Storage, step: int | None) -> Manifest:
+def resolve_step(storage: Storage, step: int | None, *, lazy: bool = False) -> Manifest:
     """``step``'s manifest, or the newest one that validates when ``step`` is None (newer
-    invalid ones are skipped with a CkptWarning: they are not checkpoints)."""
+    invalid ones are skipped with a CkptWarning: they are not checkpoints). ``lazy``: see
+    :func:`read_step`."""
     if step is not None:
-        return read_step(storage, step)
-    m = _latest(storage)
+        return read_step(storage, step, lazy=lazy)
+    m = _latest(storage, lazy=lazy)
     if m is None:
         raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
     return m
 
 
-def read_step(storage: Storage, step: int) -> Manifest:
+def read_step(storage: Storage, step: int, *, lazy: bool = False) -> Manifest:
     """The validated manifest of ``step``: CheckpointNotFoundError if absent, a ManifestError if
     it does not validate. The size is checked before anything is read (``Storage.read_small``:
-    one GetObject on S3, whose reply states the size before the body)."""
+    one GetObject on S3, whose reply states the size before the body). ``lazy``: a v2 manifest's
+    head, tree, objects and checksums are checked now, each tensor entry when it is asked for
+    (``Manifest.entries``)."""
+    from ckpt.format import manifest as manifest_mod
+
+    data = _manifest_bytes(storage, step)
+    return manifest_mod.parse(data, where=storage.where(layout.manifest_path(step)), expected_step=step, lazy=lazy)
+
+
+def read_head(storage: Storage, step: int) -> Head:
+    """What a listing shows of ``step``: a v2 manifest's sealed head (its body is not decoded),
+    or a v1 manifest validated whole. Errors as :func:`read_step`."""
+    from ckpt.format import manifest as manifest_mod
+
+    data = _manifest_bytes(storage, step)
+    return manifest_mod.parse_head(data, where=storage.where(layout.manifest_path(step)), expected_step=step)
+
+
+def _manifest_bytes(storage: Storage, step: int) -> bytes:
     from ckpt.format import manifest as manifest_mod
 
     rel = layout.manifest_path(step)
@@ -115,12 +135,13 @@ def read_step(storage: Storage, step: int) -> Manifest:
         )
     if len(data) < size:  # manifests are never rewritten: fewer bytes than stat said is a failed read
         raise StorageError(f"{where}: short read: got {len(data)} of its {size} bytes")
-    return manifest_mod.parse(data, where=storage.where(rel), expected_step=step)
+    return data
+
 
 
 def newest_step(storage: Storage, *, below: int | None = None) -> int | None:
     """The newest step (before ``below``) whose manifest exists and validates, or None."""
-    m = _latest(storage, below=below)
+    m = _latest(storage, below=below, lazy=True)
     return None if m is None else m.step
 
 

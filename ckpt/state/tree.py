@@ -284,8 +284,11 @@ class Selection:
 def _children(node: Json, where: str) -> list[tuple[object, Json]]:
     kind, body = next(iter(node.items()))
     if kind in ("dict", "odict"):
-        return [(decode_value(k, where), child) for k, child in body]
+        return [(k if type(k) is str else decode_value(k, where), child) for k, child in body]
     return list(enumerate(body))
+
+
+SHORT_LEAVES = {"t": "tensor", "n": "ndarray", "o": "object"}  # format v2: a leaf whose key is its path
 
 
 def walk(
@@ -294,15 +297,23 @@ def walk(
     path: str,
     sel: Selection,
     build: Callable[[str, str, object], object] | None = None,
+    check: Callable[[Json, str, int], None] | None = None,
+    depth: int = 0,
 ) -> object:
     """Match ``target`` against the skeleton ``node``.
 
     With ``build`` None, fills ``sel`` with the tensor keys the target asks for. With ``build``
     set, returns the restored structure; ``build(kind, key, target_leaf)`` gives each leaf.
+    ``check(node, path, depth)`` checks each node visited, before it is used (a tree that was
+    not checked whole: a format v2 manifest read in part). A v2 short leaf (``"t"``, ``"n"``,
+    ``"o"``) has its path as its key.
     """
-    kind = next(iter(node))
+    if check is not None:
+        check(node, path, depth)
+    short = SHORT_LEAVES.get(node) if type(node) is str else None
+    kind = short or next(iter(node))
     if kind in ("tensor", "ndarray", "object"):
-        key = node[kind]
+        key = path if short else node[kind]
         if kind == "object":
             if build is None:
                 return None
@@ -318,7 +329,7 @@ def walk(
         return build(kind, key, target)
     children = _children(node, path)
     if target is None:
-        out = [(k, walk(child, None, join(path, k), sel, build)) for k, child in children]
+        out = [(k, walk(child, None, join(path, k), sel, build, check, depth + 1)) for k, child in children]
     else:
         mapping = kind in ("dict", "odict")
         if (mapping and not isinstance(target, dict)) or (not mapping and type(target) not in (list, tuple)):
@@ -331,7 +342,7 @@ def walk(
         for k, sub in items:
             if k not in index:
                 raise MissingKeyError(f"key {join(path, k)!r} is not in the checkpoint")
-            out.append((k, walk(index[k], sub, join(path, k), sel, build)))
+            out.append((k, walk(index[k], sub, join(path, k), sel, build, check, depth + 1)))
         if not mapping and len(out) != len(children):
             raise TargetMismatchError(f"key {path or '<root>'!r}: saved {len(children)} items, target has {len(out)}")
     if build is None:

@@ -149,12 +149,15 @@ def _multi_writer_save(root: str, step: int) -> None:
 
 @functools.cache
 def corpus_roots() -> tuple[tuple[str, int], ...]:
-    """Two committed checkpoints on memory://: a one-writer save of :func:`rich_state` (step 3)
-    and a three-writer sharded save (step 7). Made once per test session."""
+    """Three committed checkpoints on memory://: a one-writer save of :func:`rich_state` (step 3),
+    a three-writer sharded save (step 7), and the first again with a paged (format v2) manifest
+    (step 5). Made once per test session."""
     base = f"memory://fuzz-corpus-{uuid.uuid4().hex[:8]}"
     ckpt.save(f"{base}/one", rich_state(), step=3, user_metadata={"run": "fuzz"}, options=ckpt.SaveOptions(block_bytes=64))
     _multi_writer_save(f"{base}/multi", 7)
-    return ((f"{base}/one", 3), (f"{base}/multi", 7))
+    opts = ckpt.SaveOptions(block_bytes=64, paged_manifest=True)
+    ckpt.save(f"{base}/paged", rich_state(), step=5, user_metadata={"run": "fuzz"}, options=opts)
+    return ((f"{base}/one", 3), (f"{base}/multi", 7), (f"{base}/paged", 5))
 
 
 @functools.cache
@@ -171,7 +174,33 @@ def pristine_bytes(i: int) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 
 
 def reseal(raw: bytes) -> bytes:
-    """Recompute the manifest's own crc32c, so that a mutant reaches the checks after the seal."""
+    """Recompute the manifest's own crc32c, so that a mutant reaches the checks after the seal
+    (a v2 manifest: also each section's bounds and crc32c in the head, from the body's lines)."""
+    if raw.startswith(b'{"format_version":2,') and b"\n" in raw:
+        return _reseal_lines(raw.split(b"\n"))
+    return _reseal_one(raw)
+
+
+def _reseal_lines(lines: list[bytes]) -> bytes:
+    head, body = lines[0], lines[1:]
+    try:
+        obj = json.loads(head)
+        sections = obj["sections"]
+        spans, at = [], 0
+        for line in body[:-1]:
+            spans.append([at, at + len(line), crc32c.crc32c(line)])
+            at += len(line) + 1
+        if len(spans) >= 2 and isinstance(sections, dict) and isinstance(sections.get("pages"), dict):
+            sections["tree"], sections["objects"] = spans[0], spans[1]
+            sections["pages"]["bounds"] = [b for sp in spans[2:] for b in sp[:2]]
+            sections["pages"]["crc32c"] = [sp[2] for sp in spans[2:]]
+            head = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    except (ValueError, TypeError, KeyError, AttributeError):
+        pass  # a head that is no longer an object of sections: seal it as it is
+    return b"\n".join([_reseal_one(head), *body])
+
+
+def _reseal_one(raw: bytes) -> bytes:
     mark = b'"manifest_crc32c":"'
     at = raw.rfind(mark) + len(mark)
     if at < len(mark) or len(raw) < at + 8:
@@ -207,7 +236,7 @@ def typed_error(fn: Callable[[], Any], where: str) -> CkptError | None:
 
 def check_manifest_invariants(m: manifest.Manifest) -> None:
     """What every consumer of a parsed manifest relies on."""
-    assert m.format_version == manifest.FORMAT_VERSION
+    assert m.format_version in (1, manifest.FORMAT_VERSION)
     assert m.block_bytes >= 1
     assert m.world_size >= 1
     for path, f in m.files.items():
@@ -276,7 +305,9 @@ json_values = st.recursive(
 def mutated_manifest(draw: st.DrawFn) -> tuple[int, bytes, str]:
     """(corpus index, mutant bytes, what was done): one field of a real manifest changed."""
     i = draw(st.integers(0, len(real_manifests()) - 1))
-    obj = json.loads(real_manifests()[i])
+    lines = real_manifests()[i].split(b"\n")  # a v2 manifest: a line (the head or a section) is mutated
+    line = draw(st.integers(0, max(0, len(lines) - 2)))
+    obj = json.loads(lines[line])
     paths = list(_all_paths(obj))
     path = draw(st.sampled_from(paths[1:]))
     parent, last = _get(obj, path[:-1]), path[-1]
@@ -305,10 +336,14 @@ def mutated_manifest(draw: st.DrawFn) -> tuple[int, bytes, str]:
         parent[new] = parent.pop(last)
     elif isinstance(parent, list):  # dup
         parent.insert(last, copy.deepcopy(parent[last]))
-    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=draw(st.booleans())).encode()
+    lines[line] = json.dumps(obj, separators=(",", ":"), ensure_ascii=draw(st.booleans())).encode()
+    raw = b"\n".join(lines)
     if draw(st.integers(0, 9)) != 3:  # mostly resealed: reach the checks after the seal
-        raw = reseal(raw)
-    return i, raw, f"{op} at {list(path)[:8]}"
+        if line == 0 and len(lines) > 1 and path[:1] == ("sections",):  # keep the mutated sections
+            raw = b"\n".join([_reseal_one(lines[0]), *lines[1:]])
+        else:
+            raw = reseal(raw)
+    return i, raw, f"{op} at line {line} {list(path)[:8]}"
 
 
 @functools.cache
@@ -334,6 +369,11 @@ def check_manifest_bytes(i: int, raw: bytes) -> str:
         return type(err).__name__
     (m,) = got
     check_manifest_invariants(m)
+    if m.format_version == 2:  # read in part, then every key: the same entries
+        lazy = manifest.parse(raw, where=WHERE, expected_step=step, lazy=True)
+        some = sorted(m.tensors)[:2]
+        assert lazy.entries(some) == {k: m.tensors[k] for k in some}
+        assert lazy.entries(list(m.tensors)) == dict(m.tensors)
     scratch = _scratch_root(i)
     storage = open_storage(scratch)
     back: dict[str, tuple[str, tuple[int, ...], bytes]] = {}

@@ -1,6 +1,12 @@
-"""Write the golden compatibility corpus for format version 1 (run once, from the repo root):
+"""Write the golden compatibility corpus of a format version (run once per version, from the repo root):
 
-    .venv/bin/python tests/format/golden/make_golden.py
+    .venv/bin/python tests/format/golden/make_golden.py 2
+
+(``1`` wrote ``v1/``, before format v2 existed: a v1 corpus is no longer written, since ckpt now
+writes small manifests as v1 and the v1 files on disk are what older releases wrote. ``2`` writes
+``v2/``, the paged manifest of FORMAT.md 4.8, forced on this small state with
+``SaveOptions(paged_manifest=True)``, with the same alterations and one more: a bit flipped in a
+page of the body.)
 
 ``tests/format/golden/v1/good/`` is a tiny checkpoint root (step 1) made by ``ckpt.save`` from
 :func:`golden_state`, made deterministic by rewriting the random attempt id and the creation
@@ -28,7 +34,6 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "v1"
 STEP = 1
 ATTEMPT = "golden"
 CREATED = "2025-01-01T00:00:00+00:00"
@@ -104,9 +109,10 @@ DAMAGE: dict[str, tuple[str, str | None, str]] = {
     "truncated-shard": ("model/w's file cut by 7 bytes", "ShardSizeMismatchError", r"truncated or extended"),
     "missing-shard": ("model/w's file deleted", "MissingShardError", r"missing; it holds keys \['model/w'"),
     "unknown-dtype": ("model/w's dtype set to F128 in the manifest", "UnsupportedDtypeError", r"tensor 'model/w': unknown dtype \"F128\""),
-    "future-version": ("format_version set to 2", "UnsupportedFormatError", r"format_version 2 is not supported"),
+    "future-version": ("format_version set to 3", "UnsupportedFormatError", r"format_version 3 is not supported"),
     "manifest-traversal": ("model/w's file renamed to ../../outside.safetensors in the manifest", "UnsafePathError", r"unsafe file path \"\.\./\.\./outside\.safetensors\""),
     "bitflip-manifest": ("one bit flipped in the manifest's created string (still valid JSON)", "ManifestChecksumError", r"the manifest's crc32c is [0-9a-f]{8} but it records"),
+    "bitflip-page": ("one bit flipped in the body's first page of tensor entries", "ManifestChecksumError", r"page 0 has crc32c [0-9a-f]{8} but the head records"),
     "dangling-latest": ("LATEST names step 99, which does not exist (a hint only)", None, ""),
     "no-latest": ("LATEST removed (a hint only)", None, ""),
 }  # fmt: skip
@@ -117,35 +123,53 @@ def _file_of(m: dict[str, Any], key: str) -> str:
     return str(m["files"][index]["path"])
 
 
-def main() -> None:
+def main(version: int) -> None:
     sys.path.insert(0, str(HERE.parents[2]))  # the repo root
     import ckpt
-    import ckpt.format.manifest
+    from ckpt.format import _manifest_pages
+    from ckpt.format import manifest as manifest_mod
 
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    good = OUT / "good"
+    if version != 2:
+        raise SystemExit("only the v2 corpus is written now (see the docstring)")
+    out = HERE / f"v{version}"
+    if out.exists():
+        shutil.rmtree(out)
+    good = out / "good"
     state = golden_state()
-    opts = ckpt.SaveOptions(max_file_bytes=64, block_bytes=16, fsync=False)  # several files, several blocks
+    opts = ckpt.SaveOptions(max_file_bytes=64, block_bytes=16, fsync=False, paged_manifest=True)
     m0 = ckpt.save(str(good), state, step=STEP, options=opts)
+
+    def load(raw: bytes) -> dict[str, Any]:  # the manifest as its v1-shaped fields
+        return manifest_mod.parse(raw, where="golden").fields()
+
+    def store(fields: dict[str, Any], *, version: int = 2) -> bytes:
+        data = _manifest_pages.encode(fields)[0]
+        if version == 2:
+            return data
+        head, body = _manifest_pages.split(data)
+        value = json.loads(head)
+        value["format_version"] = version
+        return manifest_mod.seal(value) + b"\n" + bytes(body)
 
     # Determinism: fixed attempt id and creation time; the data directory renamed to match.
     mpath = good / MANIFEST
-    m = json.loads(mpath.read_bytes())
+    m = load(mpath.read_bytes())
     old_dir, new_dir = f"data/{STEP:012d}-{m0.attempt}", f"data/{STEP:012d}-{ATTEMPT}"
     (good / old_dir).rename(good / new_dir)
     m["attempt"], m["created"] = ATTEMPT, CREATED
     for f in m["files"]:  # shards name files by their index in this list
         f["path"] = f["path"].replace(old_dir, new_dir, 1)
-    mpath.write_bytes(ckpt.format.manifest.seal(m))
+    mpath.write_bytes(store(m))
     assert describe(ckpt.restore(str(good))) == describe(state), "the good copy does not round-trip"
+    assert ckpt.read_manifest(str(good)).format_version == version
 
     victim = _file_of(m, "model/w")
     for name in DAMAGE:
-        root = OUT / name
+        root = out / name
         shutil.copytree(good, root)
         mp = root / MANIFEST
-        dm = json.loads(mp.read_bytes())
+        dm = load(mp.read_bytes())
+        to = 2
         if name == "bitflip-data":
             (start, _), data = dm["tensors"]["model/w"]["shards"]["byte_range"], bytearray((root / victim).read_bytes())
             data[start + 5] ^= 0x10
@@ -157,35 +181,40 @@ def main() -> None:
         elif name == "unknown-dtype":
             dm["tensors"]["model/w"]["dtype"] = "F128"
         elif name == "future-version":
-            dm["format_version"] = 2
+            to = 3
         elif name == "manifest-traversal":
             bad = "../../outside.safetensors"
             for f in dm["files"]:
                 if f["path"] == victim:
                     f["path"] = bad
-        elif name == "bitflip-manifest":
+        elif name in ("bitflip-manifest", "bitflip-page"):
             raw = bytearray(mp.read_bytes())
-            raw[raw.index(b'"created":"') + len(b'"created":"')] ^= 0x01
+            mark = b'"created":"' if name == "bitflip-manifest" else b'"dtype":"'
+            at = raw.index(mark) if name == "bitflip-manifest" else raw.index(mark, raw.index(b"\n"))
+            raw[at + len(mark)] ^= 0x01
             mp.write_bytes(bytes(raw))
             continue  # the flipped bytes are the point: do not re-seal them
         elif name == "dangling-latest":
             (root / "LATEST").write_bytes(b'{"step":99}')
         elif name == "no-latest":
             (root / "LATEST").unlink()
-        if dm != m:
-            mp.write_bytes(ckpt.format.manifest.seal(dm))
+        if dm != m or to != 2:
+            mp.write_bytes(store(dm, version=to))
 
     expected = {
-        "format_version": 1,
+        "format_version": version,
         "step": STEP,
         "state": describe(state),
         "damaged": {k: {"change": c, "error": e, "match": r} for k, (c, e, r) in DAMAGE.items()},
     }
-    (OUT / "expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False) + "\n")
-    total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
-    print(f"wrote {OUT} ({total} bytes, {len(DAMAGE)} altered copies)")
+    # A tensor entry is validated when it is used (FORMAT.md 4.8): the newest-step search, which
+    # checks the head, the tree, the objects and every checksum, does not skip this step.
+    expected["damaged"]["unknown-dtype"]["found_when_used"] = True
+    (out / "expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False) + "\n")
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({total} bytes, {len(DAMAGE)} altered copies)")
     assert total < 100_000, total
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
