@@ -76,7 +76,7 @@ def parse(data: bytes, *, where: str, expected_step: int | None, max_bytes: int,
     (``_manifest_pages.LazyTensors``); otherwise everything is validated here."""
     if len(data) > max_bytes:
         raise ManifestTooLargeError(f"{where}: {len(data)} bytes is over the {max_bytes}-byte cap")
-    if _lines(data):
+    if is_paged(data):
         return _parse_v2(data, where=where, expected_step=expected_step, lazy=lazy)
     obj = strictjson.loads(data, what=where, error=ManifestParseError, max_bytes=max_bytes)
     return validate(obj, data, where=where, expected_step=expected_step)
@@ -87,7 +87,7 @@ def parse_head(data: bytes, *, where: str, expected_step: int | None, max_bytes:
     read), or a whole v1 manifest validated."""
     if len(data) > max_bytes:
         raise ManifestTooLargeError(f"{where}: {len(data)} bytes is over the {max_bytes}-byte cap")
-    if _lines(data):
+    if is_paged(data):
         head_bytes, _ = _pages.split(data)
         obj = strictjson.loads(head_bytes, what=where, error=ManifestParseError, max_bytes=max_bytes)
         h = _head(obj, head_bytes, where, expected_step, _TOP_FIELDS_V2)
@@ -100,7 +100,7 @@ def parse_head(data: bytes, *, where: str, expected_step: int | None, max_bytes:
 _VERSION_FIRST = re.compile(rb'\{"format_version":([0-9]{1,9}),')
 
 
-def _lines(data: bytes) -> bool:
+def is_paged(data: bytes | bytearray) -> bool:
     """Whether ``data`` is written as lines (format v2 on: the head first), judged by the version
     a writer puts first; anything else is parsed as one JSON document (v1) and its checks name
     what is wrong."""

@@ -390,6 +390,13 @@ def parse(data: bytes, *, where: str, expected_step: int | None = None, lazy: bo
     )
 
 
+def is_paged(data: bytes | bytearray) -> bool:
+    """Whether manifest bytes (or their start) are written in lines, format v2 on (4.8)."""
+    from ckpt.format import _manifest_parse
+
+    return _manifest_parse.is_paged(data)
+
+
 def parse_head(data: bytes, *, where: str, expected_step: int | None = None) -> Head:
     """The head of manifest bytes: a v2 manifest's head alone (its body is not decoded)."""
     from ckpt.format import _manifest_parse

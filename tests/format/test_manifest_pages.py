@@ -250,3 +250,24 @@ def test_the_collector_is_on_again_after_a_parse_that_fails(tmp_path: Path) -> N
 
 def test_keys_are_derived_from_paths_the_writer_way() -> None:
     assert tree.join(tree.join("", "a/b"), "~") == "a~1b/~0"
+
+
+def test_ls_of_a_large_manifest_reads_its_start_only(tmp_path: Path) -> None:
+    """Over 256 KiB, a paged manifest's head is read from the file's first bytes: a body cut
+    short (which ls never reads) leaves the listing as it was, while a restore refuses it. A v1
+    manifest of that size is still read whole."""
+    root, _ = saved(tmp_path / "a", 2500)
+    raw = mpath(root).read_bytes()
+    assert len(raw) > 300_000
+    mpath(root).write_bytes(raw[: len(raw) - 1000])
+    out = subprocess.run([sys.executable, "-m", "ckpt", "ls", "--json", str(root)], capture_output=True, text=True, check=True)
+    (row,) = json.loads(out.stdout)["steps"]
+    assert (row["valid"], row["num_tensors"]) == (True, 2501)
+    with pytest.raises(errors.ManifestSchemaError, match="the head places .* bytes of sections after it"):
+        ckpt.restore(str(root), step=STEP)
+
+    one, _ = saved(tmp_path / "b", 2500, ckpt.SaveOptions(fsync=False, paged_manifest=False))
+    assert mpath(one).stat().st_size > 300_000
+    out = subprocess.run([sys.executable, "-m", "ckpt", "ls", "--json", str(one)], capture_output=True, text=True, check=True)
+    (row,) = json.loads(out.stdout)["steps"]
+    assert (row["valid"], row["num_tensors"]) == (True, 2501)

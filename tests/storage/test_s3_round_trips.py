@@ -134,3 +134,19 @@ def test_a_manifest_over_the_cap_is_refused_from_the_replys_size(
     with pytest.raises(ManifestTooLargeError, match=rf"manifest\.json: {size} bytes is over the {size - 1}-byte"):
         ckpt.read_manifest(root, 1, storage_options=opts)
     assert proxy.counts == {"GET": 1}
+
+
+def test_ls_of_a_large_paged_manifest_reads_its_head_not_its_body(proxy: LatencyProxy, bucket: str) -> None:
+    """A paged manifest over 256 KiB is listed from a ranged GET of its start: far fewer bytes
+    than the file (the first GET, which states the size, is dropped after its headers)."""
+    from ckpt.lifecycle.steps import read_head
+
+    root, opts = f"s3://{bucket}/run", _opts(proxy.url)
+    state = {f"t{i:05d}": torch.full((2,), float(i)) for i in range(8000)}
+    ckpt.save(root, state, step=1, storage_options=opts)
+    size = open_storage(root, opts).size("steps/000000000001/manifest.json")
+    assert size > 1_000_000
+    proxy.reset()
+    head = read_head(open_storage(root, opts), 1)
+    assert (head.num_tensors, head.format_version) == (8000, 2)
+    assert proxy.stats()["bytes_out"] < size / 2, proxy.stats()
