@@ -263,7 +263,7 @@ def test_ls_of_a_large_manifest_reads_its_start_only(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "ckpt", "ls", "--json", str(root)], capture_output=True, text=True, check=True)
     (row,) = json.loads(out.stdout)["steps"]
     assert (row["valid"], row["num_tensors"]) == (True, 2501)
-    with pytest.raises(errors.ManifestSchemaError, match="the head places .* bytes of sections after it"):
+    with pytest.raises(errors.ManifestSchemaError, match=r"the head places .* bytes of sections after it"):
         ckpt.restore(str(root), step=STEP)
 
     one, _ = saved(tmp_path / "b", 2500, ckpt.SaveOptions(fsync=False, paged_manifest=False))
