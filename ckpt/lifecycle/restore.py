@@ -84,16 +84,17 @@ def restore(
     storage = open_storage(root, storage_options, io_timeout_s=opts.io_timeout_s)
     meter = Meter("restore", progress, retries=lambda: storage.retries)
     try:
-        if step is None and fallback:
-            found = restore_newest(storage, target, opts, fallback=True, meter=meter)
-            if found is None:
-                raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
-            out = found.state
-        else:
-            with collector.paused():
+        with collector.paused():  # the manifest and all the restore makes of it (ckpt._collector)
+            if step is None and fallback:
+                found = restore_newest(storage, target, opts, fallback=True, meter=meter)
+                if found is None:
+                    raise CheckpointNotFoundError(f"{storage.url}: no committed checkpoint")
+                out = found.state
+            else:
                 m = resolve_step(storage, step, lazy=True)
-            out = restore_manifest(storage, m, target=target, options=opts, meter=meter)
-        meter.phase("done")
+                out = restore_manifest(storage, m, target=target, options=opts, meter=meter)
+                del m  # freed before the collector is on again
+            meter.phase("done")
     finally:
         meter.close()
     assign(target, out)
@@ -147,9 +148,10 @@ def restore_newest(
         restored: Any = None
         err: Exception | None = None
         try:
-            with collector.paused():
+            with collector.paused():  # the manifest and all the restore makes of it (ckpt._collector)
                 m = read_step(storage, step, lazy=True)
-            restored = restore_manifest(storage, m, target=target, options=options, meter=meter)
+                restored = restore_manifest(storage, m, target=target, options=options, meter=meter)
+                del m  # freed before the collector is on again
         except Exception as e:
             err = e
         code = _OK if err is None else _DAMAGED if isinstance(err, DAMAGE) else _FAILED
@@ -204,11 +206,10 @@ def restore_manifest(
     sel = tree.Selection()
     where = storage.where(manifest_path(m.step))
     check = partial(skeleton.check_node, where=where) if m.partial else None  # a v2 tree read in part
-    with collector.paused():
-        tree.walk(m.tree, target, "", sel, check=check)
-        m.entries(sel.tensor_keys)  # validated together (a v2 manifest: only the pages that hold them)
-        # Check every target region, shape and dtype before allocating anything.
-        wanted = {key: _destination(key, m, sel.destinations.get(key)) for key in sel.tensor_keys}
+    tree.walk(m.tree, target, "", sel, check=check)
+    m.entries(sel.tensor_keys)  # validated together (a v2 manifest: only the pages that hold them)
+    # Check every target region, shape and dtype before allocating anything.
+    wanted = {key: _destination(key, m, sel.destinations.get(key)) for key in sel.tensor_keys}
     # in place where the target's tensor can take the bytes; else allocated after the size check
     finals = {key: t for key, (_, t) in wanted.items() if t is not None}
     direct = [t if t is not None and t.device.type == "cpu" and t.is_contiguous() else None for _, t in wanted.values()]
@@ -227,8 +228,7 @@ def restore_manifest(
             return leaf
         return bufs[key].numpy() if kind == "ndarray" else bufs[key]
 
-    with collector.paused():  # the same nodes as the first walk, which checked them
-        return tree.walk(m.tree, target, "", sel, build)
+    return tree.walk(m.tree, target, "", sel, build)  # the same nodes as the first walk, which checked them
 
 
 def read_regions(
