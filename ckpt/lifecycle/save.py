@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import logging
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from ckpt import _collector as collector
 from ckpt.engine import executor, owners, save_plan
 from ckpt.errors import CheckpointExistsError, PlanError
 from ckpt.format import dtypes, layout
@@ -305,17 +307,21 @@ def save(
     a = attempt_mod.new_attempt(root, step, 1, options or SaveOptions(), user_metadata)
     storage = _storage(a, storage_options)  # one storage for the whole save
     meter = Meter("save", progress, step=step, retries=lambda: storage.retries)
+    # The collector is paused for a save made on the main thread (not for the manager's background
+    # saves: the training loop runs beside them), as for a restore (ckpt._collector).
     try:
-        _begin(storage, a, check_step=False)
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-step-check") as pool:
-            taken = pool.submit(storage.exists, layout.manifest_path(step))
-            report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive", meter=meter)
-            if taken.result():
-                _discard(storage, a, report)
-                raise _taken(storage, step)
-        meter.phase("commit")
-        m = _commit(storage, a, [report], stat_files=not storage.write_confirms_size)
-        meter.phase("done")
+        with collector.paused(threading.current_thread() is threading.main_thread()):
+            _begin(storage, a, check_step=False)
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-step-check") as pool:
+                taken = pool.submit(storage.exists, layout.manifest_path(step))
+                report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive", meter=meter)
+                if taken.result():
+                    _discard(storage, a, report)
+                    raise _taken(storage, step)
+            meter.phase("commit")
+            m = _commit(storage, a, [report], stat_files=not storage.write_confirms_size)
+            del report  # freed before the collector is on again
+            meter.phase("done")
     finally:
         meter.close()
     return m

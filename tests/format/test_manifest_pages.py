@@ -232,12 +232,15 @@ def test_a_hostile_paged_manifest_is_refused(tmp_path: Path, edit: dict[str, Any
         ckpt.restore(str(root), step=STEP)
 
 
-def test_the_collector_is_on_again_after_a_parse_that_fails(tmp_path: Path) -> None:
+def test_the_collector_is_on_again_after_a_restore_or_save_that_fails(tmp_path: Path) -> None:
     root, _ = saved(tmp_path, 2000)
     rewrite(root, fields=lambda f: f["tensors"]["model/t1999"].update(dtype="F128"))
     assert gc.isenabled()
     with pytest.raises(errors.UnsupportedDtypeError):
         ckpt.restore(str(root), step=STEP)
+    assert gc.isenabled()
+    with pytest.raises(errors.CheckpointExistsError):  # a refused save
+        ckpt.save(str(root), state_of(3), step=STEP, options=PAGED)
     assert gc.isenabled()
     gc.disable()
     try:  # a caller's choice to keep it off is kept
