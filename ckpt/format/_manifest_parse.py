@@ -9,6 +9,7 @@ work is per tensor, not per shard. Every error names the manifest and the entry.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -93,7 +94,7 @@ def parse_head(data: bytes, *, where: str, expected_step: int | None, max_bytes:
         h = _head(obj, head_bytes, where, expected_step, _TOP_FIELDS_V2)
         sections = _pages.Sections(obj["sections"], obj["summary"], None, where)
         return Head(h.step, h.attempt, h.created, h.world_size, h.files, sections.num_tensors,
-                    sections.num_objects, obj["user_metadata"], 2)  # fmt: skip
+                    sections.num_objects, h.user_metadata, h.format_version)  # fmt: skip
     return Head.of(parse(data, where=where, expected_step=expected_step, max_bytes=max_bytes))
 
 
@@ -113,15 +114,15 @@ def validate(obj: object, data: bytes, *, where: str, expected_step: int | None)
     the very value they were serialized from), into a :class:`Manifest` that keeps ``data``."""
     h = _head(obj, data, where, expected_step, _TOP_FIELDS)
     assert isinstance(obj, dict)
-    if h.version != 1:
+    if h.format_version != 1:
         raise ManifestSchemaError(
-            f"{where}: format_version {h.version} manifests are written as lines, the head first (FORMAT.md 4.8)"
+            f"{where}: format_version {h.format_version} manifests are written as lines, the head first (FORMAT.md 4.8)"
         )
     objects, tree_ = _objects_and_tree(obj["objects"], obj["tree"], where)
     tensors = _tensors(obj["tensors"], h.files, h.block_bytes, where)
     _decode_objects(objects, where)
     check_tree(tree_, tensors, objects, where)
-    return h.manifest(tensors, objects, tree_, data)
+    return _filled(h, tensors, objects, tree_, data)
 
 
 def validate_v2(head: dict[str, Any], tensors: dict[str, Any], objects: object, tree_: object, data: bytes, *,
@@ -136,7 +137,7 @@ def validate_v2(head: dict[str, Any], tensors: dict[str, Any], objects: object, 
     _decode_objects(objs, where)
     _check_counts(sections, entries, objs, where)
     check_tree(tree_, entries, objs, where)
-    return h.manifest(entries, objs, tree_, data)
+    return _filled(h, entries, objs, tree_, data)
 
 
 def _parse_v2(data: bytes, *, where: str, expected_step: int | None, lazy: bool) -> Manifest:
@@ -164,7 +165,7 @@ def _parse_v2(data: bytes, *, where: str, expected_step: int | None, lazy: bool)
                 check_tree(whole, entries, objs, where)
             return entries
 
-        return h.manifest(_pages.LazyTensors(sections, body, check), objects, tree_raw, data)
+        return _filled(h, _pages.LazyTensors(sections, body, check), objects, tree_raw, data)
     objects, tree_ = _objects_and_tree(objects, _pages.expand_tree(tree_raw, "", where), where)
     _check_objects_count(sections, objects, where)
     merged: dict[str, Any] = {}
@@ -174,7 +175,7 @@ def _parse_v2(data: bytes, *, where: str, expected_step: int | None, lazy: bool)
     _decode_objects(objects, where)
     _check_counts(sections, tensors, objects, where)
     check_tree(tree_, tensors, objects, where)
-    return h.manifest(tensors, objects, tree_, data)
+    return _filled(h, tensors, objects, tree_, data)
 
 
 def _check_objects_count(sections: _pages.Sections, objects: Mapping[str, object], where: str) -> None:
@@ -191,32 +192,16 @@ def _check_counts(sections: _pages.Sections, tensors: Mapping[str, object], obje
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _Checked:
-    """The checked top-level scalars and files of a manifest."""
-
-    version: int
-    step: int
-    attempt: str
-    created: str
-    world_size: int
-    block_bytes: int
-    files: dict[str, FileEntry]
-    meta: dict[str, str]
-
-    def manifest(self, tensors: Mapping[str, TensorEntry], objects: dict[str, Any], tree_: Any, data: bytes) -> Manifest:
-        m = Manifest(
-            step=self.step, attempt=self.attempt, created=self.created, world_size=self.world_size,
-            block_bytes=self.block_bytes, files=self.files, tensors=tensors, objects=objects,
-            tree=tree_, user_metadata=self.meta, format_version=self.version,
-        )  # fmt: skip
-        object.__setattr__(m, "_json", data)
-        return m
+def _filled(shell: Manifest, tensors: Mapping[str, TensorEntry], objects: dict[str, Any], tree_: Any, data: bytes) -> Manifest:
+    """The manifest whose head ``shell`` is, with its body; it keeps the bytes it was read from."""
+    m = dataclasses.replace(shell, tensors=tensors, objects=objects, tree=tree_)
+    object.__setattr__(m, "_json", data)
+    return m
 
 
-def _head(obj: object, sealed_bytes: bytes, where: str, expected_step: int | None, top: set[str]) -> _Checked:
+def _head(obj: object, sealed_bytes: bytes, where: str, expected_step: int | None, top: set[str]) -> Manifest:
     """The version, the seal (over ``sealed_bytes``), the set of top-level fields (``top``), the
-    scalars and the files."""
+    scalars and the files, as a manifest with an empty body (:func:`_filled` adds it)."""
     if not isinstance(obj, dict):
         raise ManifestSchemaError(f"{where}: the manifest must be a JSON object, found {_show(obj)}")
     version = obj.get("format_version")
@@ -258,7 +243,8 @@ def _head(obj: object, sealed_bytes: bytes, where: str, expected_step: int | Non
         )
     block_bytes = _int(obj["block_bytes"], f"{where}: block_bytes", lo=1)
     files = _files(obj["files"], where)
-    return _Checked(version, step, attempt, obj["created"], world_size, block_bytes, files, meta)
+    return Manifest(step=step, attempt=attempt, created=obj["created"], world_size=world_size, block_bytes=block_bytes,
+                    files=files, tensors={}, objects={}, tree=None, user_metadata=meta, format_version=version)  # fmt: skip
 
 
 def _objects_and_tree(objects: object, tree_: object, where: str) -> tuple[dict[str, Any], Any]:
