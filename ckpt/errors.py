@@ -11,6 +11,7 @@ Pure (no I/O).
 from __future__ import annotations
 
 __all__ = [
+    "BaseRetiredError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
@@ -125,6 +126,12 @@ class CheckpointNotFoundError(CkptError, FileNotFoundError):
 
 class CheckpointExistsError(CkptError, FileExistsError):
     """The step is already committed by another attempt (create-only commit lost the race)."""
+
+
+class BaseRetiredError(CkptError):
+    """The base step of an incremental save was retired (or replaced) while the save ran, so the
+    bytes it references may be deleted: the save was withdrawn (its manifest deleted again).
+    ``ckpt.save`` and the manager then save the step in full."""
 
 
 # --- data objects -------------------------------------------------------------------------

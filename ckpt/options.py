@@ -42,12 +42,23 @@ class SaveOptions:
     # read it in part, and a smaller one as one JSON document (v1, which any v1 reader reads);
     # True or False forces one or the other.
     paged_manifest: bool | None = None
+    # Incremental save (docs/FORMAT.md 4.9): every region whose content equals the same region of
+    # the base step (by a 128-bit BLAKE3 hash computed as the bytes stream) is recorded as a
+    # reference to the base's bytes, and only changed regions are written. The base is
+    # ``base_step`` if given, else the newest committed step before the one saved. Writes
+    # format v3 (read by ckpt >= 0.1 with format 3 support).
+    incremental: bool = False
+    base_step: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_bytes", "max_file_bytes", "parallel_files", "min_file_bytes", "write_chunk_bytes",
                      "max_inflight_bytes", "num_threads", "split_bytes", "io_timeout_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"SaveOptions.{name} must be positive")
+        if self.base_step is not None and (type(self.base_step) is not int or self.base_step < 0):
+            raise ValueError("SaveOptions.base_step must be a step number (an int >= 0) or None")
+        if self.base_step is not None and not self.incremental:
+            raise ValueError("SaveOptions.base_step is only used by an incremental save (incremental=True)")
 
 
 # Default coalescing gap. Local disk: one more pread costs microseconds, reading through a gap

@@ -67,6 +67,17 @@ def _add_inspect(sub: _Commands) -> None:
 
     with _command(
         sub,
+        "du",
+        "inspect.cmd_du",
+        "bytes each step references and adds",
+        "Storage use per committed step: the bytes of the files it references (what a copy of it "
+        "holds), the bytes of files no older step references (what it added), and the root's total "
+        "stored once. Steps of incremental saves share files.",
+    ) as du:
+        _root(du)
+
+    with _command(
+        sub,
         "show",
         "inspect.cmd_show",
         "summarise one checkpoint's manifest",

@@ -1,4 +1,4 @@
-"""``ckpt ls``, ``ckpt show`` and ``ckpt verify``: the commands that only read.
+"""``ckpt ls``, ``ckpt du``, ``ckpt show`` and ``ckpt verify``: the commands that only read.
 
 None of them imports torch; the manifest model (numpy) comes with the first manifest read and
 the verifier (crc32c, safetensors headers) with ``verify``, so ``ckpt ls`` of an empty root
@@ -29,7 +29,7 @@ from ckpt.lifecycle.steps import committed_steps, read_head, read_step, resolve_
 from ckpt.units import human_size
 
 if TYPE_CHECKING:
-    from ckpt.format.manifest import Head, Manifest
+    from ckpt.format.manifest import FileEntry, Head, Manifest
     from ckpt.lifecycle.verify import Problem, VerifyReport
     from ckpt.progress import Progress
     from ckpt.storage import Storage
@@ -40,8 +40,8 @@ _LIST_THREADS = 8  # manifests read concurrently by `ls`
 # --- ls ----------------------------------------------------------------------------------------
 
 
-def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
-    storage = open_root(args.root, opts)
+def _summaries(storage: Storage) -> tuple[list[int], dict[int, _Summary | ManifestError]]:
+    """The committed steps (ascending) and each one's summary, or why its manifest is invalid."""
     steps = committed_steps(storage)
     if not steps:
         raise CheckpointNotFoundError(f"{storage.url}: no checkpoints")
@@ -56,7 +56,12 @@ def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
             pass  # retired between the listing and the read
 
     run_all(load, steps, num_threads=_LIST_THREADS)
-    listed = [s for s in steps if s in found]
+    return [s for s in steps if s in found], found
+
+
+def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    storage = open_root(args.root, opts)
+    listed, found = _summaries(storage)
     if args.json:
         print_json({"root": storage.url, "steps": [_ls_json(s, found[s]) for s in listed]})
         return EXIT_OK
@@ -87,7 +92,7 @@ def cmd_ls(args: argparse.Namespace, opts: dict[str, Any]) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Summary:
-    """What ``ckpt ls`` shows of a step's manifest."""
+    """What ``ckpt ls`` and ``ckpt du`` show of a step's manifest."""
 
     created: str
     attempt: str
@@ -96,10 +101,46 @@ class _Summary:
     files: int
     objects: int
     world_size: int
+    sizes: dict[str, FileEntry]  # its files
 
     @classmethod
     def of(cls, m: Head) -> _Summary:
-        return cls(m.created, m.attempt, m.total_bytes, m.num_tensors, len(m.files), m.num_objects, m.world_size)
+        return cls(m.created, m.attempt, m.total_bytes, m.num_tensors, len(m.files), m.num_objects, m.world_size,
+                   m.files)  # fmt: skip
+
+
+# --- du ----------------------------------------------------------------------------------------
+
+
+def cmd_du(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    from ckpt.lifecycle.usage import usage
+
+    storage = open_root(args.root, opts)
+    listed, found = _summaries(storage)
+    valid = {s: m.sizes for s in listed if isinstance(m := found[s], _Summary)}
+    u = usage(valid)
+    invalid = [s for s in listed if s not in valid]
+    if args.json:
+        print_json({
+            "root": storage.url,
+            "steps": [{"step": r.step, "referenced_bytes": r.referenced_bytes, "new_bytes": r.new_bytes,
+                       "shared_bytes": r.shared_bytes} for r in u.steps],
+            "referenced_bytes": u.referenced_bytes,
+            "stored_bytes": u.stored_bytes,
+            "invalid_steps": invalid,
+        })  # fmt: skip
+        return EXIT_OK
+    rows = [["STEP", "REFERENCED", "NEW", "SHARED"]]
+    rows += [[str(r.step), human_size(r.referenced_bytes), human_size(r.new_bytes), human_size(r.shared_bytes)]
+             for r in u.steps]  # fmt: skip
+    rows.append(["total", human_size(u.referenced_bytes), human_size(u.stored_bytes), ""])
+    for line in table(rows, right={0, 1, 2, 3}):
+        print(line)
+    print(f"{count(len(u.steps), 'step')}: {human_size(u.referenced_bytes)} referenced in all, "
+          f"{human_size(u.stored_bytes)} stored ({u.ratio:.2f}x)")  # fmt: skip
+    for s in invalid:
+        print(f"step {s}: INVALID, not counted: {clean(str(found[s]))}")
+    return EXIT_OK
 
 
 def _ls_json(step: int, m: _Summary | ManifestError) -> dict[str, Any]:

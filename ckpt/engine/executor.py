@@ -28,6 +28,7 @@ import torch
 from ckpt._concurrency import DEFAULT_IO_TIMEOUT_S as DEFAULT_IO_TIMEOUT_S
 from ckpt._concurrency import ByteBudget as ByteBudget
 from ckpt._concurrency import run_all as run_all
+from ckpt.engine import reuse
 from ckpt.engine.restore_plan import Check, ReadOp, RestorePlan
 from ckpt.engine.save_plan import FilePlan
 from ckpt.errors import (
@@ -67,6 +68,7 @@ class WrittenFile:
     size: int
     crc32c: int
     block_crcs: dict[str, tuple[int, ...]]  # key -> crc per block of its bytes
+    hashes: dict[str, str]  # key -> content hash, for the keys asked to be hashed (incremental saves)
 
 
 def write_files(
@@ -78,14 +80,18 @@ def write_files(
     num_threads: int,
     fsync: bool,
     meter: Meter | None = None,
+    hash_keys: frozenset[str] = frozenset(),
 ) -> list[WrittenFile]:
     """Write every planned file; return sizes and checksums. Tensors must be CPU-contiguous.
-    ``meter`` counts the bytes as the storage takes them, and each file once written."""
+    ``meter`` counts the bytes as the storage takes them, and each file once written.
+    ``hash_keys``: the items whose content hash (``ckpt.engine.reuse``) is computed from the
+    same blocks as their CRCs, in the same pass."""
     results: dict[str, WrittenFile] = {}
 
     def write_one(fp: FilePlan) -> None:
         state = {"crc": 0}
         block_crcs: dict[str, tuple[int, ...]] = {}
+        hashes: dict[str, str] = {}
         counter = FileCounter(meter) if meter is not None and meter.active else None
 
         def chunks() -> Iterator[Checked]:
@@ -98,21 +104,26 @@ def write_files(
             for item, _ in fp.items:
                 view = byte_view(tensors[item.key])
                 crcs = []
+                h = reuse.hasher() if item.key in hash_keys else None
                 for off in range(0, len(view), block_bytes):
                     if counter is not None:
                         counter.seen(pos)  # the storage took the chunk before this one
                     blk = view[off : off + block_bytes]
                     c = crc32c.crc32c(blk)  # one pass: the file's CRC is combined from the blocks'
+                    if h is not None:
+                        h.update(blk)
                     crcs.append(c)
                     state["crc"] = crc.combine(state["crc"], c, len(blk), fast=len(blk) == block_bytes)
                     yield Checked(blk, c)
                     pos += len(blk)
                 block_crcs[item.key] = tuple(crcs)
+                if h is not None:
+                    hashes[item.key] = reuse.digest(h)
 
         # the function, not one generator: an S3 upload that must start over reads the data again
         # (each run of chunks() recomputes the checksums from scratch)
         storage.write_file(fp.path, chunks, size=fp.size, fsync=fsync)
-        results[fp.path] = WrittenFile(fp.path, fp.size, state["crc"], block_crcs)
+        results[fp.path] = WrittenFile(fp.path, fp.size, state["crc"], block_crcs, hashes)
         if counter is not None and meter is not None:
             counter.seen(fp.size)
             meter.add(files=1)

@@ -112,7 +112,7 @@ def encode(fields: dict[str, Any]) -> tuple[bytes, dict[str, Any], dict[str, Any
         crcs.append(crc32c.crc32c(line))
         at += len(line) + 1
     head = {k: v for k, v in fields.items() if k not in ("tensors", "objects", "tree")}
-    head["format_version"] = 2
+    head["format_version"] = max(2, fields["format_version"])  # v3: v2's lines, with content hashes
     head["summary"] = {"tensors": len(keys), "objects": len(fields["objects"])}
     head["sections"] = {
         "tree": [bounds[0], bounds[1], crcs[0]],

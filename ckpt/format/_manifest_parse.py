@@ -39,7 +39,9 @@ from ckpt.format import dtypes, strictjson
 from ckpt.format.manifest import (
     _U63,
     CHECKSUM_ALGORITHM,
+    CONTENT_HASH,
     FORMAT_VERSION,
+    HASH_HEX_DIGITS,
     I64,
     MANIFEST_CRC_FIELD,
     MAX_NDIM,
@@ -67,6 +69,8 @@ _TOP_FIELDS = {
     "checksum_algorithm", "block_bytes", "files", "tensors", "objects", "tree", "manifest_crc32c",
 }  # fmt: skip
 _TOP_FIELDS_V2 = (_TOP_FIELDS - {"tensors", "objects", "tree"}) | {"summary", "sections"}
+_TOP_FIELDS_V3 = _TOP_FIELDS_V2 | {"content_hash"}  # v3: v2 with each shard's content hash (4.9)
+_HASH_RE = re.compile(f"[0-9a-f]{{{HASH_HEX_DIGITS}}}")
 _ATTEMPT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 def parse(data: bytes, *, where: str, expected_step: int | None, max_bytes: int, lazy: bool = False) -> Manifest:
@@ -119,7 +123,7 @@ def validate(obj: object, data: bytes, *, where: str, expected_step: int | None)
             f"{where}: format_version {h.format_version} manifests are written as lines, the head first (FORMAT.md 4.8)"
         )
     objects, tree_ = _objects_and_tree(obj["objects"], obj["tree"], where)
-    tensors = _tensors(obj["tensors"], h.files, h.block_bytes, where)
+    tensors = _tensors(obj["tensors"], h.files, h.block_bytes, where, hashed=False)
     _decode_objects(objects, where)
     check_tree(tree_, tensors, objects, where)
     return _filled(h, tensors, objects, tree_, data)
@@ -133,7 +137,7 @@ def validate_v2(head: dict[str, Any], tensors: dict[str, Any], objects: object, 
     h = _head(head, head_bytes, where, None, _TOP_FIELDS_V2)
     sections = _pages.Sections(head["sections"], head["summary"], len(body), where)
     objs, tree_ = _objects_and_tree(objects, tree_, where)
-    entries = _tensors(tensors, h.files, h.block_bytes, where)
+    entries = _tensors(tensors, h.files, h.block_bytes, where, hashed=h.content_hash is not None)
     _decode_objects(objs, where)
     _check_counts(sections, entries, objs, where)
     check_tree(tree_, entries, objs, where)
@@ -157,7 +161,7 @@ def _parse_v2(data: bytes, *, where: str, expected_step: int | None, lazy: bool)
         _check_objects_count(sections, objects, where)
 
         def check(raw: dict[str, Any], full: bool) -> dict[str, TensorEntry]:
-            entries = _tensors(raw, h.files, h.block_bytes, where)
+            entries = _tensors(raw, h.files, h.block_bytes, where, hashed=h.content_hash is not None)
             if full:  # every key used: every check of a whole manifest
                 objs, whole = _objects_and_tree(objects, _pages.expand_tree(tree_raw, "", where), where)
                 _decode_objects(objs, where)
@@ -171,7 +175,7 @@ def _parse_v2(data: bytes, *, where: str, expected_step: int | None, lazy: bool)
     merged: dict[str, Any] = {}
     for i in range(len(sections.first)):
         merged.update(sections.page(body, i))
-    tensors = _tensors(merged, h.files, h.block_bytes, where)
+    tensors = _tensors(merged, h.files, h.block_bytes, where, hashed=h.content_hash is not None)
     _decode_objects(objects, where)
     _check_counts(sections, tensors, objects, where)
     check_tree(tree_, tensors, objects, where)
@@ -216,6 +220,8 @@ def _head(obj: object, sealed_bytes: bytes, where: str, expected_step: int | Non
             f"versions 1..{FORMAT_VERSION}" + ("; upgrade ckpt to read it" if version > FORMAT_VERSION else "")
         )
     _check_seal(sealed_bytes, obj.get(MANIFEST_CRC_FIELD), where)
+    if top is _TOP_FIELDS_V2 and version >= 3:
+        top = _TOP_FIELDS_V3
     missing = sorted(top - obj.keys())
     unknown = sorted(obj.keys() - top)
     if missing or unknown:
@@ -243,8 +249,12 @@ def _head(obj: object, sealed_bytes: bytes, where: str, expected_step: int | Non
         )
     block_bytes = _int(obj["block_bytes"], f"{where}: block_bytes", lo=1)
     files = _files(obj["files"], where)
+    content_hash = obj.get("content_hash")
+    if "content_hash" in top and content_hash != CONTENT_HASH:
+        raise IntegrityMetadataError(f"{where}: content_hash {_show(content_hash)} is unknown; expected {CONTENT_HASH!r}")
     return Manifest(step=step, attempt=attempt, created=obj["created"], world_size=world_size, block_bytes=block_bytes,
-                    files=files, tensors={}, objects={}, tree=None, user_metadata=meta, format_version=version)  # fmt: skip
+                    files=files, tensors={}, objects={}, tree=None, user_metadata=meta, format_version=version,
+                    content_hash=content_hash)  # fmt: skip
 
 
 def _objects_and_tree(objects: object, tree_: object, where: str) -> tuple[dict[str, Any], Any]:
@@ -359,11 +369,12 @@ def _locate(lists: list[list[Any]], pos: int) -> tuple[int, int]:
 # --- tensors: the columnar shard tables of every tensor, checked column by column --------------
 
 
-def _tensors(raw: object, files: dict[str, FileEntry], block_bytes: int, where: str) -> dict[str, TensorEntry]:
+def _tensors(raw: object, files: dict[str, FileEntry], block_bytes: int, where: str, *, hashed: bool) -> dict[str, TensorEntry]:
     """Every tensor entry and its columnar shard table, checked with whole-column numpy
     operations: the Python work is per tensor, not per shard. The checks run in this order
-    (the first failing one names the error)."""
-    heads = _tensor_heads(raw, where)
+    (the first failing one names the error). ``hashed``: each shard table has a ``hash``
+    column (format v3)."""
+    heads = _tensor_heads(raw, where, hashed)
     if not heads.keys:
         return {}
     s = _Shards.of(heads, tuple(files))
@@ -413,24 +424,29 @@ class _Heads:
 
 
 _TENSOR_FIELDS = frozenset({"dtype", "shape", "shards"})
+_HASHED_COLUMNS = (*SHARD_COLUMNS, "hash")
+_HASHED_SET = frozenset(_HASHED_COLUMNS)
 
 
-def _tensor_heads(raw: object, where: str) -> _Heads:
+def _tensor_heads(raw: object, where: str, hashed: bool) -> _Heads:
     """The per-tensor checks (fields, dtype, shape cap, column presence and lengths). The common
     case (every field well formed) costs a few cheap tests per tensor; anything else goes through
     :func:`_tensor_head`, which names what is wrong."""
     if not isinstance(raw, dict):
         raise ManifestSchemaError(f"{where}: tensors must be a JSON object, found {_show(raw)}")
     keys = list(raw)
-    heads = _Heads(keys, _Ats(where, keys), [], [], {c: [] for c in SHARD_COLUMNS})
+    names = _HASHED_COLUMNS if hashed else SHARD_COLUMNS
+    colset = _HASHED_SET if hashed else _COLUMN_SET
+    heads = _Heads(keys, _Ats(where, keys), [], [], {c: [] for c in names})
     cols, dts, shapes, by_code = heads.cols, heads.dts, heads.shapes, dtypes.BY_CODE
     c_file, c_offs, c_sizes, c_br, c_crc = (cols[c] for c in SHARD_COLUMNS)
+    c_hash = cols.get("hash")
     for key, info in raw.items():
         try:  # the fast path: exactly the expected shapes and types, else the checks below
             if type(info) is not dict or info.keys() != _TENSOR_FIELDS:
                 raise _Slow
             dt, shape, sh = by_code[info["dtype"]], info["shape"], info["shards"]
-            if type(shape) is not list or len(shape) > MAX_NDIM or type(sh) is not dict or sh.keys() != _COLUMN_SET:
+            if type(shape) is not list or len(shape) > MAX_NDIM or type(sh) is not dict or sh.keys() != colset:
                 raise _Slow
             for d in shape:
                 if type(d) is not int or not 0 <= d < _U63:
@@ -444,9 +460,15 @@ def _tensor_heads(raw: object, where: str) -> _Heads:
                 raise _Slow
             if math.prod(shape) * dt.itemsize > MAX_TENSOR_BYTES or 0 in shape:
                 raise _Slow  # the cap counts zero-size dimensions as 1
+            hh: Any = sh["hash"] if hashed else None
+            if hashed and (type(hh) is not list or len(hh) != n):
+                raise _Slow
         except (_Slow, KeyError, TypeError):
-            dt, shape_t, (f, o, z, b, c) = _tensor_head(info, _at(where, key))
+            dt, shape_t, (f, o, z, b, c, *rest) = _tensor_head(info, _at(where, key), hashed)
             shape = list(shape_t)
+            hh = rest[0] if rest else None
+        if c_hash is not None:
+            c_hash.append(hh)  # a list: checked by either path
         c_file.append(f)
         c_offs.append(o)
         c_sizes.append(z)
@@ -461,7 +483,7 @@ class _Slow(Exception):
     """A tensor entry the fast path of :func:`_tensor_heads` does not take."""
 
 
-def _tensor_head(info: object, at: str) -> tuple[dtypes.DType, tuple[int, ...], list[Any]]:
+def _tensor_head(info: object, at: str, hashed: bool) -> tuple[dtypes.DType, tuple[int, ...], list[Any]]:
     """One tensor entry checked field by field: its dtype, shape and shard columns, or the typed
     error that names what is wrong."""
     if not isinstance(info, dict) or set(info) != _TENSOR_FIELDS:
@@ -478,9 +500,10 @@ def _tensor_head(info: object, at: str) -> tuple[dtypes.DType, tuple[int, ...], 
             "(each dimension counted as at least 1)"
         )
     sh = info["shards"]
-    if not isinstance(sh, dict) or set(sh) | {"crc32c"} != _COLUMN_SET:
+    names = _HASHED_COLUMNS if hashed else SHARD_COLUMNS
+    if not isinstance(sh, dict) or set(sh) | {"crc32c"} != set(names):
         raise ManifestSchemaError(
-            f"{at}: shards must be an object of the parallel lists {list(SHARD_COLUMNS)}; found {_fields(sh)}"
+            f"{at}: shards must be an object of the parallel lists {list(names)}; found {_fields(sh)}"
         )
     if "crc32c" not in sh:
         raise IntegrityMetadataError(f"{at}: the shards have no crc32c checksums; verification needs them (fail closed)")
@@ -495,7 +518,11 @@ def _tensor_head(info: object, at: str) -> tuple[dtypes.DType, tuple[int, ...], 
             raise _COLUMN_ERROR[c](
                 f"{at}: shards.{c} must hold {n * per} integers ({per} for each of {n} shards), found {len(sh[c])}"
             )
-    return dt, shape, [sh[c] for c in SHARD_COLUMNS]
+    if hashed and (not isinstance(sh["hash"], list) or len(sh["hash"]) != n):
+        raise IntegrityMetadataError(
+            f"{at}: shards.hash must be a list of {n} content hashes (one per shard), found {_show(sh['hash'])}"
+        )
+    return dt, shape, [sh[c] for c in names]
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,6 +543,7 @@ class _Shards:
     sizes: I64  # flat
     br: I64  # (S, 2)
     crcs: I64  # flat
+    hashes: list[str | None] | None  # flat, one per shard (format v3)
 
     @classmethod
     def of(cls, heads: _Heads, paths: tuple[str, ...]) -> _Shards:
@@ -534,6 +562,7 @@ class _Shards:
             _column(cols["sizes"], "sizes", ats),
             _column(cols["byte_range"], "byte_range", ats, lo=-_U63, expected="an integer").reshape(-1, 2),
             _column(cols["crc32c"], "crc32c", ats, hi=2**32, expected="a 32-bit unsigned integer"),
+            _hash_column(cols["hash"], ats) if "hash" in cols else None,
         )  # fmt: skip
 
     def shard_at(self, s: int) -> tuple[str, int, str]:
@@ -545,6 +574,19 @@ class _Shards:
         """Shard ``s``'s region, for a message."""
         a, b = int(self.flat_at[s]), int(self.flat_at[s + 1])
         return f"offsets {self.offs[a:b].tolist()} with sizes {self.sizes[a:b].tolist()}"
+
+
+def _hash_column(lists: list[list[Any]], ats: Sequence[str]) -> list[str | None]:
+    """Every shard's content hash: 32 lowercase hex digits, or null (written without one)."""
+    flat: list[str | None] = list(itertools.chain.from_iterable(lists))
+    match = _HASH_RE.fullmatch
+    for i, h in enumerate(flat):
+        if h is not None and not (type(h) is str and match(h)):
+            t, j = _locate(lists, i)
+            raise IntegrityMetadataError(
+                f"{ats[t]}: shards.hash[{j}]: expected {HASH_HEX_DIGITS} lowercase hex digits or null, found {_show(h, 40)}"
+            )
+    return flat
 
 
 def _check_within_shape(s: _Shards) -> None:
@@ -669,7 +711,7 @@ def _tables(s: _Shards, nblk: I64) -> dict[str, TensorEntry]:
         ca, cb = int(crc_at[a]), int(crc_at[b])
         table = ShardTable(
             paths, s.file_idx[a:b], s.offs[fa:fb].reshape(b - a, nd), s.sizes[fa:fb].reshape(b - a, nd),
-            s.br[a:b], s.crcs[ca:cb], crc_at[a : b + 1] - ca,
+            s.br[a:b], s.crcs[ca:cb], crc_at[a : b + 1] - ca, None if s.hashes is None else tuple(s.hashes[a:b]),
         )  # fmt: skip
         out[key] = TensorEntry(s.heads.dts[t].code, s.heads.shapes[t], table)
     return out

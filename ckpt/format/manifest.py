@@ -46,7 +46,11 @@ from ckpt.geometry.coverage import (  # re-exported: the coverage check was defi
 )
 from ckpt.state import tree
 
-FORMAT_VERSION = 2  # the newest version this ckpt reads and writes (a small manifest is written as v1)
+FORMAT_VERSION = 3  # the newest version this ckpt reads and writes (a small manifest is written as v1)
+# Incremental saves (format v3) record each shard's content hash: BLAKE3 cut to 128 bits, as 32
+# lowercase hex digits, or null for a shard written without one (FORMAT.md 4.9).
+CONTENT_HASH = "blake3-128"
+HASH_HEX_DIGITS = 32
 SHARD_FORMAT_VERSION = 1  # shard files' ``ckpt.format_version``: their conventions (FORMAT.md 7) are v1's
 MAX_MANIFEST_BYTES = 1 << 30  # 1 GiB: a million shard entries fit; a hostile file does not
 MAX_NDIM = 64
@@ -103,6 +107,9 @@ class ShardTable(Sequence[ShardEntry]):
     byte_range: I64  # (n, 2): [start, end) absolute in the file
     crc32c: I64  # flat, in shard order
     crc_start: I64  # (n + 1,)
+    # each shard's content hash (32 hex digits, or None: written without one); None for the whole
+    # table where the manifest records no hashes (format v1, v2)
+    hashes: tuple[str | None, ...] | None = None
 
     @classmethod
     def from_entries(cls, entries: Sequence[ShardEntry], ndim: int) -> ShardTable:
@@ -227,7 +234,8 @@ class Manifest:
     objects: dict[str, Any]
     tree: Any
     user_metadata: dict[str, str] = field(default_factory=dict)
-    format_version: int = 1  # 2: written as lines, read in part (FORMAT.md 4.8)
+    format_version: int = 1  # 2: written as lines, read in part (FORMAT.md 4.8); 3: v2 with content hashes
+    content_hash: str | None = None  # CONTENT_HASH where the shards record their hashes (format v3)
     _json: bytes | None = field(default=None, init=False, repr=False, compare=False)  # as parsed
 
     @property
@@ -254,7 +262,7 @@ class Manifest:
         """The sealed manifest file (for a parsed manifest, the exact bytes it was parsed from)."""
         if self._json is not None:
             return self._json
-        if self.format_version == 2:
+        if self.format_version >= 2:
             from ckpt.format._manifest_pages import encode
 
             return encode(self.fields())[0]
@@ -264,7 +272,7 @@ class Manifest:
         """The manifest as the JSON value it is written as (unsealed)."""
         paths = tuple(self.files)
         index = {p: i for i, p in enumerate(paths)}
-        return {
+        out = {
                 "format_version": self.format_version,
                 "step": self.step,
                 "attempt": self.attempt,
@@ -278,21 +286,23 @@ class Manifest:
                 "objects": self.objects,
                 "tree": self.tree,
             }
+        if self.content_hash is not None:
+            out["content_hash"] = self.content_hash
+        return out
 
 
 def _tensor_json(t: TensorEntry, index: dict[str, int], paths: tuple[str, ...]) -> dict[str, Any]:
     s = t.shards
-    return {
-        "dtype": t.dtype,
-        "shape": list(t.shape),
-        "shards": {
-            "file": s.global_file_index(index, paths).tolist(),
-            "offsets": s.offsets.ravel().tolist(),
-            "sizes": s.sizes.ravel().tolist(),
-            "byte_range": s.byte_range.ravel().tolist(),
-            "crc32c": s.crc32c.tolist(),
-        },
+    shards: dict[str, Any] = {
+        "file": s.global_file_index(index, paths).tolist(),
+        "offsets": s.offsets.ravel().tolist(),
+        "sizes": s.sizes.ravel().tolist(),
+        "byte_range": s.byte_range.ravel().tolist(),
+        "crc32c": s.crc32c.tolist(),
     }
+    if s.hashes is not None:
+        shards["hash"] = list(s.hashes)
+    return {"dtype": t.dtype, "shape": list(t.shape), "shards": shards}
 
 # --- paths and the seal ------------------------------------------------------------------------------------
 
@@ -367,7 +377,7 @@ def validated(m: Manifest, *, where: str) -> Manifest:
     from ckpt.format import _manifest_parse
 
     fields = m.fields()
-    if m.format_version == 2:
+    if m.format_version >= 2:
         from ckpt.format._manifest_pages import encode
 
         data, head, tensors = encode(fields)
@@ -375,7 +385,7 @@ def validated(m: Manifest, *, where: str) -> Manifest:
         data, obj = sealed(fields)
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestTooLargeError(f"{where}: {len(data)} bytes is over the {MAX_MANIFEST_BYTES}-byte cap")
-    if m.format_version == 2:
+    if m.format_version >= 2:
         return _manifest_parse.validate_v2(head, tensors, fields["objects"], fields["tree"], data, where=where)
     return _manifest_parse.validate(obj, data, where=where, expected_step=None)
 
@@ -406,7 +416,9 @@ def parse_head(data: bytes, *, where: str, expected_step: int | None = None) -> 
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
+    "CONTENT_HASH",
     "FORMAT_VERSION",
+    "HASH_HEX_DIGITS",
     "I64",
     "MANIFEST_CRC_FIELD",
     "MAX_CORNERS",

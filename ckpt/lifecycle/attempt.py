@@ -29,6 +29,10 @@ class Attempt:
     world_size: int
     options: SaveOptions
     user_metadata: tuple[tuple[str, str], ...] = ()
+    # an incremental save's base (resolved by the coordinator): its step and the attempt that
+    # committed it, which every writer and the commit check again
+    base_step: int | None = None
+    base_attempt: str | None = None
 
 
 def new_attempt(
@@ -50,14 +54,15 @@ def to_wire(a: Attempt) -> dict[str, Any]:
     """An attempt as a plain JSON-able record (what coordinators send to writers)."""
     return {"root": a.root, "step": a.step, "attempt": a.attempt, "world_size": a.world_size,
             "options": {f: getattr(a.options, f) for f in SaveOptions.__slots__},
-            "user_metadata": [list(p) for p in a.user_metadata]}  # fmt: skip
+            "user_metadata": [list(p) for p in a.user_metadata], "base_step": a.base_step,
+            "base_attempt": a.base_attempt}  # fmt: skip
 
 
 def from_wire(d: dict[str, Any]) -> Attempt:
     """The attempt :func:`to_wire` describes."""
     return Attempt(
         d["root"], d["step"], d["attempt"], d["world_size"], SaveOptions(**d["options"]),
-        tuple((k, v) for k, v in d["user_metadata"]),
+        tuple((k, v) for k, v in d["user_metadata"]), d.get("base_step"), d.get("base_attempt"),
     )  # fmt: skip
 
 
@@ -79,6 +84,7 @@ class ShardRecord(TypedDict):
     file: str
     byte_range: list[int]  # [start, end) in the file
     crc32c: list[int]  # one per block of ``block_bytes``
+    hash: str | None  # incremental saves: the region's content hash (32 hex digits), else None
 
 
 class KeyRecord(TypedDict):

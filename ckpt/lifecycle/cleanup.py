@@ -1,8 +1,9 @@
 """Cleanup: everything that deletes under a root, in the orders that never lose a committed
 checkpoint. Both operations share one scan of the committed manifests (:func:`referenced_files`).
 
-**Retirement** (``ckpt rm``, retention): the manifest goes first (from then on the step does not
-exist), then the data files that no remaining committed manifest references (docs/FORMAT.md 9.5),
+**Retirement** (``ckpt rm``, retention): the manifests go first (from then on the steps do not
+exist), then a scan of what the remaining manifests reference, then the data files that none of
+them references (docs/FORMAT.md 9.5; incremental saves share files between steps),
 then their directories if empty. A crash in between leaves only unreferenced data: garbage, never a
 manifest whose data is gone. Every path is checked for links before anything is deleted.
 
@@ -105,18 +106,22 @@ class Retired:
 def retire_steps(storage: Storage, steps: Iterable[int], *, dry_run: bool = False) -> list[Retired]:
     """Retire ``steps`` (committed checkpoints under ``storage``), oldest first."""
     doomed = sorted(set(steps))
-    manifests = {s: read_step(storage, s) for s in doomed}
-    referenced, unreadable = referenced_files(storage, skip=doomed)
+    manifests = {s: read_step(storage, s, lazy=True) for s in doomed}  # their files: the heads say
     for s in doomed:  # refused before anything is deleted: never through a link (Storage.check_no_links)
         for rel in (layout.manifest_path(s), *manifests[s].files):
             storage.check_no_links(rel)
-    out = []
-    for s in doomed:
-        m = manifests[s]
-        if not dry_run:
+    if not dry_run:
+        for s in doomed:
             rel = layout.manifest_path(s)
             storage.delete(rel)  # the step ceases to exist here
             storage.remove_empty_dir(posixpath.dirname(rel))
+    # The scan runs after the manifests are gone, never before: an incremental save that commits
+    # a reference to a retired step's files either commits before this scan (and is seen by it) or
+    # finds its base gone after its commit and withdraws (ckpt.lifecycle.save._check_base_kept).
+    referenced, unreadable = referenced_files(storage, skip=doomed)
+    out = []
+    for s in doomed:
+        m = manifests[s]
         if unreadable:
             out.append(Retired(s, (), tuple(sorted(m.files))))
             continue

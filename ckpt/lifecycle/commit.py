@@ -10,6 +10,7 @@ the result, so a committed manifest always passes the same validation a reader a
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import operator
 import warnings
@@ -67,6 +68,14 @@ def build_manifest(attempt: Attempt, reports: list[Report], *, created: str) -> 
         columns = _columns(ranks, by_rank, file_index)
     block_bytes = attempt.options.block_bytes
     tensors = {key: c.entry(key) for key, c in columns.items()}
+    incremental = attempt.options.incremental
+    if incremental:  # each shard's content hash, in the columns' order (rank, then report order)
+        hashes: dict[str, list[str | None]] = {}
+        for rank in ranks:
+            for rec in by_rank[rank]["shards"]:
+                hashes.setdefault(rec["key"], []).append(rec.get("hash"))
+        tensors = {k: dataclasses.replace(t, shards=dataclasses.replace(t.shards, hashes=tuple(hashes[k])))
+                   for k, t in tensors.items()}  # fmt: skip
     skeleton, objects = _merge_trees(by_rank)
     m = Manifest(
         step=attempt.step,
@@ -79,7 +88,8 @@ def build_manifest(attempt: Attempt, reports: list[Report], *, created: str) -> 
         objects=objects,
         tree=skeleton,
         user_metadata=dict(attempt.user_metadata),
-        format_version=2 if _paged(attempt.options.paged_manifest, len(tensors)) else 1,
+        format_version=3 if incremental else 2 if _paged(attempt.options.paged_manifest, len(tensors)) else 1,
+        content_hash=manifest_mod.CONTENT_HASH if incremental else None,
     )
     return manifest_mod.validated(m, where=f"{attempt.root}: manifest of step {attempt.step}")
 
@@ -259,8 +269,9 @@ def _merge_trees(by_rank: dict[int, Report]) -> tuple[Any, dict[str, Any]]:
     return skeleton, objects
 
 
-def check_files(storage: Storage, m: Manifest, *, num_threads: int) -> None:
-    """Every file the manifest names exists with the reported size (one stat each)."""
+def check_files(storage: Storage, m: Manifest, *, num_threads: int, paths: Sequence[str] | None = None) -> None:
+    """Every file the manifest names (or those of ``paths``) exists with the reported size (one
+    stat each)."""
 
     def check(path: str) -> None:
         try:
@@ -272,7 +283,7 @@ def check_files(storage: Storage, m: Manifest, *, num_threads: int) -> None:
                 f"{storage.where(path)}: {size} bytes on storage, the writer reported {m.files[path].size}"
             )
 
-    run_all(check, sorted(m.files), num_threads=num_threads, timeout_s=storage.io_timeout_s,
+    run_all(check, sorted(m.files) if paths is None else paths, num_threads=num_threads, timeout_s=storage.io_timeout_s,
             what=lambda p: f"{storage.where(p)}: stat")  # fmt: skip
 
 

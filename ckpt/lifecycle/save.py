@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import logging
 import math
@@ -18,14 +19,21 @@ from typing import Any, Literal
 import torch
 
 from ckpt import _collector as collector
-from ckpt.engine import executor, owners, save_plan
-from ckpt.errors import CheckpointExistsError, PlanError
+from ckpt.engine import executor, owners, reuse, save_plan
+from ckpt.errors import (
+    BaseRetiredError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    ManifestError,
+    PlanError,
+)
 from ckpt.format import dtypes, layout
 from ckpt.format.manifest import Manifest
 from ckpt.lifecycle import attempt as attempt_mod
 from ckpt.lifecycle import commit as commit_mod
 from ckpt.lifecycle import steps
-from ckpt.lifecycle.attempt import Attempt, Report, ShardRecord
+from ckpt.lifecycle.attempt import Attempt, FileRecord, Report, ShardRecord
 from ckpt.options import SaveOptions
 from ckpt.progress import Meter, ProgressArg, summary
 from ckpt.state import tree
@@ -60,8 +68,9 @@ def begin(
     """Start a save attempt (coordinator). Refuses a step that is already committed."""
     root = root_url(root)
     a = attempt_mod.new_attempt(root, step, world_size, options or SaveOptions(), user_metadata)
-    _begin(_storage(a, storage_options), a)
-    return a
+    storage = _storage(a, storage_options)
+    _begin(storage, a)
+    return _with_base(a, _base(storage, a))
 
 
 def _storage(a: Attempt, storage_options: dict[str, Any] | None) -> Storage:
@@ -84,6 +93,37 @@ def _begin(storage: Storage, a: Attempt, *, check_step: bool = True) -> None:
         raise _taken(storage, step)
     _log.info("%s: step %d: attempt %s begins (%d writer%s)", storage.url, step, a.attempt, a.world_size,
               "" if a.world_size == 1 else "s")  # fmt: skip
+
+
+def _base(storage: Storage, a: Attempt) -> Manifest | None:
+    """An incremental save's base: ``base_step``'s manifest, or the newest committed one before
+    ``a.step`` (None: there is none, so everything is written). Read in part (its head, tree and
+    checksums): the entries a writer compares with are read when it asks for them."""
+    if not a.options.incremental:
+        return None
+    if a.options.base_step is not None:
+        return steps.read_step(storage, a.options.base_step, lazy=True)
+    return steps._latest(storage, below=a.step, lazy=True)
+
+
+def _with_base(a: Attempt, base: Manifest | None) -> Attempt:
+    return a if base is None else dataclasses.replace(a, base_step=base.step, base_attempt=base.attempt)
+
+
+def _writer_base(storage: Storage, a: Attempt) -> Manifest | None:
+    """The base a writer compares with: the step and attempt the coordinator chose, read once."""
+    if a.base_step is None:
+        return None
+    try:
+        m = steps.read_step(storage, a.base_step, lazy=True)
+    except CheckpointNotFoundError:
+        m = None
+    if m is None or m.attempt != a.base_attempt:
+        raise BaseRetiredError(
+            f"{storage.url}: step {a.step}: the base step {a.base_step} (attempt {a.base_attempt}) of this "
+            "incremental save was retired or replaced before this writer read it"
+        )
+    return m
 
 
 def _taken(storage: Storage, step: int) -> CheckpointExistsError:
@@ -121,7 +161,8 @@ def write_shards(
     storage = _storage(attempt, storage_options)
     meter = Meter("save", progress, step=attempt.step, retries=lambda: storage.retries)
     try:
-        report = _write_shards(storage, attempt, state, rank=rank, plain_tensors=plain_tensors, meter=meter)
+        base = _writer_base(storage, attempt)
+        report = _write_shards(storage, attempt, state, rank=rank, plain_tensors=plain_tensors, meter=meter, base=base)
         meter.phase("done")
     finally:
         meter.close()
@@ -129,7 +170,8 @@ def write_shards(
 
 
 def _write_shards(
-    storage: Storage, attempt: Attempt, state: object, *, rank: int, plain_tensors: PlainTensors, meter: Meter | None = None
+    storage: Storage, attempt: Attempt, state: object, *, rank: int, plain_tensors: PlainTensors, meter: Meter | None = None,
+    base: Manifest | None = None,
 ) -> Report:
     flat = state if isinstance(state, tree.Flat) else tree.flatten(state)  # a Flat: a staged snapshot
     opts = attempt.options
@@ -175,8 +217,10 @@ def _write_shards(
             continue  # an empty region of a non-empty tensor carries nothing
         tensors[piece.key] = _to_host(_slice(t, offs, piece.offsets, piece.sizes))
         items.append(save_plan.WriteItem(piece.key, code, gshape, piece.offsets, piece.sizes))
+    decisions = _decide(items, tensors, base, opts) if opts.incremental else None
+    to_write = items if decisions is None else [i for i, d in zip(items, decisions, strict=True) if d.reuse is None]
     plan = save_plan.plan_save(
-        items,
+        to_write,
         step=attempt.step,
         attempt=attempt.attempt,
         rank=rank,
@@ -188,15 +232,17 @@ def _write_shards(
     if meter is not None:
         meter.phase("write", bytes_total=nbytes, files_total=len(plan.files))
     t0 = time.perf_counter()
+    hash_keys = frozenset(i.key for i, d in zip(items, decisions or (), strict=False) if d.reuse is None and d.hash_on_write)
     written = executor.write_files(
         storage, plan.files, tensors, block_bytes=opts.block_bytes, num_threads=opts.num_threads, fsync=opts.fsync,
-        meter=meter,
+        meter=meter, hash_keys=hash_keys,
     )  # fmt: skip
     if opts.fsync and plan.files:
         dirs = [layout.data_dir(attempt.step, attempt.attempt), "data", ""]
         storage.sync_dirs(dirs)
     _log.info("%s: step %d: rank %d wrote %d files: %s", storage.url, attempt.step, rank, len(written),
               summary(nbytes, time.perf_counter() - t0, storage.retries))  # fmt: skip
+    known = {} if decisions is None else {i.key: d.hash for i, d in zip(items, decisions, strict=True) if d.hash}
     shards: list[ShardRecord] = []
     for fp, wf in zip(plan.files, written, strict=True):
         for item, br in fp.items:
@@ -205,18 +251,60 @@ def _write_shards(
                     "key": item.key, "dtype": item.dtype, "shape": list(item.global_shape),
                     "offsets": list(item.offsets), "sizes": list(item.sizes), "file": fp.path,
                     "byte_range": [br.start, br.end], "crc32c": list(wf.block_crcs[item.key]),
+                    "hash": wf.hashes.get(item.key, known.get(item.key)),
                 }
             )  # fmt: skip
+    files: dict[str, FileRecord] = {wf.path: {"size": wf.size, "crc32c": wf.crc32c} for wf in written}
+    for item, d in zip(items, decisions or (), strict=False):
+        if d.reuse is None:
+            continue
+        r = d.reuse
+        shards.append(
+            {
+                "key": item.key, "dtype": item.dtype, "shape": list(item.global_shape), "offsets": list(item.offsets),
+                "sizes": list(item.sizes), "file": r.file, "byte_range": [r.start, r.end], "crc32c": list(r.crc32c),
+                "hash": r.hash,
+            }
+        )  # fmt: skip
+        if r.file not in files:
+            assert base is not None
+            f = base.files[r.file]
+            files[r.file] = {"size": f.size, "crc32c": f.crc32c}
+    if decisions is not None:
+        reused = sum(i.nbytes for i, d in zip(items, decisions, strict=True) if d.reuse is not None)
+        _log.info("%s: step %d: rank %d reused %s of the base step %s, wrote %s", storage.url, attempt.step, rank,
+                  human_size(reused), attempt.base_step, human_size(nbytes))  # fmt: skip
     return {
         "step": attempt.step,
         "attempt": attempt.attempt,
         "rank": rank,
-        "files": {wf.path: {"size": wf.size, "crc32c": wf.crc32c} for wf in written},
+        "files": files,
         "shards": shards,
         "keys": {k: {"dtype": v[3], "shape": list(v[2])} for k, v in local.items()},
         "objects": flat.objects,
         "tree": flat.tree,
     }
+
+
+def _decide(
+    items: list[save_plan.WriteItem], tensors: dict[str, torch.Tensor], base: Manifest | None, opts: SaveOptions
+) -> list[reuse.Decision]:
+    """Each item's incremental decision against ``base`` (``ckpt.engine.reuse``): the base's
+    entries of these keys are read (only their pages), nothing of its data."""
+    if base is None:
+        return [reuse.Decision(None, hash_on_write=True) for _ in items]
+    entries = base.entries([i.key for i in items if i.key in base.tensors])
+    same = base.block_bytes == opts.block_bytes
+    bases = [reuse.match(i, entries.get(i.key), same_blocks=same) for i in items]
+    views = {i: executor.byte_view(tensors[it.key]) for i, it in enumerate(items) if bases[i] is not None}
+
+    def first_crc(i: int) -> int:
+        return reuse.first_block_crc(views[i], opts.block_bytes)
+
+    def full(indices: Sequence[int]) -> dict[int, str]:
+        return reuse.hash_all({i: views[i] for i in indices}, num_threads=opts.num_threads)
+
+    return reuse.decide(items, bases, first_crc, full)
 
 
 def describe(state: object) -> dict[str, list[Any]]:
@@ -277,13 +365,54 @@ def _commit(storage: Storage, attempt: Attempt, reports: list[Report], *, stat_f
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     m = commit_mod.build_manifest(attempt, reports, created=created)
     opts = attempt.options
+    own = layout.data_dir(attempt.step, attempt.attempt) + "/"
+    foreign = sorted(p for p in m.files if not p.startswith(own)) if attempt.base_step is not None else []
+    if foreign:  # the base's files an incremental save references are stat-checked in any case
+        try:
+            commit_mod.check_files(storage, m, num_threads=opts.num_threads, paths=foreign)
+        except CorruptCheckpointError as err:
+            raise BaseRetiredError(
+                f"{storage.url}: step {attempt.step}: a file of the base step {attempt.base_step} that this "
+                f"incremental save references is gone or changed (the base was retired?): {err}"
+            ) from err
     if stat_files:
-        commit_mod.check_files(storage, m, num_threads=opts.num_threads)
+        commit_mod.check_files(storage, m, num_threads=opts.num_threads, paths=sorted(set(m.files) - set(foreign)))
     commit_mod.publish(storage, m, fsync=opts.fsync, update_latest=opts.update_latest)
+    if attempt.base_step is not None:
+        _check_base_kept(storage, attempt, m)
     _log.info("%s: step %d committed: %d tensors, %d files, %s from %d writer%s", storage.url, m.step,
               len(m.tensors), len(m.files), human_size(m.total_bytes), attempt.world_size,
               "" if attempt.world_size == 1 else "s")  # fmt: skip
     return m
+
+
+def _check_base_kept(storage: Storage, a: Attempt, m: Manifest) -> None:
+    """After an incremental commit: the base manifest must still be there, by the same attempt.
+
+    Retirement deletes a manifest before it scans which files the remaining manifests reference
+    (``ckpt.lifecycle.cleanup``). So if the base is still there now, any retirement that deletes it
+    later scans after our commit and sees our references; if it is gone, a retirement may have
+    scanned before our commit and may delete the bytes we reference: the save is withdrawn (our
+    manifest deleted again) and BaseRetiredError raised."""
+    try:
+        kept = steps.read_head(storage, a.base_step).attempt == a.base_attempt  # type: ignore[arg-type]
+    except (CheckpointNotFoundError, ManifestError):
+        kept = False
+    if kept:
+        return
+    _log.warning("%s: step %d: the base step %s was retired during the incremental save; withdrawing it",
+                 storage.url, a.step, a.base_step)  # fmt: skip
+    storage.delete(layout.manifest_path(a.step))
+    own = layout.data_dir(a.step, a.attempt) + "/"
+    with contextlib.suppress(Exception):
+        for path in m.files:
+            if path.startswith(own):
+                storage.delete(path)
+        storage.remove_empty_dir(layout.data_dir(a.step, a.attempt))
+    raise BaseRetiredError(
+        f"{storage.url}: step {a.step}: the base step {a.base_step} (attempt {a.base_attempt}) was retired "
+        "while this incremental save ran; the save was withdrawn"
+    )
 
 
 def save(
@@ -311,19 +440,33 @@ def save(
     # saves: the training loop runs beside them), as for a restore (ckpt._collector).
     try:
         with collector.paused(threading.current_thread() is threading.main_thread()):
-            _begin(storage, a, check_step=False)
-            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-step-check") as pool:
-                taken = pool.submit(storage.exists, layout.manifest_path(step))
-                report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive", meter=meter)
-                if taken.result():
-                    _discard(storage, a, report)
-                    raise _taken(storage, step)
-            meter.phase("commit")
-            m = _commit(storage, a, [report], stat_files=not storage.write_confirms_size)
-            del report  # freed before the collector is on again
+            try:
+                m = _save_once(storage, a, state, meter, with_base=True)
+            except BaseRetiredError as err:  # the base went away mid-save: write everything
+                _log.warning("%s; saving step %d in full", err, step)
+                a = attempt_mod.new_attempt(root, step, 1, a.options, user_metadata)
+                m = _save_once(storage, a, state, meter, with_base=False)
             meter.phase("done")
     finally:
         meter.close()
+    return m
+
+
+def _save_once(storage: Storage, a: Attempt, state: object, meter: Meter, *, with_base: bool) -> Manifest:
+    step = a.step
+    _begin(storage, a, check_step=False)
+    base = _base(storage, a) if with_base else None
+    a = _with_base(a, base)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-step-check") as pool:
+        taken = pool.submit(storage.exists, layout.manifest_path(step))
+        report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive", meter=meter, base=base)
+        if taken.result():
+            _discard(storage, a, report)
+            raise _taken(storage, step)
+    del base
+    meter.phase("commit")
+    m = _commit(storage, a, [report], stat_files=not storage.write_confirms_size)
+    del report  # freed before the collector is on again
     return m
 
 

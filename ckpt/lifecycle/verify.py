@@ -8,7 +8,9 @@ checkpoint to check), and for every file the manifest names:
 - the crc32c of the whole file matches the manifest;
 - the safetensors header parses and agrees with the manifest: every shard stored in the file
   appears under its key with the manifest's dtype, ``shape == sizes`` and
-  ``data_start + data_offsets == byte_range``, and the header holds no other tensors;
+  ``data_start + data_offsets == byte_range``, and (for the files of the step's own attempt) the
+  header holds no other tensors: a file of an older step that an incremental save references
+  also holds tensors that changed since;
 - the crc32c of every block of every shard matches.
 
 Files are streamed in bounded chunks through :class:`~ckpt.storage.Storage` (memory stays at
@@ -43,6 +45,7 @@ from ckpt.errors import (
     ShardSizeMismatchError,
     UnsafePathError,
 )
+from ckpt.format import layout
 from ckpt.format import safetensors as safetensors_format
 from ckpt.format.manifest import Manifest, ShardEntry
 from ckpt.lifecycle import steps
@@ -358,7 +361,10 @@ def _check_file(
         except HeaderError as err:
             problem(HeaderError, str(err))
         else:
-            _check_header(header, shards, where, problem)
+            # a file of an older step that an incremental save references holds tensors this step
+            # does not use (they changed since): only a file of its own attempt must hold no other
+            own = path.startswith(layout.data_dir(m.step, m.attempt) + "/")
+            _check_header(header, shards, where, problem, others_allowed=not own)
     n_blocks = Counter(blk.key for blk in blocks.blocks) if blocks.bad else Counter[str]()
     for key, bad in blocks.bad.items():
         b = bad[0]
@@ -380,6 +386,8 @@ def _check_header(
     shards: list[_Stored],
     where: str,
     problem: Callable[[type[CorruptCheckpointError], str, str | None], None],
+    *,
+    others_allowed: bool = False,
 ) -> None:
     entries = {e.name: e for e in header.entries}
     for key, dtype, s in shards:
@@ -403,7 +411,7 @@ def _check_header(
                 f"[{s.byte_range.start}, {s.byte_range.end})"
             )
             problem(HeaderError, msg, key)
-    for name in sorted(entries):
+    for name in [] if others_allowed else sorted(entries):
         problem(
             HeaderError,
             f"{where}: the header holds tensor {name!r}, which the manifest does not place here",

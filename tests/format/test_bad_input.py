@@ -327,11 +327,11 @@ MANIFEST_CASES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any] | byte
     ("05-minus-infinity", _raw(lambda b: b.replace(b'"step":3}', b'"step":-Infinity}', 1)), errors.ManifestParseError, "-Infinity is not allowed"),
     ("05-overflow-to-inf", _raw(lambda b: b.replace(b'"step":3}', b'"step":-1e400}', 1)), errors.ManifestParseError, "number -1e400 overflows to infinity"),
     # 6: format_version
-    ("06-version-missing", _drop("format_version"), errors.UnsupportedFormatError, r"format_version is missing; this ckpt reads integer versions 1\.\.2"),
+    ("06-version-missing", _drop("format_version"), errors.UnsupportedFormatError, r"format_version is missing; this ckpt reads integer versions 1\.\.3"),
     ("06-version-string", _set("format_version", "1"), errors.UnsupportedFormatError, r'format_version is "1", not an integer'),
     ("06-version-float", _set("format_version", 1.0), errors.UnsupportedFormatError, r"format_version is 1\.0, not an integer"),
     ("06-version-bool", _set("format_version", True), errors.UnsupportedFormatError, "format_version is true, not an integer"),
-    ("06-version-future", _set("format_version", 999), errors.UnsupportedFormatError, r"format_version 999 is not supported by this ckpt, which reads versions 1\.\.2; upgrade ckpt"),
+    ("06-version-future", _set("format_version", 999), errors.UnsupportedFormatError, r"format_version 999 is not supported by this ckpt, which reads versions 1\.\.3; upgrade ckpt"),
     ("06-version-zero", _set("format_version", 0), errors.UnsupportedFormatError, "format_version 0 is not supported"),
     # 7: required fields, unknown fields, wrong types
     ("07-missing-tensors", _drop("tensors"), errors.ManifestSchemaError, r"missing fields \['tensors'\]"),

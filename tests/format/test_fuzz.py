@@ -151,13 +151,19 @@ def _multi_writer_save(root: str, step: int) -> None:
 def corpus_roots() -> tuple[tuple[str, int], ...]:
     """Three committed checkpoints on memory://: a one-writer save of :func:`rich_state` (step 3),
     a three-writer sharded save (step 7), and the first again with a paged (format v2) manifest
-    (step 5). Made once per test session."""
+    (step 5), and an incremental save (format v3, step 9) whose unchanged tensors reference the
+    files of its base (step 8). Made once per test session."""
     base = f"memory://fuzz-corpus-{uuid.uuid4().hex[:8]}"
     ckpt.save(f"{base}/one", rich_state(), step=3, user_metadata={"run": "fuzz"}, options=ckpt.SaveOptions(block_bytes=64))
     _multi_writer_save(f"{base}/multi", 7)
     opts = ckpt.SaveOptions(block_bytes=64, paged_manifest=True)
     ckpt.save(f"{base}/paged", rich_state(), step=5, user_metadata={"run": "fuzz"}, options=opts)
-    return ((f"{base}/one", 3), (f"{base}/multi", 7), (f"{base}/paged", 5))
+    inc = ckpt.SaveOptions(block_bytes=64, incremental=True)
+    state = rich_state()
+    ckpt.save(f"{base}/incremental", state, step=8, user_metadata={"run": "fuzz"}, options=inc)
+    state["big"] = state["big"] + 1  # changed: written again; everything else referenced
+    ckpt.save(f"{base}/incremental", state, step=9, user_metadata={"run": "fuzz"}, options=inc)
+    return ((f"{base}/one", 3), (f"{base}/multi", 7), (f"{base}/paged", 5), (f"{base}/incremental", 9))
 
 
 @functools.cache
@@ -176,7 +182,7 @@ def pristine_bytes(i: int) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 def reseal(raw: bytes) -> bytes:
     """Recompute the manifest's own crc32c, so that a mutant reaches the checks after the seal
     (a v2 manifest: also each section's bounds and crc32c in the head, from the body's lines)."""
-    if raw.startswith(b'{"format_version":2,') and b"\n" in raw:
+    if (raw.startswith((b'{"format_version":2,', b'{"format_version":3,'))) and b"\n" in raw:
         return _reseal_lines(raw.split(b"\n"))
     return _reseal_one(raw)
 
@@ -236,7 +242,7 @@ def typed_error(fn: Callable[[], Any], where: str) -> CkptError | None:
 
 def check_manifest_invariants(m: manifest.Manifest) -> None:
     """What every consumer of a parsed manifest relies on."""
-    assert m.format_version in (1, manifest.FORMAT_VERSION)
+    assert m.format_version in (1, 2, manifest.FORMAT_VERSION)
     assert m.block_bytes >= 1
     assert m.world_size >= 1
     for path, f in m.files.items():
@@ -369,7 +375,7 @@ def check_manifest_bytes(i: int, raw: bytes) -> str:
         return type(err).__name__
     (m,) = got
     check_manifest_invariants(m)
-    if m.format_version == 2:  # read in part, then every key: the same entries
+    if m.format_version >= 2:  # read in part, then every key: the same entries
         lazy = manifest.parse(raw, where=WHERE, expected_step=step, lazy=True)
         some = sorted(m.tensors)[:2]
         assert lazy.entries(some) == {k: m.tensors[k] for k in some}

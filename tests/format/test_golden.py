@@ -3,7 +3,8 @@ tests/format/golden/make_golden.py):
 what each format version looks like on disk must restore bit-exactly forever, and each critical
 alteration of it must fail with its own typed error; non-critical ones must still load.
 (v1's "future-version" copy says version 2 in one JSON document: since v2 exists, that is a
-malformed v2 manifest, no longer an unknown version; its expected error changed with v2.)
+malformed v2 manifest, no longer an unknown version; its expected error changed with v2. Likewise
+v2's says 3, a v3 manifest without its content_hash field, since v3.)
 
 The corpus is copied to a temporary directory first: tests never write into tests/format/golden.
 """
@@ -20,7 +21,7 @@ import pytest
 import ckpt
 from tests.format.golden.make_golden import describe, golden_state
 
-CORPORA = {v: Path(__file__).parent / "golden" / v for v in ("v1", "v2")}
+CORPORA = {v: Path(__file__).parent / "golden" / v for v in ("v1", "v2", "v3")}
 EXPECTED: dict[str, dict[str, Any]] = {v: json.loads((p / "expected.json").read_text()) for v, p in CORPORA.items()}
 STEP = EXPECTED["v1"]["step"]
 

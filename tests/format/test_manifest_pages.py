@@ -211,7 +211,7 @@ HOSTILE: list[tuple[str, dict[str, Any], type[Exception], str]] = [
      errors.ManifestChecksumError, "tree has crc32c [0-9a-f]{8} but the head records 00000007"),
     ("no-sections", {"head": lambda h: h.pop("sections")}, errors.ManifestSchemaError, r"missing fields \['sections'\]"),
     ("v1-fields-too", {"head": lambda h: h.__setitem__("tensors", {})}, errors.ManifestSchemaError, "unknown fields"),
-    ("future", {"head": lambda h: h.__setitem__("format_version", 3)}, errors.UnsupportedFormatError, "format_version 3 is not supported"),
+    ("future", {"head": lambda h: h.__setitem__("format_version", 4)}, errors.UnsupportedFormatError, "format_version 4 is not supported"),
 ]  # fmt: skip
 
 

@@ -48,6 +48,46 @@ def saving_loop(root: str, opts_json: str, seed: int) -> None:
             mgr.wait()
 
 
+def expected_incremental(step: int) -> dict[str, Any]:
+    """A fine-tune's state at ``step``: a frozen 2 MiB base that never changes (incremental saves
+    reference it) and small parts that every step changes."""
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    return {
+        "frozen": {"w": torch.randn(512, 512, generator=g), "v": torch.randn(512, 512, generator=g)},
+        "a": torch.full((64, 64), float(step)),
+        "b": torch.full((1000,), 2 * step, dtype=torch.int64),
+        "meta": {"step": step},
+    }
+
+
+def incremental_saving_loop(root: str, opts_json: str, seed: int) -> None:
+    """Save every step incrementally and asynchronously, keeping the last 2, so that the base of
+    the newest steps' references (the first step, which wrote the frozen part) is retired while
+    later saves run; until killed."""
+    import ckpt
+
+    policy = ckpt.RetentionPolicy(keep_last=2)
+    opts = ckpt.ManagerOptions(retention=policy, save_options=ckpt.SaveOptions(incremental=True))
+    mgr = ckpt.CheckpointManager(root, opts, storage_options=_opts(opts_json))
+    state = expected_incremental(0)
+    state["meta"]["step"] = -1
+    latest = mgr.restore(state)
+    step = -1 if latest is None else latest
+    if state["meta"]["step"] != step:
+        raise AssertionError(f"restored step {latest} but its state says {state['meta']['step']}")
+    rnd = random.Random(seed)
+    while True:
+        step += 1
+        state["a"].fill_(float(step))
+        state["b"].fill_(2 * step)
+        state["meta"]["step"] = step
+        mgr.save(step, state)
+        if rnd.random() < 0.3:
+            mgr.wait()
+
+
 # --- a real training run, resumed after kills ---------------------------------------------------
 
 N_SAMPLES, BATCH = 96, 8

@@ -25,7 +25,7 @@ import torch
 import ckpt
 from tests.conftest import Store
 from tests.support import rank_loops
-from tests.support.crash_loops import expected, train
+from tests.support.crash_loops import expected, expected_incremental, train
 from tests.support.forker import finished, forker, line_count
 
 TRIALS = 50
@@ -87,6 +87,42 @@ def test_sigkill_at_random_moments_of_async_saves(backend: str, request: pytest.
     assert kills == trials
     assert newest is not None
     assert newest >= {"local": 20, "s3": 5}.get(backend, 2)  # saves made progress across the kills
+
+
+TRIALS_INCREMENTAL = 10  # stress: 30
+
+
+@pytest.mark.parametrize("trials", [TRIALS_INCREMENTAL, pytest.param(30, marks=pytest.mark.stress)])
+def test_sigkill_at_random_moments_of_incremental_saves_and_retention(trials: int, local_store: Store) -> None:
+    """Incremental saves (each references the frozen part written once by an older step) with
+    retention retiring the older steps as the loop runs, SIGKILLed at random moments: every
+    committed step still restores exactly (frozen part included) and passes verify, so no
+    retirement ever deleted bytes a committed step references."""
+    store = local_store
+    rnd = random.Random(20261207)
+    newest: int | None = None
+    shared = 0
+    with forker({}) as fk:
+        for trial in range(trials):
+            pid = fk.start("tests.support.crash_loops:incremental_saving_loop", store.root, "null", trial)
+            time.sleep(rnd.uniform(0.05, 0.8))
+            os.kill(pid, signal.SIGKILL)
+            assert fk.reap(pid) == -signal.SIGKILL, f"trial {trial}: the loop exited by itself before the kill"
+            steps = _check_every_committed_step(store, expected_incremental)
+            for s in steps:
+                frozen = ckpt.restore(store.root, s, target={"frozen": None})["frozen"]
+                want = expected_incremental(s)["frozen"]
+                assert all(torch.equal(frozen[k], want[k]) for k in want), f"step {s}: the frozen part changed"
+                m = ckpt.read_manifest(store.root, s)
+                assert m.format_version == 3
+                shared += any(f"{s:012d}-" not in p for p in m.files)  # it references an older step's file
+            if newest is not None:
+                assert steps, f"trial {trial}: every checkpoint is gone"
+                assert steps[-1] >= newest, f"trial {trial}: the newest step went back"
+            newest = steps[-1] if steps else None
+    assert newest is not None
+    assert newest >= 10
+    assert shared >= trials // 2  # the steps checked really did share files
 
 
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])

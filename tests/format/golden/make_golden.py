@@ -1,12 +1,15 @@
 """Write the golden compatibility corpus of a format version (run once per version, from the repo root):
 
-    .venv/bin/python tests/format/golden/make_golden.py 2
+    .venv/bin/python tests/format/golden/make_golden.py 3
 
 (``1`` wrote ``v1/``, before format v2 existed: a v1 corpus is no longer written, since ckpt now
 writes small manifests as v1 and the v1 files on disk are what older releases wrote. ``2`` writes
 ``v2/``, the paged manifest of FORMAT.md 4.8, forced on this small state with
 ``SaveOptions(paged_manifest=True)``, with the same alterations and one more: a bit flipped in a
-page of the body.)
+page of the body. ``3`` writes ``v3/``, the manifest of an incremental save (FORMAT.md 4.9): v2's
+lines with a content hash per shard, made with ``SaveOptions(incremental=True)``. Since v3
+exists, the v2 corpus's "future-version" copy (v2 head saying 3) is a malformed v3 manifest,
+``ManifestSchemaError``: its expectation was changed by hand.)
 
 ``tests/format/golden/v1/good/`` is a tiny checkpoint root (step 1) made by ``ckpt.save`` from
 :func:`golden_state`, made deterministic by rewriting the random attempt id and the creation
@@ -109,7 +112,7 @@ DAMAGE: dict[str, tuple[str, str | None, str]] = {
     "truncated-shard": ("model/w's file cut by 7 bytes", "ShardSizeMismatchError", r"truncated or extended"),
     "missing-shard": ("model/w's file deleted", "MissingShardError", r"missing; it holds keys \['model/w'"),
     "unknown-dtype": ("model/w's dtype set to F128 in the manifest", "UnsupportedDtypeError", r"tensor 'model/w': unknown dtype \"F128\""),
-    "future-version": ("format_version set to 3", "UnsupportedFormatError", r"format_version 3 is not supported"),
+    "future-version": ("format_version set to 4", "UnsupportedFormatError", r"format_version 4 is not supported"),
     "manifest-traversal": ("model/w's file renamed to ../../outside.safetensors in the manifest", "UnsafePathError", r"unsafe file path \"\.\./\.\./outside\.safetensors\""),
     "bitflip-manifest": ("one bit flipped in the manifest's created string (still valid JSON)", "ManifestChecksumError", r"the manifest's crc32c is [0-9a-f]{8} but it records"),
     "bitflip-page": ("one bit flipped in the body's first page of tensor entries", "ManifestChecksumError", r"page 0 has crc32c [0-9a-f]{8} but the head records"),
@@ -129,22 +132,22 @@ def main(version: int) -> None:
     from ckpt.format import _manifest_pages
     from ckpt.format import manifest as manifest_mod
 
-    if version != 2:
-        raise SystemExit("only the v2 corpus is written now (see the docstring)")
+    if version != 3:
+        raise SystemExit("only the v3 corpus is written now (see the docstring)")
     out = HERE / f"v{version}"
     if out.exists():
         shutil.rmtree(out)
     good = out / "good"
     state = golden_state()
-    opts = ckpt.SaveOptions(max_file_bytes=64, block_bytes=16, fsync=False, paged_manifest=True)
+    opts = ckpt.SaveOptions(max_file_bytes=64, block_bytes=16, fsync=False, incremental=True)
     m0 = ckpt.save(str(good), state, step=STEP, options=opts)
 
     def load(raw: bytes) -> dict[str, Any]:  # the manifest as its v1-shaped fields
         return manifest_mod.parse(raw, where="golden").fields()
 
-    def store(fields: dict[str, Any], *, version: int = 2) -> bytes:
+    def store(fields: dict[str, Any], *, version: int = 3) -> bytes:
         data = _manifest_pages.encode(fields)[0]
-        if version == 2:
+        if version == 3:
             return data
         head, body = _manifest_pages.split(data)
         value = json.loads(head)
@@ -169,7 +172,7 @@ def main(version: int) -> None:
         shutil.copytree(good, root)
         mp = root / MANIFEST
         dm = load(mp.read_bytes())
-        to = 2
+        to = 3
         if name == "bitflip-data":
             (start, _), data = dm["tensors"]["model/w"]["shards"]["byte_range"], bytearray((root / victim).read_bytes())
             data[start + 5] ^= 0x10
@@ -181,7 +184,7 @@ def main(version: int) -> None:
         elif name == "unknown-dtype":
             dm["tensors"]["model/w"]["dtype"] = "F128"
         elif name == "future-version":
-            to = 3
+            to = 4
         elif name == "manifest-traversal":
             bad = "../../outside.safetensors"
             for f in dm["files"]:
@@ -198,7 +201,7 @@ def main(version: int) -> None:
             (root / "LATEST").write_bytes(b'{"step":99}')
         elif name == "no-latest":
             (root / "LATEST").unlink()
-        if dm != m or to != 2:
+        if dm != m or to != 3:
             mp.write_bytes(store(dm, version=to))
 
     expected = {
@@ -217,4 +220,4 @@ def main(version: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
