@@ -97,6 +97,27 @@ def test_driver_saves_from_4_actors_and_restores_onto_3(ray_local: None, tmp_pat
         assert torch.equal(b, torch.arange(GLOBAL[1], dtype=torch.float32))
 
 
+def test_incremental_saves_from_actors_reference_what_did_not_change(ray_local: None, tmp_path: Any) -> None:
+    """Each actor reads the base manifest and references its own unchanged regions: a second
+    save of the same states writes nothing but the changed step counters' objects."""
+    from ckpt.format import layout
+
+    root = str(tmp_path / "run")
+    opts = ckpt.SaveOptions(incremental=True, fsync=False)
+    writers = [Worker.remote(r, 4) for r in range(4)]
+    m1 = ckpt.parallel.ray.save(root, writers, step=10, options=opts)
+    m2 = ckpt.parallel.ray.save(root, writers, step=11, options=opts)
+    assert m2.format_version == 3
+    own = layout.data_dir(11, m2.attempt) + "/"
+    assert not [p for p in m2.files if p.startswith(own)]  # every region unchanged: nothing written
+    assert set(m2.files) == set(m1.files)
+    readers = [Worker.remote(r, 3) for r in range(3)]
+    assert ckpt.parallel.ray.restore(root, readers, step=11) == 11
+    full = full_weight()
+    for w, _, off, _ in ray.get([a.snapshot.remote() for a in readers]):
+        assert torch.equal(w, full[off : off + w.shape[0]])
+
+
 def test_driver_asks_each_actor_for_its_state_once_per_save(ray_local: None, tmp_path: Any) -> None:
     """The describe exchange ("auto") and the write use one state, taken once."""
     writers = [Worker.remote(r, 2) for r in range(2)]

@@ -104,6 +104,30 @@ def _restore_1d(rank: int, world: int, root: str) -> None:
     assert torch.equal(target["rep"].full_tensor(), full * 2)
 
 
+def _save_incremental(rank: int, world: int, root: str) -> None:
+    from ckpt.format import layout
+
+    opts = ckpt.SaveOptions(incremental=True, fsync=False)
+    frozen = _full()
+    state: dict[str, Any] = {
+        "frozen": ckpt.Shard(frozen[rank : rank + 1].clone(), (world, SHAPE[1]), (rank, 0)),
+        "trained": ckpt.Shard(torch.full((2,), float(rank)), (2 * world,), (2 * rank,)),
+    }
+    assert ckpt.parallel.torchrun.save(root, state, step=1, options=opts) == 1
+    state["trained"].tensor.add_(10)
+    assert ckpt.parallel.torchrun.save(root, state, step=2, options=opts) == 2
+    m1, m2 = ckpt.read_manifest(root, 1), ckpt.read_manifest(root, 2)
+    assert {s.file for s in m2.tensors["frozen"].shards} <= set(m1.files)  # every rank referenced its own
+    assert all(s.file.startswith(layout.data_dir(2, m2.attempt)) for s in m2.tensors["trained"].shards)
+    back = ckpt.restore(root)
+    assert torch.equal(back["frozen"], frozen[:world])
+    assert torch.equal(back["trained"], torch.arange(world).repeat_interleave(2).float() + 10)
+
+
+def test_incremental_saves_of_4_ranks(tmp_path: Any) -> None:
+    _spawn("_save_incremental", 4, str(tmp_path / "run"), tmp_path)
+
+
 def _fail_rank_2(rank: int, world: int, root: str) -> None:
     state: dict[str, Any] = {"x": ckpt.Shard(torch.ones(1), (world,), (rank,))}
     if rank == 2:

@@ -27,25 +27,7 @@ def expected(step: int) -> dict[str, Any]:
 
 def saving_loop(root: str, opts_json: str, seed: int) -> None:
     """Save every step asynchronously (keep the last 2) until killed."""
-    import ckpt
-
-    policy = ckpt.RetentionPolicy(keep_last=2)
-    mgr = ckpt.CheckpointManager(root, ckpt.ManagerOptions(retention=policy), storage_options=_opts(opts_json))
-    state = expected(0)
-    state["meta"]["step"] = -1
-    latest = mgr.restore(state)
-    step = -1 if latest is None else latest
-    if state["meta"]["step"] != step:
-        raise AssertionError(f"restored step {latest} but its state says {state['meta']['step']}")
-    rnd = random.Random(seed)
-    while True:
-        step += 1
-        state["a"].fill_(float(step))
-        state["b"].fill_(2 * step)
-        state["meta"]["step"] = step
-        mgr.save(step, state)
-        if rnd.random() < 0.3:
-            mgr.wait()
+    _save_forever(root, opts_json, seed, expected(0), incremental=False)
 
 
 def expected_incremental(step: int) -> dict[str, Any]:
@@ -66,12 +48,17 @@ def incremental_saving_loop(root: str, opts_json: str, seed: int) -> None:
     """Save every step incrementally and asynchronously, keeping the last 2, so that the base of
     the newest steps' references (the first step, which wrote the frozen part) is retired while
     later saves run; until killed."""
+    _save_forever(root, opts_json, seed, expected_incremental(0), incremental=True)
+
+
+def _save_forever(root: str, opts_json: str, seed: int, state: dict[str, Any], *, incremental: bool) -> None:
+    """Resume from the newest committed step, then change ``a``, ``b`` and ``meta`` and save each
+    step asynchronously (keeping the last 2), waiting for the save now and then, until killed."""
     import ckpt
 
-    policy = ckpt.RetentionPolicy(keep_last=2)
-    opts = ckpt.ManagerOptions(retention=policy, save_options=ckpt.SaveOptions(incremental=True))
+    opts = ckpt.ManagerOptions(retention=ckpt.RetentionPolicy(keep_last=2),
+                               save_options=ckpt.SaveOptions(incremental=incremental))  # fmt: skip
     mgr = ckpt.CheckpointManager(root, opts, storage_options=_opts(opts_json))
-    state = expected_incremental(0)
     state["meta"]["step"] = -1
     latest = mgr.restore(state)
     step = -1 if latest is None else latest
