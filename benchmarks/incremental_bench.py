@@ -156,7 +156,7 @@ def full_run(where: str, runs: int, base_mib: int) -> dict[str, Any]:
     for run in range(1, runs + 1):
         train_step(state, run, full=True)
         root = f"{where}/ft-plain-{run}"
-        t, _ = _timed(lambda root=root: ckpt.save(root, state, step=run))
+        t, _ = _timed(lambda root=root, run=run: ckpt.save(root, state, step=run))
         plain.append(t)
         shutil.rmtree(root)
         t, m = _timed(lambda run=run: ckpt.save(inc_root, state, step=run, options=ckpt.SaveOptions(incremental=True)))
