@@ -59,6 +59,8 @@ class SaveOptions:
             raise ValueError("SaveOptions.base_step must be a step number (an int >= 0) or None")
         if self.base_step is not None and not self.incremental:
             raise ValueError("SaveOptions.base_step is only used by an incremental save (incremental=True)")
+        if self.incremental and self.paged_manifest is False:
+            raise ValueError("SaveOptions.incremental writes a paged manifest (format v3); paged_manifest=False conflicts")
 
 
 # Default coalescing gap. Local disk: one more pread costs microseconds, reading through a gap

@@ -106,6 +106,30 @@ def test_dcp_save_writes_a_ckpt_checkpoint_that_dcp_load_and_ckpt_restore_read(s
     assert "per~1layer/w" in m.tensors  # the key of FQN "per/layer.w": path segments escaped
 
 
+def test_dcp_save_can_be_incremental(local_store: Store) -> None:
+    """The DCP writer is a ckpt writer: with SaveOptions(incremental=True) a second dcp.save
+    references the unchanged tensors of the first and dcp.load reads both steps exactly."""
+    from ckpt.format import layout
+
+    root, opts = local_store.root, ckpt.SaveOptions(incremental=True, fsync=False)
+    state = _state()
+    dcp.save(state, storage_writer=ckpt.dcp.StorageWriter(root, step=1, options=opts), planner=ckpt.dcp.SavePlanner())
+    changed = next(iter(state["model"]))
+    state["model"][changed] = state["model"][changed] + 1
+    dcp.save(state, storage_writer=ckpt.dcp.StorageWriter(root, step=2, options=opts), planner=ckpt.dcp.SavePlanner())
+    m = ckpt.read_manifest(root, 2)
+    own = layout.data_dir(2, m.attempt) + "/"
+    assert m.format_version == 3
+    assert m.tensors[f"model/{changed}"].shards[0].file.startswith(own)
+    assert any(not t.shards[0].file.startswith(own) for k, t in m.tensors.items() if k != f"model/{changed}")
+    target = _zeros_like(state)
+    target["extra"]["groups"] = [{"lr": 0.0, "params": []}]
+    dcp.load(target, storage_reader=ckpt.dcp.StorageReader(root, step=2), planner=ckpt.dcp.LoadPlanner())
+    for k, v in state["model"].items():
+        assert torch.equal(target["model"][k], v), k
+    assert ckpt.verify(root, 2).ok
+
+
 def test_ckpt_save_loads_with_dcp_load(store: Store) -> None:
     state = _state()
     ckpt.save(store.root, {**state, "extra": {"epoch": 7, "betas": (0.9, 0.999), "bucket": [1, 2]}}, step=1,

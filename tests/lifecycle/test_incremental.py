@@ -124,6 +124,8 @@ def test_the_base_is_the_newest_step_before_or_the_one_named(tmp_path: Path) -> 
         ckpt.save(root, a, step=6, options=ckpt.SaveOptions(incremental=True, base_step=42))
     with pytest.raises(ValueError, match="only used by an incremental save"):
         ckpt.SaveOptions(base_step=1)
+    with pytest.raises(ValueError, match="paged_manifest=False conflicts"):
+        ckpt.SaveOptions(incremental=True, paged_manifest=False)
 
 
 def test_a_plain_base_is_never_trusted_without_a_hash(tmp_path: Path) -> None:
@@ -260,3 +262,28 @@ def test_the_manager_saves_incrementally_and_retention_keeps_what_is_shared(tmp_
     assert set(m.files) - set(own_files(m))  # still references the first step's base
     assert_same(ckpt.restore(root), lora_state(step=4))
     assert ckpt.verify(root).ok
+
+
+def test_exports_and_show_of_an_incremental_step_are_unaffected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = str(tmp_path / "root")
+    ckpt.save(root, lora_state(step=1), step=1, options=INC)
+    s2 = lora_state(step=2)
+    ckpt.save(root, s2, step=2, options=INC)
+    z, back, hf = str(tmp_path / "z"), str(tmp_path / "back"), str(tmp_path / "hf")
+    assert cli(["export", "--format", "zarr", f"{root}@2", z]) == 0
+    assert cli(["import", "--format", "zarr", z, back]) == 0
+    assert_same(ckpt.restore(back), s2)
+    assert cli(["export", "--format", "hf", f"{root}@2", hf]) == 0
+    from safetensors.torch import load_file
+
+    got: dict[str, torch.Tensor] = {}
+    for f in Path(hf).glob("*.safetensors"):
+        got.update(load_file(str(f)))
+    assert set(got) == {f"base/{k}" for k in s2["base"]} | {f"lora/{k}" for k in s2["lora"]} | {"optim/exp_avg"}
+    for k, v in s2["base"].items():
+        assert torch.equal(got[f"base/{k}"], v)
+    capsys.readouterr()
+    assert cli(["show", f"{root}@2", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["format_version"] == 3
+    assert len(shown["files"]) == 2  # its own file and the base's
