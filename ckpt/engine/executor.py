@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import crc32c
 import torch
@@ -136,8 +136,24 @@ def write_files(
 # --- restore -----------------------------------------------------------------------------------
 
 
+class Reader(Protocol):
+    """What :func:`read_plan` reads through: a :class:`~ckpt.storage.Storage`, or bytes other
+    ranks fetched for this one (``ckpt.parallel.torchrun``'s shared restore)."""
+
+    local_disk: bool
+    io_timeout_s: float | None
+
+    def where(self, rel: str) -> str: ...
+
+    def read_pieces(
+        self, rel: str, start: int, pieces: Sequence[list[memoryview]], landed: Callable[[int], None]
+    ) -> None: ...
+
+    def read_into_sized(self, rel: str, start: int, buffers: list[memoryview], *, file_size: int) -> None: ...
+
+
 def read_plan(
-    storage: Storage,
+    storage: Reader,
     plan: RestorePlan,
     dests: Sequence[memoryview],
     *,
@@ -286,7 +302,7 @@ def _tiles(op: ReadOp) -> list[tuple[int, int]] | None:
     return out
 
 
-def _verify(storage: Storage, op: ReadOp, segments: list[memoryview], base: int, checks: tuple[Check, ...]) -> None:
+def _verify(storage: Reader, op: ReadOp, segments: list[memoryview], base: int, checks: tuple[Check, ...]) -> None:
     """Check ``checks`` against ``segments``, the bytes of ``op``'s read from offset ``base`` on."""
     if not checks:
         return

@@ -15,14 +15,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ckpt import _collector as collector
 from ckpt.engine import executor
-from ckpt.engine.restore_plan import Request, plan_restore
+from ckpt.engine.restore_plan import Request, RestorePlan, plan_restore
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptWarning,
@@ -198,8 +198,16 @@ def assign(target: object, restored: object) -> None:
                 target[i] = v
 
 
+class PlanRunner(Protocol):
+    """Runs a restore plan in place of :func:`ckpt.engine.executor.read_plan` (the shared restore
+    of several ranks, ``ckpt.parallel.torchrun.restore``: each byte fetched by one rank)."""
+
+    def __call__(self, storage: Storage, plan: RestorePlan, dests: list[memoryview], options: RestoreOptions) -> None: ...
+
+
 def restore_manifest(
-    storage: Storage, m: Manifest, *, target: object, options: RestoreOptions, meter: Meter | None = None
+    storage: Storage, m: Manifest, *, target: object, options: RestoreOptions, meter: Meter | None = None,
+    runner: PlanRunner | None = None,
 ) -> Any:
     if meter is not None:
         meter.step = m.step
@@ -213,7 +221,8 @@ def restore_manifest(
     # in place where the target's tensor can take the bytes; else allocated after the size check
     finals = {key: t for key, (_, t) in wanted.items() if t is not None}
     direct = [t if t is not None and t.device.type == "cpu" and t.is_contiguous() else None for _, t in wanted.values()]
-    got = read_regions(storage, m, [Request(k, box) for k, (box, _) in wanted.items()], direct, options, meter=meter)
+    got = read_regions(storage, m, [Request(k, box) for k, (box, _) in wanted.items()], direct, options, meter=meter,
+                       runner=runner)  # fmt: skip
     bufs = dict(zip(wanted, got, strict=True))
     for key, t in finals.items():
         if bufs[key] is not t:
@@ -240,6 +249,7 @@ def read_regions(
     *,
     sizes_checked: bool = False,
     meter: Meter | None = None,
+    runner: PlanRunner | None = None,
 ) -> list[torch.Tensor]:
     """The regions ``requests`` ask for (a key may be asked for several times), read with one
     plan of verified ranged reads into ``dests[i]`` (a contiguous CPU tensor of the saved dtype,
@@ -253,7 +263,7 @@ def read_regions(
     of a stat per file first: one round trip less before the data moves. A mismatch or missing
     file found there is then reported as the stats would have (naming the keys)."""
     keys = list(dict.fromkeys(r.key for r in requests))
-    in_reads = not sizes_checked and storage.sizes_on_reads and all(d is not None for d in dests)
+    in_reads = not sizes_checked and runner is None and storage.sizes_on_reads and all(d is not None for d in dests)
     # Stat the files of the requested tensors before planning: a plan is as big as the bytes
     # the manifest claims, so a lying manifest (a 4 TiB tensor over a small file) stops here.
     if not sizes_checked and not in_reads:
@@ -269,6 +279,9 @@ def read_regions(
         max_gap_bytes=options.gap_bytes(local=storage.local_disk),
         read_chunk_bytes=options.chunk_bytes(local=storage.local_disk),
     )
+    if runner is not None:
+        runner(storage, plan, [executor.byte_view(d) for d in out], options)
+        return out
     if meter is not None:  # totals on top of what an earlier (fallen back from) step read
         paths = {op.path for op in plan.reads}
         meter.phase("read", bytes_total=meter.bytes_done + sum(op.range.length for op in plan.reads),

@@ -1,4 +1,4 @@
-"""SPMD saves over torch.distributed (torchrun ranks): rank 0 coordinates, no planning collective.
+"""SPMD saves and restores over torch.distributed (torchrun ranks): rank 0 coordinates.
 
 Every rank calls :func:`save` with its own state. Rank 0 starts the attempt and sends it to all
 ranks; every rank writes its own shards; the small JSON reports are gathered to rank 0, which
@@ -6,26 +6,41 @@ commits; the outcome goes back to every rank, so all ranks return the manifest's
 the same WorkerFailedError naming the failed ranks. Only byte tensors cross the process group
 (JSON, never pickle), on a dedicated gloo group whose timeout bounds every wait.
 
-``save`` uses a gloo group of its own (created collectively on first use), never the training
+:func:`restore` is the collective restore: every rank restores its own target, and each byte the
+ranks need is fetched from the store by one of them and sent to the others over the group.
+
+``save`` and ``restore`` use a gloo group of their own (created collectively on first use), never the training
 process group. A caller that saves from a background thread (the CheckpointManager's async saves)
 passes a group it created for that thread alone with :func:`new_group`.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime
+import functools
 import json
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from ckpt import _collector as collector
+from ckpt.engine import executor, share_plan
+from ckpt.engine.restore_plan import RestorePlan
 from ckpt.errors import CkptError, PlanError, WorkerFailedError
+from ckpt.format import manifest as manifest_mod
 from ckpt.format import strictjson
-from ckpt.options import SaveOptions
+from ckpt.format.layout import manifest_path
+from ckpt.lifecycle import restore as restore_mod
+from ckpt.lifecycle.steps import resolve_step
+from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.parallel import _protocol
 from ckpt.state import tree
-from ckpt.storage import Root, root_url
+from ckpt.storage import Root, Storage, open_storage, root_url
+
+T = TypeVar("T")
 
 _GROUPS: dict[tuple[int, float], Any] = {}
 
@@ -169,3 +184,238 @@ def save(
             f"answering within {timeout_s:.0f} s): {err}"
         ) from err
 
+
+
+# --- restore: every byte fetched from the store once per job ---------------------------------
+
+
+SLAB_BYTES = 256 << 20  # fetched bytes a rank holds at once, besides its destinations
+SEGMENT_BYTES = 64 << 20  # a shared range is fetched in pieces of at most this, by several ranks
+
+
+def restore(
+    root: Root,
+    step: int | None = None,
+    *,
+    target: object = None,
+    options: RestoreOptions | None = None,
+    storage_options: dict[str, Any] | None = None,
+    timeout_s: float = 1800.0,
+    group: Any | None = None,
+    slab_bytes: int = SLAB_BYTES,
+) -> Any:
+    """Restore checkpoint ``step`` (default: the newest) on every rank; call on all ranks, each
+    with its own ``target`` (as for :func:`ckpt.restore`: None for everything, Shards, DTensors).
+
+    Each byte the ranks need is fetched from the store **once per job**: rank 0 reads the manifest
+    and sends it to the others; every rank plans its reads as ``ckpt.restore`` would; the plans
+    are exchanged, each needed byte range gets one owner among the ranks that need it (balanced by
+    bytes, ``ckpt.engine.share_plan``), which fetches it and sends it to the others over the gloo
+    group; then every rank checks the CRC-32C of every block it uses and copies it into its
+    target. The exchange goes slab by slab (at most ``slab_bytes`` fetched at a time). A failure
+    on any rank fails every rank (WorkerFailedError naming the ranks; the failing rank raises its
+    own error). ``group``/``timeout_s``: as for :func:`save`.
+    """
+    root = root_url(root)
+    if not dist.is_initialized():
+        raise PlanError("ckpt.parallel.torchrun.restore needs an initialized torch.distributed process group")
+    opts = options or RestoreOptions()
+    g = group if group is not None else _group(timeout_s)
+    storage = open_storage(root, storage_options, io_timeout_s=opts.io_timeout_s)
+    shared = _SharedReads(g, slab_bytes, timeout_s)
+    try:
+        with collector.paused():
+            data, found = shared.manifest_bytes(storage, step)  # rank 0's failure: every rank raises here
+            try:
+                where = storage.where(manifest_path(found))
+                m = manifest_mod.parse(data, where=where, expected_step=found, lazy=True)
+                del data
+                out = restore_mod.restore_manifest(storage, m, target=target, options=opts, runner=shared.run)
+            except Exception as err:
+                if not shared.entered:  # the others wait in the first exchange: fail them too
+                    shared.fail(err)
+                raise
+            del m
+    except CkptError:
+        raise
+    except RuntimeError as err:
+        raise WorkerFailedError(
+            f"rank {dist.get_rank()}: the shared restore failed (a rank died or stopped answering within "
+            f"{timeout_s:.0f} s): {err}"
+        ) from err
+    restore_mod.assign(target, out)
+    return out
+
+
+class _SharedReads:
+    """One shared restore's collectives: the manifest from rank 0, then the plan runner."""
+
+    def __init__(self, group: Any, slab_bytes: int, timeout_s: float) -> None:
+        self.group, self.slab_bytes, self.timeout_s = group, slab_bytes, timeout_s
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.entered = False
+        self.fetched = 0  # bytes this rank fetched from the store
+
+    def manifest_bytes(self, storage: Storage, step: int | None) -> tuple[bytes, int]:
+        """Rank 0 resolves and reads the manifest (one GET for the job) and sends its bytes and
+        step to every rank."""
+        head: dict[str, Any]
+        data = b""
+        if self.rank == 0:
+            try:
+                m = resolve_step(storage, step, lazy=True)
+                head, data = {"step": m.step}, m.to_json()
+            except CkptError as err:
+                head = {"error": str(err)}
+                _broadcast(strictjson.dumps(head), self.group)
+                raise
+        got = json.loads(_broadcast(strictjson.dumps(head) if self.rank == 0 else None, self.group))
+        if "error" in got:
+            raise WorkerFailedError(f"rank 0 could not read the checkpoint: {got['error']}", {0: got["error"]})
+        return _broadcast(data if self.rank == 0 else None, self.group), int(got["step"])
+
+    def fail(self, err: BaseException) -> None:
+        """Take part in the first check-in of :meth:`run` as a failed rank (this rank failed
+        before it: every other rank then raises there too)."""
+        self._together(lambda: _raise(err))
+
+    def _together(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on this rank; if it failed on any rank, every rank raises (the failing ones their
+        own error, the others WorkerFailedError naming them)."""
+        mine: BaseException | None = None
+        out: T | None = None
+        try:
+            out = fn()
+        except (CkptError, OSError, ValueError, RuntimeError) as err:
+            mine = err
+        if not agree([int(mine is not None)], self.group)[0]:
+            return out  # type: ignore[return-value]
+        said = _all_gather(str(mine).encode() if mine is not None else b"", self.group)
+        failures = {r: m.decode() for r, m in enumerate(said) if m}
+        if mine is not None:
+            raise mine
+        raise WorkerFailedError(f"the shared restore failed on ranks {sorted(failures)}: {failures[min(failures)]}", failures)
+
+    def run(self, storage: Storage, plan: RestorePlan, dests: list[memoryview], options: RestoreOptions) -> None:
+        self.entered = True
+        self._together(lambda: None)  # the ranks that failed before this point check in with fail()
+        mine = [(op.path, op.range.start, op.range.end) for op in plan.reads]
+        shared = self._together(lambda: self._plan(mine))
+        segs = shared.segments
+        starts: dict[str, list[int]] = {}
+        for i, s in enumerate(segs):
+            starts.setdefault(s.path, []).append(i)
+        # which segments each of this rank's reads is made of (they tile it: every boundary cuts)
+        pending: dict[int, list[int]] = {}
+        for k, op in enumerate(plan.reads):
+            idx = starts[op.path]
+            lo = bisect.bisect_left([segs[i].start for i in idx], op.range.start)
+            pending[k] = [i for i in idx[lo:] if segs[i].start < op.range.end]
+        users: dict[int, int] = {}
+        for parts in pending.values():
+            for i in parts:
+                users[i] = users.get(i, 0) + 1
+        have: dict[int, torch.Tensor] = {}
+        for first, last in shared.slabs:
+            slab = range(first, last)
+            self._together(functools.partial(self._fetch, storage, segs, slab, have, options))
+            self._exchange(segs, slab, have)
+            ready = [k for k, parts in pending.items() if all(i in have for i in parts)]
+            if ready:
+                sub = RestorePlan(tuple(plan.reads[k] for k in ready), plan.files)
+                reader = _Fetched(storage, {i: (segs[i], have[i]) for k in ready for i in pending[k]})
+                self._together(functools.partial(executor.read_plan, reader, sub, dests, num_threads=options.num_threads,
+                                                 max_inflight_bytes=options.max_inflight_bytes))  # fmt: skip
+            else:
+                self._together(lambda: None)  # every rank checks in after each slab
+            for k in ready:
+                for i in pending.pop(k):
+                    users[i] -= 1
+                    if not users[i]:
+                        del have[i]  # no read of this rank needs it any more
+            for i in [i for i in slab if i in have and i not in users]:
+                del have[i]  # owned for the others only
+        if pending:
+            raise PlanError(f"rank {self.rank}: {len(pending)} reads were not served by the shared restore (a bug)")
+
+    def _plan(self, mine: list[tuple[str, int, int]]) -> share_plan.SharePlan:
+        everyone = _all_gather(strictjson.dumps(mine), self.group)
+        reads = [[(p, int(a), int(b)) for p, a, b in json.loads(d)] for d in everyone]
+        return share_plan.plan_shared(reads, max_segment_bytes=SEGMENT_BYTES, slab_bytes=self.slab_bytes)
+
+    def _fetch(self, storage: Storage, segs: tuple[share_plan.Segment, ...], slab: range, have: dict[int, torch.Tensor],
+               options: RestoreOptions) -> None:  # fmt: skip
+        """This rank's segments of the slab, fetched from the store in parallel (unchecked here:
+        every rank that uses a byte checks its block's CRC)."""
+        owned = [i for i in slab if segs[i].owner == self.rank]
+        bufs = {i: torch.empty(segs[i].length, dtype=torch.uint8) for i in owned}
+
+        def fetch(i: int) -> None:
+            storage.read_into(segs[i].path, segs[i].start, [executor.byte_view(bufs[i])])
+
+        executor.run_all(fetch, owned, num_threads=options.num_threads, timeout_s=storage.io_timeout_s,
+                         what=lambda i: f"{storage.where(segs[i].path)}: read of [{segs[i].start}, {segs[i].end})")  # fmt: skip
+        have.update(bufs)
+        self.fetched += sum(segs[i].length for i in owned)
+
+    def _exchange(self, segs: tuple[share_plan.Segment, ...], slab: range, have: dict[int, torch.Tensor]) -> None:
+        """Each segment of the slab from its owner to the other ranks that need it (point to point,
+        tagged by the segment's index; every rank walks the slab in the same order)."""
+        works = []
+        for i in slab:
+            s = segs[i]
+            if s.owner == self.rank:
+                works += [dist.isend(have[i], dst, group=self.group, tag=i) for dst in s.needers if dst != self.rank]
+            elif self.rank in s.needers:
+                have[i] = torch.empty(s.length, dtype=torch.uint8)
+                works.append(dist.irecv(have[i], s.owner, group=self.group, tag=i))
+        for w in works:
+            if w is not None:
+                w.wait()
+
+
+def _raise(err: BaseException) -> None:
+    raise err
+
+
+class _Fetched:
+    """A read-only view of fetched segments as what ``executor.read_plan`` reads through."""
+
+    local_disk = False
+
+    def __init__(self, storage: Storage, segments: dict[int, tuple[share_plan.Segment, torch.Tensor]]) -> None:
+        self.storage, self.io_timeout_s = storage, storage.io_timeout_s
+        self.by_path: dict[str, list[tuple[int, int, memoryview]]] = {}
+        for s, buf in segments.values():
+            self.by_path.setdefault(s.path, []).append((s.start, s.end, executor.byte_view(buf)))
+        for v in self.by_path.values():
+            v.sort(key=lambda x: x[0])
+
+    def where(self, rel: str) -> str:
+        return self.storage.where(rel)
+
+    def _copy(self, rel: str, pos: int, buf: memoryview) -> None:
+        segs = self.by_path[rel]
+        i = bisect.bisect_right([a for a, _, _ in segs], pos) - 1
+        done = 0
+        while done < len(buf):
+            a, b, data = segs[i]
+            if not a <= pos + done < b:
+                raise PlanError(f"{self.where(rel)}: byte {pos + done} was not fetched (a bug in the shared restore)")
+            n = min(len(buf) - done, b - (pos + done))
+            buf[done : done + n] = data[pos + done - a : pos + done - a + n]
+            done += n
+            i += 1
+
+    def read_pieces(
+        self, rel: str, start: int, pieces: Sequence[list[memoryview]], landed: Callable[[int], None]
+    ) -> None:
+        pos = start
+        for k, piece in enumerate(pieces):
+            for buf in piece:
+                self._copy(rel, pos, buf)
+                pos += len(buf)
+            landed(k)
+
+    def read_into_sized(self, rel: str, start: int, buffers: list[memoryview], *, file_size: int) -> None:
+        self.read_pieces(rel, start, [buffers], lambda k: None)
