@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -41,9 +41,11 @@ from ckpt.errors import (
     CheckpointNotFoundError,
     CkptError,
     CkptWarning,
+    NoIntactCheckpointError,
     PlanError,
     WorkerFailedError,
 )
+from ckpt.format.layout import manifest_path
 from ckpt.lifecycle import cleanup, retention
 from ckpt.lifecycle import restore as restorer
 from ckpt.lifecycle import save as saver
@@ -52,7 +54,7 @@ from ckpt.lifecycle.retention import RetentionPolicy
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.progress import Progress
 from ckpt.state.staging import Staging
-from ckpt.storage import Root, open_storage, root_url
+from ckpt.storage import Root, Storage, open_storage, root_url
 from ckpt.units import human_size
 
 _log = logging.getLogger("ckpt.manager")
@@ -77,10 +79,20 @@ class ManagerOptions:
     timeout_s: float = 1800.0  # bound on every wait for a peer rank (several ranks only)
     # restore() without a step: skip damaged newest steps (with a warning) instead of raising
     restore_fallback: bool = True
+    # The fast tier (docs/training-loop.md, "Fast tier"): saves commit to this root (a directory
+    # in node memory, /dev/shm, or on local NVMe, that every rank of the job sees) and every
+    # ``drain_every``-th saved step is then copied, in the background, to the manager's root (the
+    # durable tier) with ckpt.copy's verified, resumable, create-only copy. ``fast_retention``
+    # applies to the fast tier (never to a step still to be drained), ``retention`` to the root.
+    fast_tier: str | None = None
+    fast_retention: RetentionPolicy = field(default_factory=lambda: RetentionPolicy(keep_last=2))
+    drain_every: int = 1
 
     def __post_init__(self) -> None:
         if self.save_every < 1:
             raise ValueError("ManagerOptions.save_every must be >= 1")
+        if self.drain_every < 1:
+            raise ValueError("ManagerOptions.drain_every must be >= 1")
         if self.stop_deadline_s <= 0:
             raise ValueError("ManagerOptions.stop_deadline_s must be positive")
         if self.when_busy not in ("wait", "skip"):
@@ -121,10 +133,18 @@ class CheckpointManager:
         options: ManagerOptions | None = None,
         *,
         storage_options: dict[str, Any] | None = None,
+        fast_storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.root = root_url(root)
         self.options = options or ManagerOptions()
         self._storage_options = storage_options
+        # where saves commit: the fast tier if there is one (then drained to root), else root
+        self._fast = None if self.options.fast_tier is None else root_url(self.options.fast_tier, "fast_tier")
+        self._fast_options = fast_storage_options
+        self._drain_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-drain") if self._fast else None
+        self._drains: list[Future[int]] = []
+        self._draining: set[int] = set()  # steps queued or being drained: the fast tier keeps them
+        self.durable_step: int | None = None  # the newest step this manager drained to root
         self._staging = Staging()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
         self._inflight: Future[SaveStats] | None = None
@@ -202,6 +222,46 @@ class CheckpointManager:
         cap = max(2 * opts.write_chunk_bytes, staged // 8)
         return dataclasses.replace(opts, max_inflight_bytes=min(opts.max_inflight_bytes, cap))
 
+    def _drain(self, step: int) -> None:
+        """Queue the copy of fast-tier ``step`` to the durable root (rank 0, after its commit)."""
+        assert self._drain_pool is not None
+        with self._lock:
+            self._draining.add(step)
+        self._drains.append(self._drain_pool.submit(self._drain_one, step))
+
+    def _drain_one(self, step: int) -> int:
+        from ckpt.lifecycle import copy as copier
+
+        assert self._fast is not None
+        try:
+            t0 = time.perf_counter()
+            copier.copy(self._fast, self.root, [step], src_storage_options=self._fast_options,
+                        dst_storage_options=self._storage_options)  # fmt: skip
+            retired = self._retire(self.root, self._storage_options, self.options.retention)
+            self.durable_step = step if self.durable_step is None else max(self.durable_step, step)
+            _log.info("%s: step %d drained from %s in %.2f s%s", self.root, step, self._fast, time.perf_counter() - t0,
+                      f", retired steps {retired}" if retired else "")  # fmt: skip
+            return step
+        finally:
+            with self._lock:
+                self._draining.discard(step)
+
+    def wait_durable(self) -> int | None:
+        """Block until every drain queued so far is done (the save in flight first); raise the
+        first drain error. Returns :attr:`durable_step`. Without a fast tier: :meth:`wait`."""
+        self.wait()
+        drains, self._drains = self._drains, []
+        errors = []
+        for d in drains:
+            try:
+                d.result()
+            except BaseException as err:
+                errors.append(err)
+        if errors:
+            errors[0].add_note(f"(raised by the background drain from {self._fast} to {self.root})")
+            raise errors[0]
+        return self.durable_step if self._fast else self.committed_step
+
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; raise its error if it failed."""
         inflight, self._inflight = self._inflight, None
@@ -216,6 +276,13 @@ class CheckpointManager:
     def _raise_finished(self) -> None:
         if self._inflight is not None and self._inflight.done():
             self.wait()
+        failed = [d for d in self._drains if d.done() and d.exception() is not None]
+        if failed:
+            self._drains = [d for d in self._drains if d not in failed]
+            err = failed[0].exception()
+            assert err is not None
+            err.add_note(f"(raised by the background drain from {self._fast} to {self.root})")
+            raise err
 
     def _write_async(self, step: int, snapshot: object, meta: dict[str, str], stall: float, staged: int) -> SaveStats:
         t0 = time.perf_counter()
@@ -226,13 +293,16 @@ class CheckpointManager:
                save_options: SaveOptions | None = None) -> SaveStats:  # fmt: skip
         opts = save_options or self.options.save_options
         final: list[Progress] = []
+        root, storage_options = (self._fast, self._fast_options) if self._fast else (self.root, self._storage_options)
         if self._ranks is None:
             saver.save(
-                self.root, state, step=step, options=opts, user_metadata=meta, storage_options=self._storage_options,
+                root, state, step=step, options=opts, user_metadata=meta, storage_options=storage_options,
                 progress=lambda p: final.append(p) if p.phase == "done" else None,
             )  # fmt: skip
         else:
-            self._ranks.save(self.root, state, step, self.options, opts, meta, self._storage_options)
+            self._ranks.save(root, state, step, self.options, opts, meta, storage_options)
+        if self._fast and self.rank == 0 and step % self.options.drain_every == 0:
+            self._drain(step)
         retired = self.apply_retention()
         elapsed = time.perf_counter() - t0
         retries = dict(final[-1].retries) if final else {}
@@ -304,12 +374,21 @@ class CheckpointManager:
 
     def apply_retention(self, *, dry_run: bool = False) -> list[int]:
         """Retire the committed checkpoints the retention policy does not keep; return them.
-        With several ranks only rank 0 retires (the others return [])."""
-        policy = self.options.retention
+        With several ranks only rank 0 retires (the others return []). With a fast tier, this
+        applies ``fast_retention`` to it (a step still to be drained is kept); the drain applies
+        ``retention`` to the root after each copy."""
         if self.rank != 0:
             return []
-        storage = open_storage(self.root, self._storage_options)
-        steps = steps_mod.list_steps(self.root, storage_options=self._storage_options)
+        if self._fast:
+            with self._lock:
+                keep = set(self._draining)
+            return self._retire(self._fast, self._fast_options, self.options.fast_retention, keep=keep, dry_run=dry_run)
+        return self._retire(self.root, self._storage_options, self.options.retention, dry_run=dry_run)
+
+    def _retire(self, root: str, storage_options: dict[str, Any] | None, policy: RetentionPolicy, *,
+                keep: set[int] | frozenset[int] = frozenset(), dry_run: bool = False) -> list[int]:  # fmt: skip
+        storage = open_storage(root, storage_options)
+        steps = steps_mod.list_steps(root, storage_options=storage_options)
         metrics: dict[int, float | None] = {}
         if policy.keep_best and policy.metric:
             for s in steps:
@@ -319,13 +398,13 @@ class CheckpointManager:
                     continue
                 metrics[s] = retention.metric_value(dict(m.user_metadata), policy.metric)
         retired = []
-        for s in retention.to_retire(steps, metrics, policy):
+        for s in (s for s in retention.to_retire(steps, metrics, policy) if s not in keep):
             # one step at a time: a step that cannot be retired (its data behind a link, a storage
             # failure) is reported and kept, and does not keep the others, nor fail the save
             try:
                 cleanup.retire_steps(storage, [s], dry_run=dry_run)
             except CkptError as err:
-                warnings.warn(f"{self.root}: retention kept step {s}, which it could not retire: {err}",
+                warnings.warn(f"{root}: retention kept step {s}, which it could not retire: {err}",
                               CkptWarning, stacklevel=2)  # fmt: skip
                 continue
             retired.append(s)
@@ -334,7 +413,10 @@ class CheckpointManager:
     # --- restoring -----------------------------------------------------------------------------
 
     def latest_step(self) -> int | None:
-        return steps_mod.latest_step(self.root, storage_options=self._storage_options)
+        """The newest committed step, in either tier."""
+        durable = steps_mod.latest_step(self.root, storage_options=self._storage_options)
+        fast = steps_mod.latest_step(self._fast, storage_options=self._fast_options) if self._fast else None
+        return max((s for s in (fast, durable) if s is not None), default=None)
 
     def restore(self, target: object, *, step: int | None = None) -> int | None:
         """Fill ``target`` from checkpoint ``step`` (default: the newest committed one) and return
@@ -352,33 +434,61 @@ class CheckpointManager:
         self.wait()
         opts = self.options.restore_options
         if step is not None:
-            restorer.restore(self.root, step, target=target, options=opts, storage_options=self._storage_options)
+            root, storage_options = self.root, self._storage_options
+            if self._fast and open_storage(self._fast, self._fast_options).exists(manifest_path(step)):
+                root, storage_options = self._fast, self._fast_options
+            restorer.restore(root, step, target=target, options=opts, storage_options=storage_options)
             return step
         storage = open_storage(self.root, self._storage_options, io_timeout_s=opts.io_timeout_s)
-        ranks = self._ranks
-        found = restorer.restore_newest(
-            storage, target, opts, fallback=self.options.restore_fallback,
-            pick=None if ranks is None else lambda below: ranks.share(
-                steps_mod.newest_step(storage, below=below) if ranks.rank == 0 else None),
-            agree=None if ranks is None else ranks.worst,
-        )  # fmt: skip
+        found = None
+        if self._fast:  # the fast tier first, where its newest intact step is at least as new
+            fast = open_storage(self._fast, self._fast_options, io_timeout_s=opts.io_timeout_s)
+            durable = self._share(lambda: steps_mod.newest_step(storage))
+
+            def newer(below: int | None) -> int | None:
+                s = steps_mod.newest_step(fast, below=below)
+                return s if s is not None and (durable is None or s >= durable) else None
+
+            try:
+                found = self._restore_newest(fast, target, opts, newer)
+            except NoIntactCheckpointError as err:
+                warnings.warn(f"{self._fast}: no intact step in the fast tier at least as new as the durable "
+                              f"tier's; restoring from {self.root}: {err}", CkptWarning, stacklevel=2)  # fmt: skip
+        if found is None:
+            found = self._restore_newest(storage, target, opts, lambda below: steps_mod.newest_step(storage, below=below))
         if found is None:
             return None
         restorer.assign(target, found.state)
         self._damaged.update(found.skipped)
         return found.step
 
+    def _share(self, fn: Callable[[], int | None]) -> int | None:
+        """``fn()`` computed on rank 0 and given to every rank (one process: ``fn()``)."""
+        ranks = self._ranks
+        return fn() if ranks is None else ranks.share(fn() if ranks.rank == 0 else None)
+
+    def _restore_newest(self, storage: Storage, target: object, opts: RestoreOptions,
+                        newest: Callable[[int | None], int | None]) -> restorer.Found | None:  # fmt: skip
+        return restorer.restore_newest(
+            storage, target, opts, fallback=self.options.restore_fallback,
+            pick=lambda below: self._share(lambda: newest(below)),
+            agree=None if self._ranks is None else self._ranks.worst,
+        )  # fmt: skip
+
     # --- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Wait for the save in flight, then stop the background thread. Raises its error."""
+        """Wait for the save in flight and the drains queued, then stop the background threads.
+        Raises the first error."""
         if self._closed:
             return
         try:
-            self.wait()
+            self.wait_durable()
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)
+            if self._drain_pool is not None:
+                self._drain_pool.shutdown(wait=True)
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
             self._previous_handlers.clear()

@@ -27,7 +27,19 @@ def expected(step: int) -> dict[str, Any]:
 
 def saving_loop(root: str, opts_json: str, seed: int) -> None:
     """Save every step asynchronously (keep the last 2) until killed."""
-    _save_forever(root, opts_json, seed, expected(0), incremental=False)
+    import ckpt
+
+    _save_forever(root, opts_json, seed, expected(0), ckpt.ManagerOptions(retention=ckpt.RetentionPolicy(keep_last=2)))
+
+
+def tiered_saving_loop(root: str, fast: str, seed: int) -> None:
+    """Save every step asynchronously to the fast tier ``fast`` (keeping its last 2), each drained
+    to ``root`` (keeping its last 3) in the background, until killed."""
+    import ckpt
+
+    opts = ckpt.ManagerOptions(retention=ckpt.RetentionPolicy(keep_last=3), fast_tier=fast,
+                               fast_retention=ckpt.RetentionPolicy(keep_last=2))  # fmt: skip
+    _save_forever(root, "null", seed, expected(0), opts)
 
 
 def expected_incremental(step: int) -> dict[str, Any]:
@@ -48,16 +60,17 @@ def incremental_saving_loop(root: str, opts_json: str, seed: int) -> None:
     """Save every step incrementally and asynchronously, keeping the last 2, so that the base of
     the newest steps' references (the first step, which wrote the frozen part) is retired while
     later saves run; until killed."""
-    _save_forever(root, opts_json, seed, expected_incremental(0), incremental=True)
-
-
-def _save_forever(root: str, opts_json: str, seed: int, state: dict[str, Any], *, incremental: bool) -> None:
-    """Resume from the newest committed step, then change ``a``, ``b`` and ``meta`` and save each
-    step asynchronously (keeping the last 2), waiting for the save now and then, until killed."""
     import ckpt
 
-    opts = ckpt.ManagerOptions(retention=ckpt.RetentionPolicy(keep_last=2),
-                               save_options=ckpt.SaveOptions(incremental=incremental))  # fmt: skip
+    opts = ckpt.ManagerOptions(retention=ckpt.RetentionPolicy(keep_last=2), save_options=ckpt.SaveOptions(incremental=True))
+    _save_forever(root, opts_json, seed, expected_incremental(0), opts)
+
+
+def _save_forever(root: str, opts_json: str, seed: int, state: dict[str, Any], opts: Any) -> None:
+    """Resume from the newest committed step, then change ``a``, ``b`` and ``meta`` and save each
+    step asynchronously (manager options ``opts``), waiting for the save now and then, until killed."""
+    import ckpt
+
     mgr = ckpt.CheckpointManager(root, opts, storage_options=_opts(opts_json))
     state["meta"]["step"] = -1
     latest = mgr.restore(state)
@@ -98,10 +111,11 @@ def _data() -> tuple[Any, Any]:
     return x, (x.sum(dim=1, keepdim=True) * 0.3).sin()
 
 
-def train(root: str, opts_json: str, seed: int, total_steps: int, log_path: str) -> None:
+def train(root: str, opts_json: str, seed: int, total_steps: int, log_path: str, fast: str = "") -> None:
     """Train ``total_steps`` steps with dropout (torch RNG), AdamW, StepLR and a shuffling data
     loader whose position and generator are part of the state; checkpoint every 3 steps (async),
-    resume from the newest checkpoint. Appends ``step loss`` lines to ``log_path``."""
+    resume from the newest checkpoint. Appends ``step loss`` lines to ``log_path``. ``fast``: a
+    fast tier the saves commit to, every other one drained to ``root``."""
     import torch
 
     import ckpt
@@ -109,7 +123,8 @@ def train(root: str, opts_json: str, seed: int, total_steps: int, log_path: str)
     model, opt, sched = _build(seed)
     x, y = _data()
     loader = {"epoch": 0, "pos": 0, "perm": torch.randperm(N_SAMPLES, generator=torch.Generator().manual_seed(seed))}
-    mgr = ckpt.CheckpointManager(root, ckpt.ManagerOptions(save_every=3), storage_options=_opts(opts_json))
+    tier = {"fast_tier": fast, "drain_every": 2} if fast else {}
+    mgr = ckpt.CheckpointManager(root, ckpt.ManagerOptions(save_every=3, **tier), storage_options=_opts(opts_json))
     target: dict[str, Any] = {"model": model.state_dict(), "optimizer": None, "scheduler": None,
                               "rng": None, "loader": None, "step": None}  # fmt: skip
     start = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import time
 from typing import Any
@@ -125,6 +126,52 @@ def test_sigkill_at_random_moments_of_incremental_saves_and_retention(trials: in
     assert shared >= trials // 2  # the steps checked really did share files
 
 
+TRIALS_FAST_TIER = 10  # stress: 30
+
+
+@pytest.mark.parametrize("trials", [TRIALS_FAST_TIER, pytest.param(30, marks=pytest.mark.stress)])
+def test_sigkill_during_the_drain_of_a_fast_tier(trials: int, tmp_path: Any) -> None:
+    """Saves commit to a fast tier and are drained to the durable root in the background; the
+    process is SIGKILLed at random moments (often mid-drain). The durable root never shows a
+    partial step (every committed step there restores exactly and verifies), the fast tier's do
+    too, the manager resumes from the newest of both, and with the fast tier deleted (a lost
+    node) from the newest durable step."""
+    root, fast = str(tmp_path / "durable"), str(tmp_path / "fast")
+    durable_store, fast_store = Store("local", root), Store("local", fast)
+    rnd = random.Random(20261208)
+    newest: int | None = None
+    drained = 0
+    with forker({}) as fk:
+        for trial in range(trials):
+            pid = fk.start("tests.support.crash_loops:tiered_saving_loop", root, fast, trial)
+            time.sleep(rnd.uniform(0.05, 0.8))
+            os.kill(pid, signal.SIGKILL)
+            assert fk.reap(pid) == -signal.SIGKILL, f"trial {trial}: the loop exited by itself before the kill"
+            durable = _check_every_committed_step(durable_store)
+            in_fast = _check_every_committed_step(fast_store)
+            drained += len(durable)
+            both = sorted(set(durable) | set(in_fast))
+            if newest is not None:
+                assert both, f"trial {trial}: every checkpoint is gone"
+                assert both[-1] >= newest, f"trial {trial}: the newest step went back"
+            newest = both[-1] if both else None
+            if newest is not None:
+                target = expected(0)
+                opts = ckpt.ManagerOptions(fast_tier=fast)
+                with ckpt.CheckpointManager(root, opts) as mgr:
+                    assert mgr.restore(target) == newest
+                assert torch.equal(target["a"], expected(newest)["a"])
+    assert newest is not None
+    assert newest >= trials // 3  # saves made progress across the kills (6 of 10 seen on a loaded machine)
+    assert drained  # the drains ran
+    shutil.rmtree(fast)  # a lost node
+    target = expected(0)
+    with ckpt.CheckpointManager(root, ckpt.ManagerOptions(fast_tier=fast)) as mgr:
+        got = mgr.restore(target)
+    assert got == ckpt.list_steps(root)[-1]
+    assert torch.equal(target["a"], expected(got)["a"])
+
+
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_two_ranks_sigkilled_at_random_moments_of_async_saves(
     backend: str, request: pytest.FixtureRequest, tmp_path: Any
@@ -161,6 +208,43 @@ def test_two_ranks_sigkilled_at_random_moments_of_async_saves(
                 assert ckpt.read_manifest(store.root, steps[-1], storage_options=store.opts).world_size == 2
     assert newest is not None
     assert newest >= (20 if backend == "local" else 5)  # saves made progress across the kills
+
+
+def test_killed_and_resumed_training_with_a_fast_tier_is_bit_identical(tmp_path: Any) -> None:
+    """The same training run saving to a fast tier drained to the durable root, killed 4 times;
+    before the third restart the fast tier is deleted (a lost node), so that run resumes from the
+    durable root. Every loss and the final weights equal the uninterrupted run's."""
+    seed, total = 7, 40
+    ref_losses, ref_params = _reference(seed, total, tmp_path)
+    root, fast = str(tmp_path / "durable"), str(tmp_path / "fast")
+    log = str(tmp_path / "run.log")
+    rnd = random.Random(4)
+    kills = 0
+    with forker({}) as fk:
+        while True:
+            if kills == 2:
+                shutil.rmtree(fast, ignore_errors=True)
+            seen = line_count(log)
+            pid = fk.start("tests.support.crash_loops:train", root, "null", seed, total, log, fast)
+            goal = seen + rnd.randint(4, 12)
+            deadline = time.monotonic() + 60
+            while line_count(log) < goal and time.monotonic() < deadline and not finished(pid):
+                time.sleep(0.002)
+            time.sleep(rnd.uniform(0, 0.02))
+            if kills < 4 and not finished(pid):
+                os.kill(pid, signal.SIGKILL)
+                assert fk.reap(pid) == -signal.SIGKILL
+                kills += 1
+                continue
+            assert fk.reap(pid) == 0, "the training run failed (its traceback is on stderr)"
+            break
+    assert kills == 4
+    assert line_count(log) > total, "no run resumed from a checkpoint"
+    assert _losses(log) == ref_losses
+    final = ckpt.restore(root + "-final")
+    for k, v in ref_params.items():
+        assert torch.equal(final[k], v), f"parameter {k} differs from the uninterrupted run"
+    assert ckpt.list_steps(root)  # the drains ran
 
 
 def _reference(seed: int, steps: int, tmp: Any) -> tuple[dict[int, str], dict[str, torch.Tensor]]:

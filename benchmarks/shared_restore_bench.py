@@ -1,0 +1,155 @@
+"""The collective restore of torchrun ranks (issue 17): every byte fetched from the store once.
+
+    .venv/bin/python -m benchmarks.shared_restore_bench [--mib 256] [--ranks 4] [--runs 5] [--latency-ms 0] [--out bench-out]
+
+A replicated state (``--mib``, fp32 matrices of 16 MiB) is saved once to a moto S3 endpoint on
+127.0.0.1, behind ckpt's counting proxy (``ckpt.testing.proxy``, ``--latency-ms`` per request).
+Then, each run, in this order, each case in fresh processes (which make their S3 client, with
+one listing, before the clock starts):
+
+- ``alone``: one process restores it (``ckpt.restore``): the time one rank takes by itself;
+- ``every-rank``: ``--ranks`` processes (gloo group) each call ``ckpt.restore``: what a
+  data-parallel job does without sharing (every rank GETs every byte);
+- ``shared``: the same ranks call ``ckpt.parallel.torchrun.restore``.
+
+Reported per case: bytes the store served (the proxy's response bytes) over the state's bytes,
+and wall time (from a barrier to the slowest rank's end) over ``alone``'s, medians of ``--runs``.
+Every rank checks its values against the saved state (untimed). Writes
+``<out>/shared_restore.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+
+
+def make_state(mib: int) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    return {f"layer{i}": torch.randn(2048, 2048, generator=g) for i in range(max(1, mib // 16))}
+
+
+def _rank_main(rank: int, world: int, port: int, case: str, cfg: dict[str, Any], out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import ckpt
+    import ckpt.parallel.torchrun
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        group = ckpt.parallel.torchrun.new_group(600)
+        ckpt.list_steps(cfg["root"], storage_options=cfg["opts"])  # the S3 client made before the clock starts
+        dist.barrier(group)
+        t0 = time.perf_counter()
+        if case == "shared":
+            back = ckpt.parallel.torchrun.restore(cfg["root"], storage_options=cfg["opts"], group=group)
+        else:
+            back = ckpt.restore(cfg["root"], storage_options=cfg["opts"])
+        seconds = time.perf_counter() - t0
+        want = make_state(cfg["mib"])
+        ok = all(torch.equal(back[k], v) for k, v in want.items())
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"seconds": seconds, "ok": ok}, f)
+        dist.barrier(group)
+    except BaseException:
+        with open(f"{out}.{rank}.err", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(case: str, world: int, cfg: dict[str, Any], tmp: str) -> tuple[float, bool]:
+    import torch.multiprocessing as tmp_mp
+
+    out = os.path.join(tmp, f"{case}-{time.monotonic_ns()}")
+    ctx = tmp_mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, case, cfg, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=900)
+    errs = [f"{out}.{r}.err" for r in range(world) if os.path.exists(f"{out}.{r}.err")]
+    if errs or any(p.exitcode != 0 for p in procs):
+        raise RuntimeError("a rank failed: " + "".join(Path(e).read_text() for e in errs))
+    res = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
+    return max(r["seconds"] for r in res), all(r["ok"] for r in res)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--latency-ms", type=float, default=0.0)
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args(argv)
+
+    import fsspec
+
+    import ckpt
+    from benchmarks.s3_bench import start_endpoint
+    from ckpt.testing.proxy import LatencyProxy
+
+    rows: dict[str, list[dict[str, Any]]] = {"alone": [], "every-rank": [], "shared": []}
+    with tempfile.TemporaryDirectory(prefix="ckpt-shared-bench-") as tmp, start_endpoint("moto", tmp) as url:
+        base = {"key": "bench-key", "secret": "bench-secret", "endpoint_url": url, "skip_instance_cache": True}
+        fsspec.filesystem("s3", **base).call_s3("create_bucket", Bucket="ckpt-shared-bench")
+        with LatencyProxy(url, latency_ms=args.latency_ms) as proxy:
+            opts = {**base, "endpoint_url": proxy.url}
+            root = "s3://ckpt-shared-bench/run"
+            state = make_state(args.mib)
+            state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+            ckpt.save(root, state, step=1, storage_options=opts)
+            del state
+            cfg = {"root": root, "opts": opts, "mib": args.mib}
+            for run in range(args.runs):
+                for case in rows:
+                    proxy.reset()
+                    if case == "alone":  # a fresh process too, as each rank is
+                        seconds, ok = run_ranks("every-rank", 1, cfg, tmp)
+                    else:
+                        seconds, ok = run_ranks(case, args.ranks, cfg, tmp)
+                    served = proxy.stats()["bytes_out"]
+                    rows[case].append({"seconds": seconds, "served": served, "ok": ok})
+                    print(f"run {run + 1}: {case}: {seconds:.3f} s, served {served / state_bytes:.3f}x the state, exact {ok}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+    result = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "state_bytes": state_bytes, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "shared_restore.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    alone = statistics.median(r["seconds"] for r in rows["alone"])
+    print(f"{args.ranks} ranks restoring a replicated {state_bytes / MiB:.0f} MiB state from moto S3 "
+          f"(+{args.latency_ms:g} ms per request), medians of {args.runs}:\n")  # fmt: skip
+    print("| case | bytes served / state | wall time | / one rank alone | exact |")
+    print("|---|---:|---:|---:|---|")
+    for case, rs in rows.items():
+        t = statistics.median(r["seconds"] for r in rs)
+        b = statistics.median(r["served"] for r in rs) / state_bytes
+        print(f"| {case} | {b:.3f}x | {t:.3f} s | {t / alone:.2f}x | {all(r['ok'] for r in rs)} |")
+
+
+if __name__ == "__main__":
+    main()
