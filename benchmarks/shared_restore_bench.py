@@ -12,6 +12,11 @@ one listing, before the clock starts):
   data-parallel job does without sharing (every rank GETs every byte);
 - ``shared``: the same ranks call ``ckpt.parallel.torchrun.restore``.
 
+With ``--ray``, the same three cases for Ray actors on 2 simulated nodes
+(``ray.cluster_utils.Cluster``, ``--ranks`` actors spread over them): ``alone`` (one actor,
+``ckpt.parallel.ray.restore``), ``every-rank`` (``ckpt.parallel.ray.restore``: each actor reads
+its copy) and ``shared`` (``ckpt.parallel.ray.restore_shared``: each byte once per node).
+
 Reported per case: bytes the store served (the proxy's response bytes) over the state's bytes,
 and wall time (from a barrier to the slowest rank's end) over ``alone``'s, medians of ``--runs``.
 Every rank checks its values against the saved state (untimed). Writes
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +104,65 @@ def run_ranks(case: str, world: int, cfg: dict[str, Any], tmp: str) -> tuple[flo
     return max(r["seconds"] for r in res), all(r["ok"] for r in res)
 
 
+def _ray_cases(args: argparse.Namespace, root: str, opts: dict[str, Any]) -> Callable[[str], tuple[float, bool]]:
+    """Start 2 simulated Ray nodes; return a function running one case on fresh actors."""
+    import ray
+    import ray.cluster_utils
+    import torch
+
+    import ckpt.parallel.ray
+
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = opts["key"], opts["secret"]
+    os.environ["PYTHONPATH"] = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    cluster = ray.cluster_utils.Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "resources": {"node0": 8}, "object_store_memory": max(512 << 20, 3 * args.mib << 20)})  # fmt: skip
+    cluster.add_node(num_cpus=1, resources={"node1": 8}, object_store_memory=max(512 << 20, 3 * args.mib << 20))
+    ray.init(address=cluster.address, log_to_driver=False)
+    public = {k: v for k, v in opts.items() if k not in ("key", "secret")}  # credentials come from the environment
+
+    @ray.remote(num_cpus=0)
+    class Replica:
+        def __init__(self) -> None:
+            self.state: dict[str, Any] = {}
+
+        def checkpoint_target(self) -> dict[str, Any]:
+            return {k: torch.empty_like(v) for k, v in make_state(args.mib).items()}
+
+        def load_checkpoint(self, state: dict[str, Any]) -> None:
+            self.state = state
+
+        def check(self) -> bool:
+            return all(torch.equal(self.state[k], v) for k, v in make_state(args.mib).items())
+
+        def ready(self) -> bool:
+            ckpt.list_steps(root, storage_options=public)  # the S3 client made before the clock starts
+            return True
+
+    def run(case: str) -> tuple[float, bool]:
+        n = 1 if case == "alone" else args.ranks
+        actors = [Replica.options(resources={f"node{r % 2}": 1}).remote() for r in range(n)]
+        ray.get([a.ready.remote() for a in actors])
+        t0 = time.perf_counter()
+        if case == "shared":
+            ckpt.parallel.ray.restore_shared(root, actors, storage_options=public)
+        else:
+            ckpt.parallel.ray.restore(root, actors, storage_options=public)
+        seconds = time.perf_counter() - t0
+        ok = all(ray.get([a.check.remote() for a in actors]))
+        for a in actors:
+            ray.kill(a)
+        return seconds, ok
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--latency-ms", type=float, default=0.0)
+    ap.add_argument("--ray", action="store_true", help="Ray actors on 2 simulated nodes instead of torchrun ranks")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)
 
@@ -125,10 +184,13 @@ def main(argv: list[str] | None = None) -> None:
             ckpt.save(root, state, step=1, storage_options=opts)
             del state
             cfg = {"root": root, "opts": opts, "mib": args.mib}
+            ray_case = _ray_cases(args, root, opts) if args.ray else None
             for run in range(args.runs):
                 for case in rows:
                     proxy.reset()
-                    if case == "alone":  # a fresh process too, as each rank is
+                    if ray_case is not None:
+                        seconds, ok = ray_case(case)
+                    elif case == "alone":  # a fresh process too, as each rank is
                         seconds, ok = run_ranks("every-rank", 1, cfg, tmp)
                     else:
                         seconds, ok = run_ranks(case, args.ranks, cfg, tmp)
@@ -136,12 +198,17 @@ def main(argv: list[str] | None = None) -> None:
                     rows[case].append({"seconds": seconds, "served": served, "ok": ok})
                     print(f"run {run + 1}: {case}: {seconds:.3f} s, served {served / state_bytes:.3f}x the state, exact {ok}",
                           file=sys.stderr, flush=True)  # fmt: skip
+    if args.ray:
+        import ray
+
+        ray.shutdown()
     result = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "state_bytes": state_bytes, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "shared_restore.json"), "w") as f:
         json.dump(result, f, indent=1)
     alone = statistics.median(r["seconds"] for r in rows["alone"])
-    print(f"{args.ranks} ranks restoring a replicated {state_bytes / MiB:.0f} MiB state from moto S3 "
+    who = f"{args.ranks} Ray actors on 2 nodes" if args.ray else f"{args.ranks} torchrun ranks (gloo)"
+    print(f"{who} restoring a replicated {state_bytes / MiB:.0f} MiB state from moto S3 "
           f"(+{args.latency_ms:g} ms per request), medians of {args.runs}:\n")  # fmt: skip
     print("| case | bytes served / state | wall time | / one rank alone | exact |")
     print("|---|---:|---:|---:|---|")

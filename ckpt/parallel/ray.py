@@ -4,6 +4,7 @@ Driver pattern (a group of Ray actors holds the training state)::
 
     m = ckpt.parallel.ray.save(root, actors, step=100)            # every actor writes, the driver commits
     ckpt.parallel.ray.restore(root, actors)                        # every actor reads what it needs
+    ckpt.parallel.ray.restore_shared(root, actors)                 # each byte fetched once per node
 
 Each actor gives its state through a method (default ``checkpoint_state()``, called once per
 save: the describe exchange and the write use what it gave) and, on restore,
@@ -31,6 +32,7 @@ from typing import Any, Literal
 
 import ray
 
+from ckpt.engine import share_plan
 from ckpt.errors import PlanError, WorkerFailedError
 from ckpt.format.manifest import Manifest
 from ckpt.lifecycle import restore as restorer
@@ -309,3 +311,226 @@ def spmd_save(
     except ray.exceptions.RayTaskError as err:
         raise WorkerFailedError(str(err).strip().splitlines()[-1]) from None
     return int(_protocol.settle(outcome, step)["step"])
+
+
+# --- shared restore: each byte fetched once per node ---------------------------------------------
+
+
+def restore_shared(
+    root: Root,
+    actors: Sequence[Any],
+    *,
+    step: int | None = None,
+    target_fn: StateFn | None = "checkpoint_target",
+    load_fn: StateFn | None = "load_checkpoint",
+    options: RestoreOptions | None = None,
+    storage_options: dict[str, Any] | None = None,
+    timeout_s: float = 1800.0,
+    slab_bytes: int = 256 << 20,
+) -> int:
+    """:func:`restore`, with each byte the actors need fetched from the store **once per node**:
+    the driver reads the manifest and sends it to the actors; each actor plans its reads for its
+    target; per node, the union of its actors' ranges is cut into segments (``share_plan``), each
+    fetched by one actor of that node into the node's Ray object store, from which every actor of
+    the node that needs it takes it (no copy across nodes unless Ray moves an object); every actor
+    checks the CRC-32C of every block it uses. Slab by slab: at most ``slab_bytes`` of a node's
+    segments are in its object store at once. Returns the step."""
+    root = root_url(root)
+    opts = check_no_credentials(storage_options)
+    ropts = options or RestoreOptions()
+    m = steps.read_manifest(root, step, storage_options=opts)
+    data = m.to_json()
+    rid = uuid.uuid4().hex
+    what = f"shared restore of step {m.step}"
+    try:
+        begun = _gather([a.__ray_call__.remote(_shared_begin, rid, root, m.step, data, target_fn, load_fn, ropts, opts)
+                         for a in actors], what=what, timeout_s=timeout_s)  # fmt: skip
+        nodes: dict[str, list[int]] = {}
+        for rank, b in enumerate(begun):
+            nodes.setdefault(b["node"], []).append(rank)
+        plans = {node: share_plan.plan_shared([begun[r]["ranges"] for r in ranks], max_segment_bytes=64 << 20,
+                                              slab_bytes=slab_bytes) for node, ranks in nodes.items()}  # fmt: skip
+        rounds = max((len(p.slabs) for p in plans.values()), default=0)
+        for k in range(max(rounds, 1)):
+            refs: dict[int, dict[int, Any]] = {r: {} for r in range(len(actors))}  # rank -> segment -> ref
+            for node, ranks in nodes.items():
+                p = plans[node]
+                if k >= len(p.slabs):
+                    continue
+                for i in range(*p.slabs[k]):
+                    s = p.segments[i]
+                    ref = actors[ranks[s.owner]].__ray_call__.remote(_shared_fetch, rid, s.path, s.start, s.end)
+                    for local in s.needers:
+                        refs[ranks[local]][i] = (s.path, s.start, s.end, ref)
+            last = k == max(rounds, 1) - 1
+            _gather([a.__ray_call__.remote(_shared_feed, rid, list(refs[r].values()), last) for r, a in enumerate(actors)],
+                    what=what, timeout_s=timeout_s)  # fmt: skip
+            del refs  # the node's object store frees the slab
+    except BaseException:
+        for a in actors:  # unblock the actors' restore threads (best effort)
+            a.__ray_call__.remote(_shared_end, rid)
+        raise
+    return m.step
+
+
+class _ActorRestore:
+    """One shared restore inside an actor: its restore runs on a thread of its own, whose plan
+    runner hands its read ranges to :func:`_shared_begin` and then reads the segments each
+    :func:`_shared_feed` brings."""
+
+    def __init__(self, storage: Any) -> None:
+        import queue
+
+        self.storage = storage
+        self.ranges: queue.Queue[Any] = queue.Queue()
+        self.slabs: queue.Queue[Any] = queue.Queue()
+        self.done: queue.Queue[Any] = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.outcome: Any = None
+
+    def runner(self, storage: Any, plan: Any, dests: list[memoryview], options: RestoreOptions) -> None:
+        from ckpt.engine import executor
+        from ckpt.engine.restore_plan import RestorePlan
+
+        self.ranges.put([(op.path, op.range.start, op.range.end) for op in plan.reads])
+        pending = list(range(len(plan.reads)))
+        have: list[tuple[str, int, int, Any]] = []
+        while True:
+            slab = self.slabs.get()
+            if slab is None:
+                raise WorkerFailedError("the shared restore was ended by the driver")
+            segments, last = slab
+            have.extend(segments)
+            reader = _Segments(storage, have)
+            ready = [k for k in pending if reader.covers(plan.reads[k])]
+            if ready:
+                sub = RestorePlan(tuple(plan.reads[k] for k in ready), plan.files)
+                executor.read_plan(reader, sub, dests, num_threads=options.num_threads,
+                                   max_inflight_bytes=options.max_inflight_bytes)  # fmt: skip
+                pending = [k for k in pending if k not in set(ready)]
+                have = [h for h in have if any(reader.overlaps(plan.reads[k], h) for k in pending)]
+            if last:
+                if pending:
+                    raise PlanError(f"{len(pending)} reads were not served by the shared restore (a bug)")
+                return
+            self.done.put(None)
+
+
+_SHARED: dict[tuple[int, str], _ActorRestore] = {}
+
+
+def _shared_begin(
+    self: Any, rid: str, root: str, step: int, data: bytes, target_fn: StateFn | None, load_fn: StateFn | None,
+    options: RestoreOptions, storage_options: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    from ckpt.format import manifest as manifest_mod
+    from ckpt.format.layout import manifest_path
+    from ckpt.storage import open_storage
+
+    storage = open_storage(root, storage_options, io_timeout_s=options.io_timeout_s)
+    m = manifest_mod.parse(data, where=storage.where(manifest_path(step)), expected_step=step, lazy=True)
+    target = _call(target_fn, self) if target_fn is not None else None
+    job = _SHARED[(id(self), rid)] = _ActorRestore(storage)
+
+    def run() -> None:
+        try:
+            state = restorer.restore_manifest(storage, m, target=target, options=options, runner=job.runner)
+            restorer.assign(target, state)
+            if load_fn is not None:
+                _call(load_fn, self, state)
+            job.outcome = ("ok", None)
+        except BaseException as err:
+            job.outcome = ("error", err)
+            job.ranges.put(err)
+        job.done.put(None)
+
+    job.thread = threading.Thread(target=run, name=f"ckpt-restore-{rid[:8]}", daemon=True)
+    job.thread.start()
+    got = job.ranges.get()
+    if isinstance(got, BaseException):
+        _SHARED.pop((id(self), rid), None)
+        raise got
+    return {"node": ray.get_runtime_context().get_node_id(), "ranges": got}
+
+
+def _shared_fetch(self: Any, rid: str, path: str, start: int, end: int) -> Any:
+    """Bytes ``[start, end)`` of ``path``, returned into this node's object store."""
+    import numpy as np
+
+    job = _SHARED[(id(self), rid)]
+    buf = np.empty(end - start, dtype=np.uint8)
+    job.storage.read_into(path, start, [buf.data])
+    return buf
+
+
+def _shared_feed(self: Any, rid: str, segments: list[tuple[str, int, int, Any]], last: bool) -> None:
+    """Hand a slab's segments to the actor's restore and wait until it used them."""
+    job = _SHARED[(id(self), rid)]
+    got = ray.get([ref for _, _, _, ref in segments]) if segments else []
+    job.slabs.put(([(p, a, b, memoryview(arr)) for (p, a, b, _), arr in zip(segments, got, strict=True)], last))
+    job.done.get()
+    if job.outcome is not None and job.outcome[0] == "error":
+        _SHARED.pop((id(self), rid), None)
+        raise job.outcome[1]
+    if last:
+        _SHARED.pop((id(self), rid), None)
+
+
+def _shared_end(self: Any, rid: str) -> None:
+    job = _SHARED.pop((id(self), rid), None)
+    if job is not None:
+        job.slabs.put(None)
+
+
+class _Segments:
+    """Fetched segments as what ``executor.read_plan`` reads through."""
+
+    local_disk = False
+
+    def __init__(self, storage: Any, segments: list[tuple[str, int, int, memoryview]]) -> None:
+        self.storage, self.io_timeout_s = storage, storage.io_timeout_s
+        self.by_path: dict[str, list[tuple[int, int, memoryview]]] = {}
+        for p, a, b, view in segments:
+            self.by_path.setdefault(p, []).append((a, b, view))
+        for v in self.by_path.values():
+            v.sort(key=lambda x: x[0])
+
+    def where(self, rel: str) -> str:
+        return str(self.storage.where(rel))
+
+    def covers(self, op: Any) -> bool:
+        pos = op.range.start
+        for a, b, _ in self.by_path.get(op.path, []):
+            if a <= pos < b:
+                pos = b
+            if pos >= op.range.end:
+                return True
+        return bool(pos >= op.range.end)
+
+    @staticmethod
+    def overlaps(op: Any, seg: tuple[str, int, int, Any]) -> bool:
+        return bool(seg[0] == op.path and seg[1] < op.range.end and op.range.start < seg[2])
+
+    def _copy(self, rel: str, pos: int, buf: memoryview) -> None:
+        done = 0
+        for a, b, data in self.by_path[rel]:
+            if done >= len(buf):
+                break
+            at = pos + done
+            if a <= at < b:
+                n = min(len(buf) - done, b - at)
+                buf[done : done + n] = data[at - a : at - a + n]
+                done += n
+        if done < len(buf):
+            raise PlanError(f"{self.where(rel)}: bytes from {pos + done} were not fetched (a bug in the shared restore)")
+
+    def read_pieces(self, rel: str, start: int, pieces: Sequence[list[memoryview]], landed: Callable[[int], None]) -> None:
+        pos = start
+        for k, piece in enumerate(pieces):
+            for buf in piece:
+                self._copy(rel, pos, buf)
+                pos += len(buf)
+            landed(k)
+
+    def read_into_sized(self, rel: str, start: int, buffers: list[memoryview], *, file_size: int) -> None:
+        self.read_pieces(rel, start, [buffers], lambda k: None)

@@ -96,3 +96,54 @@ def test_three_nodes_through_s3(three_nodes: Any, s3_endpoint: str) -> None:
 
 def test_three_nodes_through_shared_directory(three_nodes: Any, tmp_path: Any) -> None:
     _roundtrip(str(tmp_path / "shared"), {})
+
+
+@ray.remote(num_cpus=0)
+class ReplicaWorker:
+    """A data-parallel replica: needs every byte of the state (and one actor only half of it)."""
+
+    def __init__(self, half: bool) -> None:
+        self.half = half
+        self.state: dict[str, Any] = {}
+
+    def node(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
+    def checkpoint_target(self) -> dict[str, Any]:
+        if self.half:
+            return {"w": ckpt.Shard.empty((512, 512), (0, 0), (256, 512), torch.float32)}
+        return {"w": torch.zeros(512, 512), "b": None}
+
+    def load_checkpoint(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def got(self) -> dict[str, Any]:
+        return {k: (v.tensor if isinstance(v, ckpt.Shard) else v) for k, v in self.state.items()}
+
+
+def test_a_shared_restore_fetches_each_byte_once_per_node(three_nodes: Any, s3_endpoint: str) -> None:
+    """4 actors on 2 nodes restoring a replicated state through a counting proxy: the store
+    serves each byte once per node (2x the state at most, not 4x), and every actor gets it exact."""
+    from ckpt.testing.proxy import LatencyProxy
+
+    bucket = f"ckpt-cluster-{uuid.uuid4().hex[:8]}"
+    fsspec.filesystem("s3", endpoint_url=s3_endpoint, skip_instance_cache=True).call_s3("create_bucket", Bucket=bucket)
+    g = torch.Generator().manual_seed(8)
+    state = {"w": torch.randn(512, 512, generator=g), "b": torch.randn(1000, generator=g)}  # ~1 MiB
+    with LatencyProxy(s3_endpoint, latency_ms=0) as proxy:
+        root, opts = f"s3://{bucket}/run", {"endpoint_url": proxy.url}
+        m = ckpt.save(root, state, step=2, storage_options={**opts, "key": "cluster-test-key", "secret": "cluster-test-secret"},
+                      options=ckpt.SaveOptions(block_bytes=64 << 10))  # fmt: skip
+        actors = [ReplicaWorker.options(resources={f"node{r % 2}": 1}).remote(r == 3) for r in range(4)]
+        assert len(set(ray.get([a.node.remote() for a in actors]))) == 2
+        proxy.reset()
+        assert ckpt.parallel.ray.restore_shared(root, actors, storage_options=opts, slab_bytes=256 << 10) == 2
+        served = proxy.stats()["bytes_out"]
+    total = sum(t.nbytes for t in m.tensors.values())
+    assert total <= served <= 2 * 1.05 * total + 4 * len(m.to_json()), (served, total)
+    for r, got in enumerate(ray.get([a.got.remote() for a in actors])):
+        if r == 3:
+            assert torch.equal(got["w"], state["w"][:256])
+        else:
+            assert torch.equal(got["w"], state["w"])
+            assert torch.equal(got["b"], state["b"])
