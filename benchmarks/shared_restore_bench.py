@@ -56,6 +56,10 @@ def _rank_main(rank: int, world: int, port: int, case: str, cfg: dict[str, Any],
     import ckpt.parallel.torchrun
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if cfg.get("log"):
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format=f"rank {rank}: %(message)s")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         group = ckpt.parallel.torchrun.new_group(600)
@@ -162,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--latency-ms", type=float, default=0.0)
+    ap.add_argument("--log", action="store_true", help="each rank logs its phases (fetch, exchange, check and copy)")
     ap.add_argument("--ray", action="store_true", help="Ray actors on 2 simulated nodes instead of torchrun ranks")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             state_bytes = sum(t.numel() * t.element_size() for t in state.values())
             ckpt.save(root, state, step=1, storage_options=opts)
             del state
-            cfg = {"root": root, "opts": opts, "mib": args.mib}
+            cfg = {"root": root, "opts": opts, "mib": args.mib, "log": args.log}
             ray_case = _ray_cases(args, root, opts) if args.ray else None
             for run in range(args.runs):
                 for case in rows:

@@ -41,6 +41,7 @@ from ckpt.lifecycle import steps
 from ckpt.lifecycle.attempt import Attempt
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.parallel import _protocol
+from ckpt.parallel._segments import FetchedSegments
 from ckpt.state import tree
 from ckpt.storage import Root, root_url
 
@@ -401,7 +402,7 @@ class _ActorRestore:
                 raise WorkerFailedError("the shared restore was ended by the driver")
             segments, last = slab
             have.extend(segments)
-            reader = _Segments(storage, have)
+            reader = FetchedSegments(storage, have)
             ready = [k for k in pending if reader.covers(plan.reads[k])]
             if ready:
                 sub = RestorePlan(tuple(plan.reads[k] for k in ready), plan.files)
@@ -480,57 +481,3 @@ def _shared_end(self: Any, rid: str) -> None:
     job = _SHARED.pop((id(self), rid), None)
     if job is not None:
         job.slabs.put(None)
-
-
-class _Segments:
-    """Fetched segments as what ``executor.read_plan`` reads through."""
-
-    local_disk = False
-
-    def __init__(self, storage: Any, segments: list[tuple[str, int, int, memoryview]]) -> None:
-        self.storage, self.io_timeout_s = storage, storage.io_timeout_s
-        self.by_path: dict[str, list[tuple[int, int, memoryview]]] = {}
-        for p, a, b, view in segments:
-            self.by_path.setdefault(p, []).append((a, b, view))
-        for v in self.by_path.values():
-            v.sort(key=lambda x: x[0])
-
-    def where(self, rel: str) -> str:
-        return str(self.storage.where(rel))
-
-    def covers(self, op: Any) -> bool:
-        pos = op.range.start
-        for a, b, _ in self.by_path.get(op.path, []):
-            if a <= pos < b:
-                pos = b
-            if pos >= op.range.end:
-                return True
-        return bool(pos >= op.range.end)
-
-    @staticmethod
-    def overlaps(op: Any, seg: tuple[str, int, int, Any]) -> bool:
-        return bool(seg[0] == op.path and seg[1] < op.range.end and op.range.start < seg[2])
-
-    def _copy(self, rel: str, pos: int, buf: memoryview) -> None:
-        done = 0
-        for a, b, data in self.by_path[rel]:
-            if done >= len(buf):
-                break
-            at = pos + done
-            if a <= at < b:
-                n = min(len(buf) - done, b - at)
-                buf[done : done + n] = data[at - a : at - a + n]
-                done += n
-        if done < len(buf):
-            raise PlanError(f"{self.where(rel)}: bytes from {pos + done} were not fetched (a bug in the shared restore)")
-
-    def read_pieces(self, rel: str, start: int, pieces: Sequence[list[memoryview]], landed: Callable[[int], None]) -> None:
-        pos = start
-        for k, piece in enumerate(pieces):
-            for buf in piece:
-                self._copy(rel, pos, buf)
-                pos += len(buf)
-            landed(k)
-
-    def read_into_sized(self, rel: str, start: int, buffers: list[memoryview], *, file_size: int) -> None:
-        self.read_pieces(rel, start, [buffers], lambda k: None)

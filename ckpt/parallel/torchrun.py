@@ -20,7 +20,9 @@ import bisect
 import datetime
 import functools
 import json
-from collections.abc import Callable, Sequence
+import logging
+import time
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -37,10 +39,13 @@ from ckpt.lifecycle import restore as restore_mod
 from ckpt.lifecycle.steps import resolve_step
 from ckpt.options import RestoreOptions, SaveOptions
 from ckpt.parallel import _protocol
+from ckpt.parallel._segments import FetchedSegments
 from ckpt.state import tree
 from ckpt.storage import Root, Storage, open_storage, root_url
+from ckpt.units import human_size
 
 T = TypeVar("T")
+_log = logging.getLogger("ckpt.restore")
 
 _GROUPS: dict[tuple[int, float], Any] = {}
 
@@ -316,18 +321,27 @@ class _SharedReads:
             for i in parts:
                 users[i] = users.get(i, 0) + 1
         have: dict[int, torch.Tensor] = {}
+        clock = {"fetch": 0.0, "exchange": 0.0, "check and copy": 0.0}
         for first, last in shared.slabs:
             slab = range(first, last)
+            t0 = time.perf_counter()
             self._together(functools.partial(self._fetch, storage, segs, slab, have, options))
+            t1 = time.perf_counter()
             self._exchange(segs, slab, have)
+            t2 = time.perf_counter()
+            clock["fetch"] += t1 - t0
+            clock["exchange"] += t2 - t1
             ready = [k for k, parts in pending.items() if all(i in have for i in parts)]
             if ready:
                 sub = RestorePlan(tuple(plan.reads[k] for k in ready), plan.files)
-                reader = _Fetched(storage, {i: (segs[i], have[i]) for k in ready for i in pending[k]})
+                used = {i for k in ready for i in pending[k]}
+                reader = FetchedSegments(storage, [(segs[i].path, segs[i].start, segs[i].end, executor.byte_view(have[i]))
+                                                   for i in sorted(used)])  # fmt: skip
                 self._together(functools.partial(executor.read_plan, reader, sub, dests, num_threads=options.num_threads,
                                                  max_inflight_bytes=options.max_inflight_bytes))  # fmt: skip
             else:
                 self._together(lambda: None)  # every rank checks in after each slab
+            clock["check and copy"] += time.perf_counter() - t2
             for k in ready:
                 for i in pending.pop(k):
                     users[i] -= 1
@@ -337,6 +351,9 @@ class _SharedReads:
                 del have[i]  # owned for the others only
         if pending:
             raise PlanError(f"rank {self.rank}: {len(pending)} reads were not served by the shared restore (a bug)")
+        _log.info("%s: rank %d fetched %s of the %s the ranks need (%d slabs); %s", storage.url, self.rank,
+                  human_size(self.fetched), human_size(shared.fetched), len(shared.slabs),
+                  ", ".join(f"{k} {v:.2f} s" for k, v in clock.items()))  # fmt: skip
 
     def _plan(self, mine: list[tuple[str, int, int]]) -> share_plan.SharePlan:
         everyone = _all_gather(strictjson.dumps(mine), self.group)
@@ -376,46 +393,3 @@ class _SharedReads:
 
 def _raise(err: BaseException) -> None:
     raise err
-
-
-class _Fetched:
-    """A read-only view of fetched segments as what ``executor.read_plan`` reads through."""
-
-    local_disk = False
-
-    def __init__(self, storage: Storage, segments: dict[int, tuple[share_plan.Segment, torch.Tensor]]) -> None:
-        self.storage, self.io_timeout_s = storage, storage.io_timeout_s
-        self.by_path: dict[str, list[tuple[int, int, memoryview]]] = {}
-        for s, buf in segments.values():
-            self.by_path.setdefault(s.path, []).append((s.start, s.end, executor.byte_view(buf)))
-        for v in self.by_path.values():
-            v.sort(key=lambda x: x[0])
-
-    def where(self, rel: str) -> str:
-        return self.storage.where(rel)
-
-    def _copy(self, rel: str, pos: int, buf: memoryview) -> None:
-        segs = self.by_path[rel]
-        i = bisect.bisect_right([a for a, _, _ in segs], pos) - 1
-        done = 0
-        while done < len(buf):
-            a, b, data = segs[i]
-            if not a <= pos + done < b:
-                raise PlanError(f"{self.where(rel)}: byte {pos + done} was not fetched (a bug in the shared restore)")
-            n = min(len(buf) - done, b - (pos + done))
-            buf[done : done + n] = data[pos + done - a : pos + done - a + n]
-            done += n
-            i += 1
-
-    def read_pieces(
-        self, rel: str, start: int, pieces: Sequence[list[memoryview]], landed: Callable[[int], None]
-    ) -> None:
-        pos = start
-        for k, piece in enumerate(pieces):
-            for buf in piece:
-                self._copy(rel, pos, buf)
-                pos += len(buf)
-            landed(k)
-
-    def read_into_sized(self, rel: str, start: int, buffers: list[memoryview], *, file_size: int) -> None:
-        self.read_pieces(rel, start, [buffers], lambda k: None)

@@ -219,32 +219,42 @@ def test_killed_and_resumed_training_with_a_fast_tier_is_bit_identical(tmp_path:
     root, fast = str(tmp_path / "durable"), str(tmp_path / "fast")
     log = str(tmp_path / "run.log")
     rnd = random.Random(4)
-    kills = 0
     with forker({}) as fk:
-        while True:
+
+        def start(kills: int) -> int:
             if kills == 2:
                 shutil.rmtree(fast, ignore_errors=True)
-            seen = line_count(log)
-            pid = fk.start("tests.support.crash_loops:train", root, "null", seed, total, log, fast)
-            goal = seen + rnd.randint(4, 12)
-            deadline = time.monotonic() + 60
-            while line_count(log) < goal and time.monotonic() < deadline and not finished(pid):
-                time.sleep(0.002)
-            time.sleep(rnd.uniform(0, 0.02))
-            if kills < 4 and not finished(pid):
-                os.kill(pid, signal.SIGKILL)
-                assert fk.reap(pid) == -signal.SIGKILL
-                kills += 1
-                continue
-            assert fk.reap(pid) == 0, "the training run failed (its traceback is on stderr)"
-            break
-    assert kills == 4
+            return fk.start("tests.support.crash_loops:train", root, "null", seed, total, log, fast)
+
+        _kill_and_resume(fk, start, log, rnd, (4, 12))
     assert line_count(log) > total, "no run resumed from a checkpoint"
     assert _losses(log) == ref_losses
     final = ckpt.restore(root + "-final")
     for k, v in ref_params.items():
         assert torch.equal(final[k], v), f"parameter {k} differs from the uninterrupted run"
     assert ckpt.list_steps(root)  # the drains ran
+
+
+def _kill_and_resume(fk: Any, start: Any, log: str, rnd: random.Random, steps: tuple[int, int]) -> None:
+    """Start the training run (``start(kills so far)`` gives its pid), SIGKILL it after a random
+    number of training steps (``steps``), four times, then let the fifth run finish."""
+    kills = 0
+    while True:
+        seen = line_count(log)
+        pid = start(kills)
+        goal = seen + rnd.randint(*steps)  # kill after a random number of training steps
+        deadline = time.monotonic() + 60
+        while line_count(log) < goal and time.monotonic() < deadline and not finished(pid):
+            time.sleep(0.002)
+        time.sleep(rnd.uniform(0, 0.02))
+        if kills < 4 and not finished(pid):
+            os.kill(pid, signal.SIGKILL)
+            assert fk.reap(pid) == -signal.SIGKILL
+            kills += 1
+            continue
+        assert fk.reap(pid) == 0, "the training run failed (its traceback is on stderr)"
+        break
+    assert kills == 4
 
 
 def _reference(seed: int, steps: int, tmp: Any) -> tuple[dict[int, str], dict[str, torch.Tensor]]:
@@ -270,24 +280,9 @@ def test_killed_and_resumed_training_is_bit_identical(backend: str, request: pyt
     env, opts_json = _child_env(store)
     log = str(tmp_path / "run.log")
     rnd = random.Random(3)
-    kills = 0
     with forker(env) as fk:
-        while True:
-            seen = line_count(log)
-            pid = fk.start("tests.support.crash_loops:train", store.root, opts_json, seed, total, log)
-            goal = seen + rnd.randint(2, 12)  # kill after a random number of training steps
-            deadline = time.monotonic() + 60
-            while line_count(log) < goal and time.monotonic() < deadline and not finished(pid):
-                time.sleep(0.002)
-            time.sleep(rnd.uniform(0, 0.02))
-            if kills < 4 and not finished(pid):
-                os.kill(pid, signal.SIGKILL)
-                assert fk.reap(pid) == -signal.SIGKILL
-                kills += 1
-                continue
-            assert fk.reap(pid) == 0, "the training run failed (its traceback is on stderr)"
-            break
-    assert kills == 4
+        start = lambda kills: fk.start("tests.support.crash_loops:train", store.root, opts_json, seed, total, log)  # noqa: E731
+        _kill_and_resume(fk, start, log, rnd, (2, 12))
     assert line_count(log) > total, "no run resumed from a checkpoint"  # steps after one were recomputed
     losses = _losses(log)  # every step's loss, whichever run computed it, equals the reference
     assert losses == ref_losses
