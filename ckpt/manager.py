@@ -145,6 +145,7 @@ class CheckpointManager:
         self._drains: list[Future[int]] = []
         self._draining: set[int] = set()  # steps queued or being drained: the fast tier keeps them
         self.durable_step: int | None = None  # the newest step this manager drained to root
+        self._abandon_drains = False
         self._staging = Staging()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
         self._inflight: Future[SaveStats] | None = None
@@ -355,10 +356,34 @@ class CheckpointManager:
         if not saved:
             job = self._pool.submit(self._write, step, state, meta, time.perf_counter(), staged_bytes=0)
             self._finish_by(job, deadline, f"the save of step {step} did not commit within {{}} s (the newest committed checkpoint stands)")
+        if self._fast and self.rank == 0 and step not in self._damaged:
+            self._drain_final(step, deadline)
         if self.options.exit_on_stop:
             self.close()
             raise SystemExit(PREEMPTED_EXIT_CODE)
         return True
+
+    def _drain_final(self, step: int, deadline: float) -> None:
+        """The stop's step goes to the durable root too (the node may be gone next): drained
+        whatever ``drain_every`` says, and the drains waited for until ``deadline``. A drain not
+        done by then is left running (the process exits once it ends) with a warning."""
+        with self._lock:
+            queued = step in self._draining
+        if self.durable_step != step and not queued:
+            self._drain(step)
+        for d in list(self._drains):
+            try:
+                d.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                warnings.warn(f"{self.root}: the drain of step {step} from {self._fast} did not finish within "
+                              f"{self.options.stop_deadline_s:.0f} s; it goes on until the process ends",
+                              CkptWarning, stacklevel=3)  # fmt: skip
+                self._abandon_drains = True
+                return
+            except Exception as err:  # the step is committed in the fast tier: reported, not raised
+                warnings.warn(f"{self.root}: a drain from {self._fast} failed: {type(err).__name__}: {err}",
+                              CkptWarning, stacklevel=3)  # fmt: skip
+            self._drains.remove(d)
 
     def _finish_by(self, job: Future[SaveStats], deadline: float, late: str) -> None:
         """Wait for ``job`` until ``deadline`` (its result becomes ``last_save``); PlanError naming
@@ -483,12 +508,15 @@ class CheckpointManager:
         if self._closed:
             return
         try:
-            self.wait_durable()
+            if self._abandon_drains:  # a stop's deadline passed: the drains left go on by themselves
+                self.wait()
+            else:
+                self.wait_durable()
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)
             if self._drain_pool is not None:
-                self._drain_pool.shutdown(wait=True)
+                self._drain_pool.shutdown(wait=not self._abandon_drains)
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
             self._previous_handlers.clear()

@@ -77,6 +77,20 @@ def test_a_failed_drain_is_raised_not_dropped(tmp_path: Path) -> None:
     mgr.close()
 
 
+def test_a_stop_drains_its_step_whatever_drain_every_says(tmp_path: Path) -> None:
+    """A preempted job's last save must reach the durable root: its node may be gone next."""
+    root, fast = str(tmp_path / "durable"), str(tmp_path / "fast")
+    opts = ckpt.ManagerOptions(fast_tier=fast, drain_every=10, exit_on_stop=False)
+    with ckpt.CheckpointManager(root, opts) as mgr:
+        mgr.save(0, state_at(0))
+        mgr.save(1, state_at(1))
+        mgr.request_stop()
+        assert mgr.save(3, state_at(3))
+        assert mgr.durable_step == 3  # drained before save() returned
+    assert ckpt.list_steps(root) == [0, 3]
+    assert ckpt.list_steps(fast)[-1] == 3
+
+
 def test_the_fast_tier_option_is_checked() -> None:
     with pytest.raises(ValueError, match="drain_every"):
         ckpt.ManagerOptions(drain_every=0)
