@@ -130,14 +130,17 @@ def validate(obj: object, data: bytes, *, where: str, expected_step: int | None)
 
 
 def validate_v2(head: dict[str, Any], tensors: dict[str, Any], objects: object, tree_: object, data: bytes, *,
-                where: str) -> Manifest:  # fmt: skip
+                where: str, built: Mapping[str, TensorEntry]) -> Manifest:  # fmt: skip
     """A writer's v2 manifest checked on the values its bytes ``data`` were made from: the head
-    (sealed value), the tensors map, the objects and the (v1-form) tree."""
+    (sealed value), the tensors map, the objects and the (v1-form) tree. Every check a reader
+    makes runs on ``tensors``; the entries of the result are ``built``, the writer's own, which
+    ``tensors`` was serialized from (a reader's tables would hold the same values)."""
     head_bytes, body = _pages.split(data)
     h = _head(head, head_bytes, where, None, _TOP_FIELDS_V2)
     sections = _pages.Sections(head["sections"], head["summary"], len(body), where)
     objs, tree_ = _objects_and_tree(objects, tree_, where)
-    entries = _tensors(tensors, h.files, h.block_bytes, where, hashed=h.content_hash is not None)
+    _tensors(tensors, h.files, h.block_bytes, where, hashed=h.content_hash is not None, tables=False)
+    entries = built
     _decode_objects(objs, where)
     _check_counts(sections, entries, objs, where)
     check_tree(tree_, entries, objs, where)
@@ -369,11 +372,12 @@ def _locate(lists: list[list[Any]], pos: int) -> tuple[int, int]:
 # --- tensors: the columnar shard tables of every tensor, checked column by column --------------
 
 
-def _tensors(raw: object, files: dict[str, FileEntry], block_bytes: int, where: str, *, hashed: bool) -> dict[str, TensorEntry]:
+def _tensors(raw: object, files: dict[str, FileEntry], block_bytes: int, where: str, *, hashed: bool,
+             tables: bool = True) -> dict[str, TensorEntry]:  # fmt: skip
     """Every tensor entry and its columnar shard table, checked with whole-column numpy
     operations: the Python work is per tensor, not per shard. The checks run in this order
     (the first failing one names the error). ``hashed``: each shard table has a ``hash``
-    column (format v3)."""
+    column (format v3). ``tables=False``: the checks only (an empty result)."""
     heads = _tensor_heads(raw, where, hashed)
     if not heads.keys:
         return {}
@@ -385,7 +389,7 @@ def _tensors(raw: object, files: dict[str, FileEntry], block_bytes: int, where: 
     nblk = _check_block_counts(s, block_bytes)
     _check_coverage(s, numel)
     _check_no_aliasing(s, files, where)
-    return _tables(s, nblk)
+    return _tables(s, nblk) if tables else {}
 
 
 class _Ats(Sequence[str]):

@@ -386,7 +386,8 @@ def validated(m: Manifest, *, where: str) -> Manifest:
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestTooLargeError(f"{where}: {len(data)} bytes is over the {MAX_MANIFEST_BYTES}-byte cap")
     if m.format_version >= 2:
-        return _manifest_parse.validate_v2(head, tensors, fields["objects"], fields["tree"], data, where=where)
+        return _manifest_parse.validate_v2(head, tensors, fields["objects"], fields["tree"], data, where=where,
+                                           built=m.tensors)  # fmt: skip
     return _manifest_parse.validate(obj, data, where=where, expected_step=None)
 
 

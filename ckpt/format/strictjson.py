@@ -96,16 +96,19 @@ def _lone_surrogate(value: Any) -> str | None:
 
 def deeper_than(value: Any, limit: int) -> bool:
     """Whether ``value`` nests lists/objects more than ``limit`` levels deep (iterative)."""
-    level = [value] if isinstance(value, dict | list) else []
+    level = [value] if isinstance(value, _CONTAINERS) else []
     depth = 1
     while level:  # the containers ``depth`` levels down, one level at a time
         if depth > limit:
             return True
         below: list[Any] = []
-        for v in level:
-            below.extend(c for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, dict | list))
+        for v in level:  # a list comprehension: half the time of a generator fed to extend
+            below += [c for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, _CONTAINERS)]
         level, depth = below, depth + 1
     return False
+
+
+_CONTAINERS = (dict, list)
 
 
 def show(value: Any, limit: int = 80) -> str:

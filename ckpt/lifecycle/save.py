@@ -171,8 +171,10 @@ def write_shards(
 
 def _write_shards(
     storage: Storage, attempt: Attempt, state: object, *, rank: int, plain_tensors: PlainTensors, meter: Meter | None = None,
-    base: Manifest | None = None,
+    base: Manifest | None = None, sync_later: bool = False,
 ) -> Report:
+    """This writer's files written and their report. ``sync_later``: the files are not yet
+    durable on return (the caller runs :func:`_make_durable` before it commits)."""
     flat = state if isinstance(state, tree.Flat) else tree.flatten(state)  # a Flat: a staged snapshot
     opts = attempt.options
     everyone = tuple(range(attempt.world_size))
@@ -234,12 +236,11 @@ def _write_shards(
     t0 = time.perf_counter()
     hash_keys = frozenset(i.key for i, d in zip(items, decisions or (), strict=False) if d.reuse is None and d.hash_on_write)
     written = executor.write_files(
-        storage, plan.files, tensors, block_bytes=opts.block_bytes, num_threads=opts.num_threads, fsync=opts.fsync,
-        meter=meter, hash_keys=hash_keys,
+        storage, plan.files, tensors, block_bytes=opts.block_bytes, num_threads=opts.num_threads,
+        fsync=opts.fsync and not sync_later, meter=meter, hash_keys=hash_keys,
     )  # fmt: skip
-    if opts.fsync and plan.files:
-        dirs = [layout.data_dir(attempt.step, attempt.attempt), "data", ""]
-        storage.sync_dirs(dirs)
+    if opts.fsync and plan.files and not sync_later:
+        storage.sync_dirs(_data_dirs(attempt))
     _log.info("%s: step %d: rank %d wrote %d files: %s", storage.url, attempt.step, rank, len(written),
               summary(nbytes, time.perf_counter() - t0, storage.retries))  # fmt: skip
     known = {} if decisions is None else {i.key: d.hash for i, d in zip(items, decisions, strict=True) if d.hash}
@@ -284,6 +285,23 @@ def _write_shards(
         "objects": flat.objects,
         "tree": flat.tree,
     }
+
+
+def _data_dirs(a: Attempt) -> list[str]:
+    """The directories a writer's new files are entries of (the attempt's, its parents)."""
+    return [layout.data_dir(a.step, a.attempt), "data", ""]
+
+
+def _make_durable(storage: Storage, a: Attempt, report: Report) -> None:
+    """The files ``report`` says this writer wrote (``_write_shards(sync_later=True)``) and
+    their directories made to survive a crash."""
+    if not a.options.fsync:
+        return
+    own = layout.data_dir(a.step, a.attempt) + "/"
+    paths = sorted(p for p in report["files"] if p.startswith(own))
+    if paths:
+        executor.sync_files(storage, paths, num_threads=a.options.num_threads)
+        storage.sync_dirs(_data_dirs(a))
 
 
 def _decide(
@@ -358,12 +376,19 @@ def commit(
     return _commit(_storage(attempt, storage_options), attempt, reports)
 
 
-def _commit(storage: Storage, attempt: Attempt, reports: list[Report], *, stat_files: bool = True) -> Manifest:
+def _commit(
+    storage: Storage, attempt: Attempt, reports: list[Report], *, stat_files: bool = True,
+    durable: concurrent.futures.Future[None] | None = None,
+) -> Manifest:
     """Build, check and publish the manifest. ``stat_files=False``: the caller wrote every file
     through ``storage`` itself and the backend confirmed each write's size
-    (``Storage.write_confirms_size``), so the stats would only repeat what it knows."""
+    (``Storage.write_confirms_size``), so the stats would only repeat what it knows.
+    ``durable``: the flushes of the files, running while the manifest is built; the manifest is
+    published only once they succeeded."""
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     m = commit_mod.build_manifest(attempt, reports, created=created)
+    if durable is not None:
+        durable.result()
     opts = attempt.options
     own = layout.data_dir(attempt.step, attempt.attempt) + "/"
     foreign = sorted(p for p in m.files if not p.startswith(own)) if attempt.base_step is not None else []
@@ -457,15 +482,21 @@ def _save_once(storage: Storage, a: Attempt, state: object, meter: Meter, *, wit
     _begin(storage, a, check_step=False)
     base = _base(storage, a) if with_base else None
     a = _with_base(a, base)
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-step-check") as pool:
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-save") as pool:
         taken = pool.submit(storage.exists, layout.manifest_path(step))
-        report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive", meter=meter, base=base)
+        report = _write_shards(storage, a, state, rank=0, plain_tensors="exclusive", meter=meter, base=base,
+                               sync_later=True)  # fmt: skip
         if taken.result():
             _discard(storage, a, report)
             raise _taken(storage, step)
-    del base
-    meter.phase("commit")
-    m = _commit(storage, a, [report], stat_files=not storage.write_confirms_size)
+        del base
+        meter.phase("commit")
+        # the files are flushed while the manifest is built (an fsync waits with the GIL released)
+        durable = pool.submit(_make_durable, storage, a, report)
+        try:
+            m = _commit(storage, a, [report], stat_files=not storage.write_confirms_size, durable=durable)
+        finally:
+            concurrent.futures.wait([durable])
     del report  # freed before the collector is on again
     return m
 

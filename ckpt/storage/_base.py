@@ -75,6 +75,7 @@ DEADLINED = {
     "put_if_absent": "create-only write",
     "put": "write",
     "sync_dirs": "fsync",
+    "sync_files": "fsync",
     "read": "read",
     "read_into": "read",
     "read_small": "read",
@@ -217,13 +218,16 @@ class Storage(abc.ABC):
     # --- writes ----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
+    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool, stable: bool = False) -> None:
         """Create ``rel`` from ``chunks`` (``size`` bytes in all; a :class:`Checked` chunk brings
         its CRC-32C, which a backend may hand to its service to check). Never overwrites: an existing
         file is a StorageError saying so and is left as it is. (A backend that checks for lost
         replies, S3, cannot tell a file already holding exactly these bytes from its own retried
         write, and reports success for it.) Never publishes a partial file on failure; a
-        ``chunks`` that raises midway fails the write (a StorageError, or the source's error)."""
+        ``chunks`` that raises midway fails the write (a StorageError, or the source's error).
+        ``stable``: the chunks' memory is not reused while the call runs, so a backend may hold
+        several before writing them (a local disk gathers small ones into one ``writev``);
+        without it, a backend that ``streams_chunks`` is done with each chunk before the next."""
 
     @abc.abstractmethod
     def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
@@ -240,6 +244,13 @@ class Storage(abc.ABC):
 
     def sync_dirs(self, rels: Iterable[str]) -> None:
         """Make new entries in these directories survive a crash (local disks; else nothing)."""
+        return
+
+    def sync_files(self, rels: Iterable[str]) -> None:
+        """Make the bytes of these files, written with ``fsync=False``, survive a crash (local
+        disks: an fsync of each; object stores: nothing, a completed write is durable). A save
+        writes its files first and makes them durable after, in parallel, while it builds its
+        manifest (``ckpt.engine.executor.sync_files``)."""
         return
 
     # --- reads -----------------------------------------------------------------------------

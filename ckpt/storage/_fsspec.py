@@ -38,7 +38,7 @@ class FsspecStorage(Storage):
 
     # --- writes ----------------------------------------------------------------------------
 
-    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
+    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool, stable: bool = False) -> None:
         with self._creating(rel):
             data = chunks() if callable(chunks) else chunks
             self.fs.pipe_file(self.path(rel), b"".join(chunk_data(c) for c in data), mode="create")

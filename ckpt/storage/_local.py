@@ -66,20 +66,16 @@ class LocalStorage(Storage):
 
     # --- writes ----------------------------------------------------------------------------
 
-    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
+    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool, stable: bool = False) -> None:
         with self._creating(rel):
             self.check_no_links(rel)
-            self._write(self.path(rel), chunks() if callable(chunks) else chunks, fsync=fsync)
+            self._write(self.path(rel), chunks() if callable(chunks) else chunks, fsync=fsync, gather=stable)
 
-    def _write(self, full: str, chunks: Chunks, *, fsync: bool) -> None:
+    def _write(self, full: str, chunks: Chunks, *, fsync: bool, gather: bool = False) -> None:
         os.makedirs(os.path.dirname(full), exist_ok=True)
         fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            for chunk in chunks:
-                view = memoryview(chunk_data(chunk))
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+            _write_all(fd, chunks, GATHER_BYTES if gather else 0)
             if fsync:
                 os.fsync(fd)
         except BaseException:
@@ -125,6 +121,16 @@ class LocalStorage(Storage):
     def sync_dirs(self, rels: Iterable[str]) -> None:
         for rel in rels:
             _fsync_dir(self.path(rel) if rel else self.root)
+
+    def sync_files(self, rels: Iterable[str]) -> None:
+        for rel in rels:
+            with self._errors("fsync", rel):
+                self.check_no_links(rel, cached=True)
+                fd = os.open(self.path(rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -295,6 +301,42 @@ def _fsync_dir(path: str) -> None:
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+#: stable chunks (``write_file(stable=True)``) are gathered into one ``writev`` of up to this
+#: many bytes (or IOV_MAX buffers): a state of many small tensors is written in a few calls, not
+#: one per tensor (20,000 tensors of 1-30 KiB: 0.6 s instead of 0.9 s on one thread)
+GATHER_BYTES = 4 << 20
+_IOV_MAX = 1024
+
+
+def _write_all(fd: int, chunks: Chunks, gather: int) -> None:
+    """Write ``chunks`` to ``fd`` in order; with ``gather`` > 0, up to that many bytes of them
+    in one call (each chunk written before the next is taken otherwise)."""
+    batch: list[memoryview] = []
+    held = 0
+    for chunk in chunks:
+        view = memoryview(chunk_data(chunk)).cast("B")
+        if not view:
+            continue
+        batch.append(view)
+        held += len(view)
+        if held >= gather or len(batch) >= _IOV_MAX:
+            _writev(fd, batch)
+            batch, held = [], 0
+    _writev(fd, batch)
+
+
+def _writev(fd: int, views: list[memoryview]) -> None:
+    """All of ``views`` written, through short writes."""
+    at = 0
+    while at < len(views):
+        n = os.writev(fd, views[at:] if at else views)
+        while at < len(views) and n >= len(views[at]):
+            n -= len(views[at])
+            at += 1
+        if n:
+            views[at] = views[at][n:]
 
 
 def _nothing(_: int) -> None:

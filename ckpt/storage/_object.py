@@ -195,7 +195,7 @@ class ObjectStorage(FsspecStorage):
 
     # --- writes: what every backend's write_file is made of ------------------------------------
 
-    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
+    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool, stable: bool = False) -> None:
         """A data file, create-only: up to ``single_put_max_bytes`` as one request, a bigger one
         in parts (``_write_parts``: the backend's multipart upload, resumable upload or blocks)."""
         with self._creating(rel):

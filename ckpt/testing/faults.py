@@ -61,7 +61,7 @@ rank is ``r``, so one recorder shared by several in-process writers can fault a 
 files, and a per-process recorder (``Recorder(rank=r)``) can fault everything that process does.
 
 FaultyStorage's operations: every method of the contract (``write_file``, ``put_if_absent``,
-``put``, ``sync_dirs``, ``read``, ``read_into``, ``size``, ``stat``, ``exists``, ``list_files``,
+``put``, ``sync_dirs``, ``sync_files``, ``read``, ``read_into``, ``size``, ``stat``, ``exists``, ``list_files``,
 ``delete``, ``delete_tree``, ``remove_empty_dir``, ``multipart_uploads``, ``abort_upload``,
 ``check_no_links``, ``conditional_writes_work``); an injected error is translated like one the
 backend raised (an ``OSError`` becomes a ``StorageError`` naming the path). Its capabilities

@@ -84,14 +84,14 @@ class FaultyStorage(Storage):
 
     # --- writes ------------------------------------------------------------------------------
 
-    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool) -> None:
+    def write_file(self, rel: str, chunks: ChunkSource, *, size: int, fsync: bool, stable: bool = False) -> None:
         rule = self._before("write_file", rel, nbytes=size)
         if rule is not None and rule.truncate_to is not None and rule.truncate_to < size:
             n = rule.truncate_to
             source = chunks
             chunks = (lambda: _truncated(source(), n)) if callable(source) else _truncated(source, n)
             size = n
-        self.inner.write_file(rel, chunks, size=size, fsync=fsync)
+        self.inner.write_file(rel, chunks, size=size, fsync=fsync, stable=stable)
         self._after("write_file", rel, rule)
 
     def put_if_absent(self, rel: str, data: bytes, *, fsync: bool) -> bool:
@@ -112,6 +112,10 @@ class FaultyStorage(Storage):
     def sync_dirs(self, rels: Iterable[str]) -> None:
         rels = list(rels)
         self._run("sync_dirs", ",".join(rels), lambda: self.inner.sync_dirs(rels))
+
+    def sync_files(self, rels: Iterable[str]) -> None:
+        rels = list(rels)
+        self._run("sync_files", ",".join(rels), lambda: self.inner.sync_files(rels))
 
     # --- reads -------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ Class attributes say where backends may differ within the contract:
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterator
 
@@ -42,7 +43,8 @@ from ckpt.errors import (
     StorageError,
     StorageTimeoutError,
 )
-from ckpt.storage import Storage, Upload
+from ckpt.storage import Checked, Storage, Upload
+from ckpt.storage._base import chunk_data
 
 DATA = bytes(range(256)) * 4  # 1024 bytes, every offset distinguishable
 
@@ -121,6 +123,28 @@ class StorageTests:
         view = memoryview(DATA)
         storage.write_file("x.bin", [view[:10], view[10:500], view[500:]], size=len(DATA), fsync=False)
         assert storage.read("x.bin") == DATA
+
+    def test_write_file_many_small_chunks(self, storage: Storage) -> None:
+        """Thousands of small chunks (a state of many small tensors), some empty, around large
+        ones and of other item sizes: the file holds them in order (a backend may gather them)."""
+        rng = random.Random(3)
+        chunks: list[memoryview | bytes | Checked] = []
+        for i in range(3000):
+            n = rng.choice([0, 1, 7, 1000, 4096, 30000])
+            data = bytes(rng.getrandbits(8) for _ in range(min(n, 64))) * (n // 64 + 1)
+            data = data[:n]
+            if i % 3 == 0:
+                chunks.append(memoryview(bytearray(data)))
+            elif i % 3 == 1:
+                chunks.append(Checked(data, crc32c.crc32c(data)))
+            else:
+                chunks.append(data)
+            if i == 1500:
+                chunks.append(memoryview(bytes(range(256)) * (5 << 12)))  # 5 MiB on its own
+        whole = b"".join(bytes(chunk_data(c)) for c in chunks)
+        storage.write_file("x.bin", chunks, size=len(whole), fsync=True, stable=True)
+        assert storage.read("x.bin") == whole
+        storage.sync_files(["x.bin"])  # a flush afterwards is harmless
 
     def test_write_file_never_overwrites(self, storage: Storage) -> None:
         storage.write_file("x.bin", [DATA], size=len(DATA), fsync=False)

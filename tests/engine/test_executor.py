@@ -139,3 +139,22 @@ def test_pieces_tile_the_read_and_keep_every_block_whole() -> None:
     assert [(p.start, p.end) for p in executor.pieces(_op(115, []), 25)] == [(0, 115)]
     assert [(p.start, p.end) for p in executor.pieces(_op(115, checks), 0)] == [(0, 115)]
     assert [(p.start, p.end) for p in executor.pieces(_op(115, checks), 200)] == [(0, 115)]
+
+
+def test_files_of_small_chunks_are_written_by_one_thread() -> None:
+    """Per-chunk Python (a checksum, a view, a record per tensor) only fights over the GIL on
+    more threads; files of large blocks spend their time in C and get every thread."""
+    from ckpt.engine.save_plan import WriteItem, plan_save
+
+    def plans(sizes: list[int]) -> tuple[object, ...]:
+        items = [WriteItem(f"t{i}", "U8", (n,), (0,), (n,)) for i, n in enumerate(sizes)]
+        return plan_save(items, step=1, attempt="a", rank=0, max_file_bytes=1 << 40, parallel_files=4).files
+
+    small = plans([16 << 10] * 2000)
+    large = plans([8 * MiB] * 16)
+    mixed = plans([8 * MiB] * 16 + [16 << 10] * 2000)  # mostly large bytes, many small chunks
+    block = 4 * MiB
+    assert executor.writer_threads(small, block, 8) == 1  # type: ignore[arg-type]
+    assert executor.writer_threads(large, block, 8) == 8  # type: ignore[arg-type]
+    assert executor.writer_threads(mixed, block, 8) == 1  # type: ignore[arg-type]
+    assert executor.writer_threads((), block, 8) == 8

@@ -125,7 +125,10 @@ def test_commit_refuses_incomplete_or_inconsistent_reports(memory_store: Store) 
     assert ckpt.list_steps(memory_store.root) == []
 
 
-def test_local_commit_fsyncs_shards_before_linking_the_manifest(local_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("how", ["save", "write_shards"])
+def test_local_commit_fsyncs_shards_before_linking_the_manifest(
+    local_store: Store, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
     events: list[tuple[str, str]] = []
     real_fsync, real_link = os.fsync, os.link
 
@@ -139,14 +142,38 @@ def test_local_commit_fsyncs_shards_before_linking_the_manifest(local_store: Sto
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "link", link)
-    ckpt.save(local_store.root, {"a": torch.ones(10)}, step=2)
+    state = {f"t{i}": torch.randn(1000) for i in range(8)}  # several files: every one must be synced
+    opts = ckpt.SaveOptions(max_file_bytes=8000)
+    if how == "save":
+        ckpt.save(local_store.root, state, step=2, options=opts)
+    else:
+        a = ckpt.begin(local_store.root, step=2, options=opts)
+        ckpt.commit(a, [ckpt.write_shards(a, state, rank=0)])
     kinds = [k for k, _ in events]
     link_at = kinds.index("link")
     synced_before = [p for k, p in events[:link_at] if k == "fsync"]
-    assert any(p.endswith(".safetensors") for p in synced_before)
+    shards = {os.path.join(d, f) for d, _, fs in os.walk(local_store.root) for f in fs if f.endswith(".safetensors")}
+    assert len(shards) > 2
+    assert shards <= set(synced_before)
     assert any(p.endswith("/data") for p in synced_before)
     assert any(".manifest.json." in p for p in synced_before)  # the temp manifest itself
     assert any(p.endswith("/steps/000000000002") for k, p in events[link_at:] if k == "fsync")
+
+
+def test_a_failed_flush_of_a_shard_commits_nothing(local_store: Store) -> None:
+    """The save flushes its files while it builds the manifest: a flush that fails must stop the
+    commit (the manifest would name bytes a crash could lose)."""
+    from ckpt.testing import wrap_storage
+
+    rec = Recorder(rules=[Rule("sync_files", path_contains=".safetensors", error=OSError("injected fsync failure"))])
+    state = {f"t{i}": torch.randn(1000) for i in range(8)}
+    with wrap_storage(rec), pytest.raises(ckpt.StorageError, match="injected fsync failure"):
+        ckpt.save(local_store.root, state, step=1, options=ckpt.SaveOptions(max_file_bytes=8000))
+    assert rec.calls_of("sync_files")
+    assert rec.calls_of("put_if_absent") == []
+    assert ckpt.list_steps(local_store.root) == []
+    ckpt.save(local_store.root, state, step=1)  # the step is free to save again
+    assert torch.equal(ckpt.restore(local_store.root)["t7"], state["t7"])
 
 
 def test_non_atomic_backend_needs_explicit_opt_in(tmp_path: Any) -> None:
