@@ -4,6 +4,7 @@ anywhere in a multi-piece read still ChecksumMismatchError naming the file, key 
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -158,3 +159,29 @@ def test_files_of_small_chunks_are_written_by_one_thread() -> None:
     assert executor.writer_threads(large, block, 8) == 8  # type: ignore[arg-type]
     assert executor.writer_threads(mixed, block, 8) == 1  # type: ignore[arg-type]
     assert executor.writer_threads((), block, 8) == 8
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 8])
+def test_local_reads_run_as_sequential_streams_per_file(parts: int) -> None:
+    """Each file's reads go to one or a few workers front to back (a disk's readahead serves a
+    sequential stream fastest), balanced by bytes; every read is in exactly one stream."""
+    sizes = {"a": [32 * MiB] * 8, "b": [32 * MiB] * 2, "c": [5 * MiB]}  # 256, 64 and 5 MiB
+    reads = [
+        ReadOp(path, ByteRange(i * n, (i + 1) * n), (), ())
+        for path, ns in sizes.items() for i, n in enumerate(ns)
+    ]  # fmt: skip
+    shuffled = reads[::-1]
+    runs = executor.streams(shuffled, parts)
+    assert sorted((op.path, op.range.start) for r in runs for op in r) == sorted((op.path, op.range.start) for op in reads)
+    for r in runs:
+        assert r
+        assert len({op.path for op in r}) == 1
+        assert all(x.range.end == y.range.start for x, y in itertools.pairwise(r))  # in file order
+    per_file = {p: sum(1 for r in runs if r[0].path == p) for p in sizes}
+    assert per_file["c"] == 1
+    if parts == 1:
+        assert per_file == {"a": 1, "b": 1, "c": 1}
+    if parts == 8:  # a's 256 MiB is ~8 of the 325 MiB's eighths: several streams of it
+        assert per_file["a"] >= 4
+    lengths = [sum(op.range.length for op in r) for r in runs]
+    assert lengths == sorted(lengths, reverse=True)  # the largest first
