@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency-ms", type=float, default=0.0)
     ap.add_argument("--log", action="store_true", help="each rank logs its phases (fetch, exchange, check and copy)")
     ap.add_argument("--ray", action="store_true", help="Ray actors on 2 simulated nodes instead of torchrun ranks")
+    ap.add_argument("--cases", nargs="+", default=["alone", "every-rank", "shared"],
+                    choices=["alone", "every-rank", "shared"], help="the cases to run (default: all three)")  # fmt: skip
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)
 
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.s3_bench import start_endpoint
     from ckpt.testing.proxy import LatencyProxy
 
-    rows: dict[str, list[dict[str, Any]]] = {"alone": [], "every-rank": [], "shared": []}
+    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in ("alone", "every-rank", "shared") if c in args.cases}
     with tempfile.TemporaryDirectory(prefix="ckpt-shared-bench-") as tmp, start_endpoint("moto", tmp) as url:
         base = {"key": "bench-key", "secret": "bench-secret", "endpoint_url": url, "skip_instance_cache": True}
         fsspec.filesystem("s3", **base).call_s3("create_bucket", Bucket="ckpt-shared-bench")
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "shared_restore.json"), "w") as f:
         json.dump(result, f, indent=1)
-    alone = statistics.median(r["seconds"] for r in rows["alone"])
+    alone = statistics.median(r["seconds"] for r in rows.get("alone") or rows[args.cases[0]])
     who = f"{args.ranks} Ray actors on 2 nodes" if args.ray else f"{args.ranks} torchrun ranks (gloo)"
     print(f"{who} restoring a replicated {state_bytes / MiB:.0f} MiB state from moto S3 "
           f"(+{args.latency_ms:g} ms per request), medians of {args.runs}:\n")  # fmt: skip

@@ -13,8 +13,10 @@ and calls ``save``/``restore`` with the same steps. The manager then creates two
 its own: the background thread coordinates each save on one (``ckpt.parallel.torchrun.save``: rank 0
 starts and commits, every rank writes its own shards), the training thread uses the other for
 two small agreements: one all-reduce per ``save`` call (has any rank been asked to stop? is any
-rank's previous save still in flight?) and the step to restore. The training process group is
-never used, from any thread. Retention runs on rank 0 only, after a commit.
+rank's previous save still in flight?) and the step to restore, and, for a restore from the root,
+the shared reads (``ManagerOptions.shared_restore``: each byte fetched once for the job and sent
+to the ranks that need it). The training process group is never used, from any thread. Retention
+runs on rank 0 only, after a commit.
 
     mgr = ckpt.CheckpointManager("s3://bucket/run", ckpt.ManagerOptions(save_every=100))
     start = (mgr.restore(state) or -1) + 1
@@ -79,6 +81,10 @@ class ManagerOptions:
     timeout_s: float = 1800.0  # bound on every wait for a peer rank (several ranks only)
     # restore() without a step: skip damaged newest steps (with a warning) instead of raising
     restore_fallback: bool = True
+    # Several ranks: restore() from the root fetches each byte the ranks need once for the job and
+    # hands it to the others over the manager's gloo group (ckpt.parallel.torchrun.restore_shared);
+    # False: every rank reads all it needs itself. The fast tier is always read per rank.
+    shared_restore: bool = True
     # The fast tier (docs/training-loop.md, "Fast tier"): saves commit to this root (a directory
     # in node memory, /dev/shm, or on local NVMe, that every rank of the job sees) and every
     # ``drain_every``-th saved step is then copied, in the background, to the manager's root (the
@@ -458,13 +464,15 @@ class CheckpointManager:
         self._check_open()
         self.wait()
         opts = self.options.restore_options
-        if step is not None:
-            root, storage_options = self.root, self._storage_options
-            if self._fast and open_storage(self._fast, self._fast_options).exists(manifest_path(step)):
-                root, storage_options = self._fast, self._fast_options
-            restorer.restore(root, step, target=target, options=opts, storage_options=storage_options)
-            return step
         storage = open_storage(self.root, self._storage_options, io_timeout_s=opts.io_timeout_s)
+        if step is not None:
+            if self._fast and open_storage(self._fast, self._fast_options).exists(manifest_path(step)):
+                restorer.restore(self._fast, step, target=target, options=opts, storage_options=self._fast_options)
+            elif self._shares_reads:
+                restorer.assign(target, self._restore_shared(storage, step, target, opts))
+            else:
+                restorer.restore(self.root, step, target=target, options=opts, storage_options=self._storage_options)
+            return step
         found = None
         if self._fast:  # the fast tier first, where its newest intact step is at least as new
             fast = open_storage(self._fast, self._fast_options, io_timeout_s=opts.io_timeout_s)
@@ -480,7 +488,8 @@ class CheckpointManager:
                 warnings.warn(f"{self._fast}: no intact step in the fast tier at least as new as the durable "
                               f"tier's; restoring from {self.root}: {err}", CkptWarning, stacklevel=2)  # fmt: skip
         if found is None:
-            found = self._restore_newest(storage, target, opts, lambda below: steps_mod.newest_step(storage, below=below))
+            found = self._restore_newest(storage, target, opts, lambda below: steps_mod.newest_step(storage, below=below),
+                                         shared=self._shares_reads)  # fmt: skip
         if found is None:
             return None
         restorer.assign(target, found.state)
@@ -493,12 +502,22 @@ class CheckpointManager:
         return fn() if ranks is None else ranks.share(fn() if ranks.rank == 0 else None)
 
     def _restore_newest(self, storage: Storage, target: object, opts: RestoreOptions,
-                        newest: Callable[[int | None], int | None]) -> restorer.Found | None:  # fmt: skip
+                        newest: Callable[[int | None], int | None], *, shared: bool = False) -> restorer.Found | None:  # fmt: skip
         return restorer.restore_newest(
             storage, target, opts, fallback=self.options.restore_fallback,
             pick=lambda below: self._share(lambda: newest(below)),
             agree=None if self._ranks is None else self._ranks.worst,
+            restore_step=(lambda step: self._restore_shared(storage, step, target, opts)) if shared else None,
         )  # fmt: skip
+
+    @property
+    def _shares_reads(self) -> bool:
+        return self._ranks is not None and self.options.shared_restore
+
+    def _restore_shared(self, storage: Storage, step: int, target: object, opts: RestoreOptions) -> Any:
+        """Step ``step`` restored with every rank's reads shared (each byte fetched once for the job)."""
+        assert self._ranks is not None
+        return self._ranks.restore_shared(storage, step, target, opts)
 
     # --- lifetime ------------------------------------------------------------------------------
 
@@ -582,6 +601,10 @@ class _Ranks:
             return self._dist.agree([code], self._flags)[0]
         except RuntimeError as err:
             raise WorkerFailedError(f"rank {self.rank}: the ranks could not agree on the restore: {err}") from err
+
+    def restore_shared(self, storage: Storage, step: int, target: object, opts: RestoreOptions) -> Any:
+        """``step`` restored on every rank, each byte fetched by one rank (the training thread's group)."""
+        return self._dist.restore_shared(storage, step, target, opts, group=self._flags, timeout_s=self.timeout_s)
 
     def share(self, step: int | None) -> int | None:
         try:

@@ -102,3 +102,20 @@ def test_a_step_damaged_on_one_rank_only_is_skipped_by_every_rank(tmp_path: Path
         assert any("skipping damaged step 8" in w for w in s["warnings"]), s["warnings"]
     assert ckpt.list_steps(root) == [6, 8, 10]  # keep_last=3 (rank 0); the damaged 8 not saved over
     assert torch.equal(ckpt.restore(root, 10)["a"], torch.full((512, 256), 10.0))
+
+
+def test_ranks_resume_with_each_byte_read_once_for_the_job(tmp_path: Path) -> None:
+    """ManagerOptions.shared_restore (the default): the replicated 4 MiB is fetched once for the
+    job and handed over gloo; without it every rank reads all of it."""
+    root = str(tmp_path / "run")
+    statuses, seen = _run("shared_resume", root, tmp_path)
+    assert statuses == [0, 0], "a rank failed (its traceback is on stderr)"
+    replicated = 4 << 20
+    for s in seen:
+        assert s["resumed_True"] == 4
+        assert s["resumed_False"] == 4
+        assert s["exact_True"]
+        assert s["exact_False"]
+        assert s["read_False"] >= replicated  # every rank its own copy
+    # once for the job (its one 4 MiB range is one segment: one rank fetches it), plus the rows
+    assert sum(s["read_True"] for s in seen) < 1.3 * replicated, [s["read_True"] for s in seen]

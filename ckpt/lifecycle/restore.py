@@ -129,6 +129,7 @@ def restore_newest(
     pick: Callable[[int | None], int | None] | None = None,
     agree: Callable[[int], int] | None = None,
     meter: Meter | None = None,
+    restore_step: Callable[[int], Any] | None = None,
 ) -> Found | None:
     """Restore the newest committed step; with ``fallback``, the newest that passes every check
     of the restore (DAMAGE errors), skipping damaged ones with a CkptWarning. None when nothing
@@ -138,6 +139,8 @@ def restore_newest(
     step before ``below``) and ``agree(code)`` the worst outcome over the ranks, so that all
     ranks restore one step or all move on together; a rank whose error is not damage (a storage
     failure, a target that does not match) stops every rank. One process: both are local.
+    ``restore_step(step)``: how a step is restored (default: read its manifest and its data
+    here; the manager's ranks share the reads, ``ckpt.parallel.torchrun.restore_shared``).
     """
     pick = pick or (lambda below: newest_step(storage, below=below))
     agree = agree or (lambda code: code)
@@ -148,10 +151,13 @@ def restore_newest(
         restored: Any = None
         err: Exception | None = None
         try:
-            with collector.paused():  # the manifest and all the restore makes of it (ckpt._collector)
-                m = read_step(storage, step, lazy=True)
-                restored = restore_manifest(storage, m, target=target, options=options, meter=meter)
-                del m  # freed before the collector is on again
+            if restore_step is not None:
+                restored = restore_step(step)
+            else:
+                with collector.paused():  # the manifest and all the restore makes of it (ckpt._collector)
+                    m = read_step(storage, step, lazy=True)
+                    restored = restore_manifest(storage, m, target=target, options=options, meter=meter)
+                    del m  # freed before the collector is on again
         except Exception as e:
             err = e
         code = _OK if err is None else _DAMAGED if isinstance(err, DAMAGE) else _FAILED

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ckpt import _collector as collector
 from ckpt.engine import executor, share_plan
 from ckpt.engine.restore_plan import RestorePlan
-from ckpt.errors import CkptError, PlanError, WorkerFailedError
+from ckpt.errors import CkptError, CorruptCheckpointError, PlanError, WorkerFailedError
 from ckpt.format import manifest as manifest_mod
 from ckpt.format import strictjson
 from ckpt.format.layout import manifest_path
@@ -227,7 +227,18 @@ def restore(
     opts = options or RestoreOptions()
     g = group if group is not None else _group(timeout_s)
     storage = open_storage(root, storage_options, io_timeout_s=opts.io_timeout_s)
-    shared = _SharedReads(g, slab_bytes, timeout_s)
+    out = restore_shared(storage, step, target, opts, group=g, timeout_s=timeout_s, slab_bytes=slab_bytes)
+    restore_mod.assign(target, out)
+    return out
+
+
+def restore_shared(storage: Storage, step: int | None, target: object, options: RestoreOptions, *, group: Any,
+                   timeout_s: float, slab_bytes: int = SLAB_BYTES) -> Any:  # fmt: skip
+    """What :func:`restore` does, on an open storage and a group, before the restored values are
+    assigned into ``target`` (the manager's resume). Damage found by any rank (a checksum, a
+    manifest) is raised on every rank as a damage error (``CorruptCheckpointError`` on the
+    others), so that all of them fall back to an older step together."""
+    shared = _SharedReads(group, slab_bytes, timeout_s)
     try:
         with collector.paused():
             data, found = shared.manifest_bytes(storage, step)  # rank 0's failure: every rank raises here
@@ -235,7 +246,7 @@ def restore(
                 where = storage.where(manifest_path(found))
                 m = manifest_mod.parse(data, where=where, expected_step=found, lazy=True)
                 del data
-                out = restore_mod.restore_manifest(storage, m, target=target, options=opts, runner=shared.run)
+                out = restore_mod.restore_manifest(storage, m, target=target, options=options, runner=shared.run)
             except Exception as err:
                 if not shared.entered:  # the others wait in the first exchange: fail them too
                     shared.fail(err)
@@ -248,7 +259,6 @@ def restore(
             f"rank {dist.get_rank()}: the shared restore failed (a rank died or stopped answering within "
             f"{timeout_s:.0f} s): {err}"
         ) from err
-    restore_mod.assign(target, out)
     return out
 
 
@@ -271,11 +281,13 @@ class _SharedReads:
                 m = resolve_step(storage, step, lazy=True)
                 head, data = {"step": m.step}, m.to_json()
             except CkptError as err:
-                head = {"error": str(err)}
+                head = {"error": str(err), "damage": isinstance(err, restore_mod.DAMAGE)}
                 _broadcast(strictjson.dumps(head), self.group)
                 raise
         got = json.loads(_broadcast(strictjson.dumps(head) if self.rank == 0 else None, self.group))
         if "error" in got:
+            if got["damage"]:
+                raise CorruptCheckpointError(f"rank 0 found the checkpoint damaged: {got['error']}")
             raise WorkerFailedError(f"rank 0 could not read the checkpoint: {got['error']}", {0: got["error"]})
         return _broadcast(data if self.rank == 0 else None, self.group), int(got["step"])
 
@@ -295,11 +307,16 @@ class _SharedReads:
             mine = err
         if not agree([int(mine is not None)], self.group)[0]:
             return out  # type: ignore[return-value]
-        said = _all_gather(str(mine).encode() if mine is not None else b"", self.group)
+        kind = "damage" if isinstance(mine, restore_mod.DAMAGE) else "failure"
+        said = _all_gather(f"{kind}:{mine}".encode() if mine is not None else b"", self.group)
         failures = {r: m.decode() for r, m in enumerate(said) if m}
         if mine is not None:
             raise mine
-        raise WorkerFailedError(f"the shared restore failed on ranks {sorted(failures)}: {failures[min(failures)]}", failures)
+        first = min(failures)
+        if all(f.startswith("damage:") for f in failures.values()):  # the step is damaged: all fall back alike
+            raise CorruptCheckpointError(f"rank {first} found damage: {failures[first].removeprefix('damage:')}")
+        failures = {r: f.split(":", 1)[1] for r, f in failures.items()}
+        raise WorkerFailedError(f"the shared restore failed on ranks {sorted(failures)}: {failures[first]}", failures)
 
     def run(self, storage: Storage, plan: RestorePlan, dests: list[memoryview], options: RestoreOptions) -> None:
         self.entered = True

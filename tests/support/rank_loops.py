@@ -3,6 +3,7 @@ children, see tests/support/forker.py): a process group over gloo from a file st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from typing import Any
@@ -191,3 +192,35 @@ def _fallback(root: str, rank: int, world: int, seen: dict[str, Any]) -> None:
             seen["saved8"] = mgr.save(8, state(8))
             seen["saved10"] = mgr.save(10, state(10))
     seen["warnings"] = [str(w.message) for w in caught if issubclass(w.category, ckpt.CkptWarning)]
+
+
+def _shared_resume(root: str, rank: int, world: int, seen: dict[str, Any]) -> None:
+    """A replicated 4 MiB tensor plus each rank's rows, saved once; fresh managers resume it with
+    and without shared reads (``ManagerOptions.shared_restore``); the data bytes each rank read
+    from the root are counted (``ckpt.testing.wrap_storage``)."""
+    import torch
+
+    import ckpt
+    from ckpt.testing import Recorder, wrap_storage
+
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(1 << 20, generator=g)  # the same on every rank: a replica of the weights
+
+    def state(step: int) -> dict[str, Any]:
+        s = rank_state(rank, world, step)
+        s["w"] = big.clone() if step >= 0 else torch.zeros_like(big)
+        return s
+
+    opts = ckpt.ManagerOptions(async_save=False, plain_tensors="replicated")
+    with ckpt.CheckpointManager(root, opts) as mgr:
+        mgr.save(4, state(4))
+    for shared in (True, False):
+        target = state(-1)
+        _fill(target, -1)
+        rec = Recorder()
+        with wrap_storage(rec), ckpt.CheckpointManager(root, dataclasses.replace(opts, shared_restore=shared)) as mgr:
+            seen[f"resumed_{shared}"] = mgr.restore(target)
+        seen[f"read_{shared}"] = sum(c.nbytes or 0 for c in rec.calls if c.path.startswith("data/") and c.op.startswith("read"))
+        seen[f"exact_{shared}"] = bool(torch.equal(target["w"], big)) and target["meta"] == {"step": 4} and bool(
+            torch.equal(target["b"], torch.full((100,), 12, dtype=torch.int64))
+        ) and sorted({float(v) for v in target["a"].tensor.flatten().tolist()}) == [4.0]
