@@ -17,6 +17,11 @@ With ``--ray``, the same three cases for Ray actors on 2 simulated nodes
 ``ckpt.parallel.ray.restore``), ``every-rank`` (``ckpt.parallel.ray.restore``: each actor reads
 its copy) and ``shared`` (``ckpt.parallel.ray.restore_shared``: each byte once per node).
 
+``--cases`` runs some of them. Without ``--ray``, a floor is measured first: 1 and ``--ranks``
+processes at once each allocating, filling (from warm memory) and checksumming ``--mib`` MiB,
+with no storage and no exchange: what every rank of a shared restore does at the least, on the
+cores the ranks share here.
+
 Reported per case: bytes the store served (the proxy's response bytes) over the state's bytes,
 and wall time (from a barrier to the slowest rank's end) over ``alone``'s, medians of ``--runs``.
 Every rank checks its values against the saved state (untimed). Writes
@@ -82,6 +87,44 @@ def _rank_main(rank: int, world: int, port: int, case: str, cfg: dict[str, Any],
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _materialize(mib: int, src: Any, start: Any, q: Any) -> None:
+    """One rank's share of the floor: a fresh ``mib`` MiB tensor filled from warm memory and its
+    CRC-32C taken in 4 MiB pieces (what every rank of a shared restore does at the least)."""
+    import crc32c
+    import torch
+
+    start.wait()
+    t0 = time.perf_counter()
+    dst = torch.empty(mib << 18)
+    dst.copy_(src)
+    view = memoryview(dst.numpy()).cast("B")
+    for i in range(0, len(view), 4 * MiB):
+        crc32c.crc32c(view[i : i + 4 * MiB])
+    q.put(time.perf_counter() - t0)
+
+
+def materialize_floor(mib: int, ranks: int, runs: int) -> float:
+    """The slowest of ``ranks`` processes each materializing ``mib`` MiB at once (no storage, no
+    exchange): a lower bound on the shared restore's wall time on this machine, whose cores the
+    ranks share (on a cluster each rank has its own). Median of ``runs``."""
+    import multiprocessing as mp
+
+    import torch
+
+    ctx = mp.get_context("fork")
+    src = torch.randn(mib << 18)
+    times = []
+    for _ in range(runs):
+        q, start = ctx.Queue(), ctx.Barrier(ranks)
+        procs = [ctx.Process(target=_materialize, args=(mib, src, start, q)) for _ in range(ranks)]
+        for p in procs:
+            p.start()
+        times.append(max(q.get() for _ in procs))
+        for p in procs:
+            p.join()
+    return statistics.median(times)
 
 
 def _free_port() -> int:
@@ -180,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     from ckpt.testing.proxy import LatencyProxy
 
     rows: dict[str, list[dict[str, Any]]] = {c: [] for c in ("alone", "every-rank", "shared") if c in args.cases}
+    floor = {n: materialize_floor(args.mib, n, args.runs) for n in (1, args.ranks)} if not args.ray else {}
     with tempfile.TemporaryDirectory(prefix="ckpt-shared-bench-") as tmp, start_endpoint("moto", tmp) as url:
         base = {"key": "bench-key", "secret": "bench-secret", "endpoint_url": url, "skip_instance_cache": True}
         fsspec.filesystem("s3", **base).call_s3("create_bucket", Bucket="ckpt-shared-bench")
@@ -209,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         import ray
 
         ray.shutdown()
-    result = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "state_bytes": state_bytes, "rows": rows}
+    result = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "state_bytes": state_bytes, "rows": rows,
+              "floor_s": floor}  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "shared_restore.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -223,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
         t = statistics.median(r["seconds"] for r in rs)
         b = statistics.median(r["served"] for r in rs) / state_bytes
         print(f"| {case} | {b:.3f}x | {t:.3f} s | {t / alone:.2f}x | {all(r['ok'] for r in rs)} |")
+    for n, t in floor.items():
+        print(f"| floor: {n} process(es) only allocating, filling and checking {args.mib} MiB each, at once "
+              f"| - | {t:.3f} s | {t / alone:.2f}x | - |")  # fmt: skip
 
 
 if __name__ == "__main__":
